@@ -1,0 +1,10 @@
+import ArgumentParser
+
+@main
+struct Corral: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "corral",
+        abstract: "Turn libvirt hosts into a pool of rentable compute.",
+        subcommands: [Domains.self, Host.self]
+    )
+}
