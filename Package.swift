@@ -36,13 +36,17 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
+        .target(
+            name: "TestSupport",
+            path: "Tests/TestSupport"
+        ),
         .testTarget(
             name: "LibvirtTests",
-            dependencies: ["Libvirt"]
+            dependencies: ["Libvirt", "TestSupport"]
         ),
         .testTarget(
             name: "CorralTests",
-            dependencies: ["Libvirt"]
+            dependencies: ["Libvirt", "TestSupport"]
         ),
     ],
     swiftLanguageModes: [.v6]

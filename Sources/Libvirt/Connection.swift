@@ -103,14 +103,18 @@ public final class Connection: Sendable {
         fresh.registerCloseCallback()
 
         enum Outcome { case installed(reconnect: Bool, subscribed: Bool), raced(ConnectionHandle) }
-        let outcome: Outcome = state.withLock { state in
+        // The replaced handle is returned rather than dropped under the
+        // lock: its deinit makes libvirt calls.
+        let (outcome, replaced): (Outcome, ConnectionHandle?) = state.withLock { state in
             if let other = state.handle, other !== current, other.isAlive {
-                return .raced(other)
+                return (.raced(other), nil)
             }
-            let reconnect = state.handle != nil || state.reconnecting
+            let replaced = state.handle
             state.handle = fresh
-            return .installed(reconnect: reconnect, subscribed: !state.subscribers.isEmpty)
+            let reconnect = replaced != nil || state.reconnecting
+            return (.installed(reconnect: reconnect, subscribed: !state.subscribers.isEmpty), replaced)
         }
+        withExtendedLifetime(replaced) {}
         switch outcome {
         case .raced(let other):
             // Another thread reconnected first; use its handle, drop ours.
@@ -200,11 +204,17 @@ public final class Connection: Sendable {
 ///
 /// `@unchecked Sendable`: libvirt connection objects may be used from any
 /// thread concurrently; the mutable parts here are behind a Mutex.
+///
+/// No lock here or in ``Connection`` is held across a libvirt call that
+/// talks to the daemon: when such a call finds the socket closed, libvirt
+/// runs the close callback synchronously on the calling thread, and that
+/// callback takes these locks.
 final class ConnectionHandle: @unchecked Sendable {
     let pointer: OpaquePointer
     let generation: Int
     private let context: Unmanaged<CallbackContext>
     private let registration = Mutex<(lifecycle: Int32?, dead: Bool, closeCallback: Bool)>((nil, false, false))
+    private let registering = NSLock()
 
     init(pointer: OpaquePointer, generation: Int, connection: Connection) {
         self.pointer = pointer
@@ -239,16 +249,18 @@ final class ConnectionHandle: @unchecked Sendable {
 
     /// Registers the lifecycle callback unless it is registered already.
     func registerLifecycleCallback() throws {
-        try registration.withLock { registration in
-            guard registration.lifecycle == nil else { return }
-            let opaque = context.retain().toOpaque()
-            let id = corral_register_lifecycle_callback(pointer, lifecycleCallback, opaque, releaseContext)
-            guard id >= 0 else {
-                context.release()
-                throw LibvirtError.last("register for domain events")
-            }
-            registration.lifecycle = id
+        // Serialises registrations without holding `registration` across
+        // the RPC (see the type's comment); the close callback never takes it.
+        registering.lock()
+        defer { registering.unlock() }
+        guard registration.withLock({ $0.lifecycle == nil }) else { return }
+        let opaque = context.retain().toOpaque()
+        let id = corral_register_lifecycle_callback(pointer, lifecycleCallback, opaque, releaseContext)
+        guard id >= 0 else {
+            context.release()
+            throw LibvirtError.last("register for domain events")
         }
+        registration.withLock { $0.lifecycle = id }
     }
 
     func deregisterLifecycleCallback() {

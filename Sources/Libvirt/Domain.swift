@@ -67,24 +67,35 @@ public struct Domain: Sendable, Hashable {
     }
 
     /// Shuts the guest down gracefully, and destroys it if it has not
-    /// stopped after `timeout`.
+    /// stopped after `timeout` or cannot be asked at all (a paused guest:
+    /// QEMU refuses the request).
     @discardableResult
     public func shutdown(timeout: Duration, pollInterval: Duration = .milliseconds(200)) async throws -> ShutdownOutcome {
         guard try await state().isActive else { return .notRunning }
         do {
             try await requestShutdown()
         } catch let error as LibvirtError where error.code == .operationInvalid {
-            return .notRunning
+            guard try await state().isActive else { return .notRunning }
+            return try await destroyIfActive()
         }
         let deadline = ContinuousClock.now + timeout
         while ContinuousClock.now < deadline {
             try await Task.sleep(for: pollInterval)
-            if try await !state().isActive { return .graceful }
+            do {
+                if try await !state().isActive { return .graceful }
+            } catch let error as LibvirtError where error.code == .noDomain {
+                return .graceful  // a transient domain is gone once it stops
+            }
         }
+        return try await destroyIfActive()
+    }
+
+    private func destroyIfActive() async throws -> ShutdownOutcome {
         do {
             try await destroy()
-        } catch let error as LibvirtError where error.code == .operationInvalid {
-            // It stopped between the last poll and the destroy.
+        } catch let error as LibvirtError where error.code == .operationInvalid || error.code == .noDomain {
+            // It stopped between the last look and the destroy (a transient
+            // domain is gone altogether).
             return .graceful
         }
         return .destroyed

@@ -24,10 +24,12 @@ extension Connection {
     /// Resolves a setting to `kvm` or `qemu`.
     ///
     /// `kvm` and `qemu` are taken as configured. `auto` does not trust
-    /// libvirt's domain capabilities alone (a host can offer KVM whose guests
-    /// never run): it boots a tiny probe kernel under KVM and picks `kvm`
-    /// only if the kernel's serial output appears within `timeout`. Anything
-    /// else falls back to `qemu` within that bound.
+    /// libvirt's domain capabilities alone: a host can offer KVM whose guests
+    /// crawl or never boot (nested virtualisation without hardware support).
+    /// It boots a tiny probe kernel that enters 64-bit mode and prints a
+    /// marker, first under software emulation, then under KVM, and picks
+    /// `kvm` only when KVM got there faster. The KVM attempt is cut off once
+    /// it is slower, so the whole probe ends within twice `timeout`.
     ///
     /// - Parameter workDirectory: a directory the hypervisor can read and
     ///   write, for the probe kernel and its console file.
@@ -45,13 +47,31 @@ extension Connection {
         } catch {
             return ResolvedVirtualization(type: .qemu, reason: "libvirt offers no KVM here (\(error))")
         }
-        return await probeKVM(workDirectory: workDirectory, timeout: timeout)
+        await removeStaleProbes()
+        let emulated = await runProbe(virtType: "qemu", workDirectory: workDirectory, timeout: timeout)
+        let kvm = await runProbe(virtType: "kvm", workDirectory: workDirectory, timeout: (try? emulated.get()) ?? timeout)
+        switch (kvm, emulated) {
+        case (.success(let kvmTime), .success(let emulatedTime)):
+            return ResolvedVirtualization(
+                type: .kvm, reason: "a probe guest ran in \(format(kvmTime)) under KVM, \(format(emulatedTime)) emulated")
+        case (.success(let kvmTime), .failure(let emulatedFailure)):
+            return ResolvedVirtualization(
+                type: .kvm, reason: "a probe guest ran in \(format(kvmTime)) under KVM (emulated: \(emulatedFailure))")
+        case (.failure(let kvmFailure), .success(let emulatedTime)):
+            return ResolvedVirtualization(
+                type: .qemu,
+                reason: "KVM is offered but \(kvmFailure); emulated it ran in \(format(emulatedTime)): using software emulation")
+        case (.failure(let kvmFailure), .failure):
+            return ResolvedVirtualization(type: .qemu, reason: "KVM is offered but \(kvmFailure)")
+        }
     }
 
-    private func probeKVM(workDirectory: URL, timeout: Duration) async -> ResolvedVirtualization {
-        let id = UUID().uuidString.lowercased().prefix(8)
-        let kernel = workDirectory.appendingPathComponent("kvm-probe-\(id).bin")
-        let console = workDirectory.appendingPathComponent("kvm-probe-\(id).log")
+    /// Boots the probe kernel under `virtType`; the time until its marker
+    /// appeared, or why it did not within `timeout`.
+    private func runProbe(virtType: String, workDirectory: URL, timeout: Duration) async -> Result<Duration, ProbeFailure> {
+        let id = "\(getpid())-\(UUID().uuidString.lowercased().prefix(8))"
+        let kernel = workDirectory.appendingPathComponent("probe-\(id).bin")
+        let console = workDirectory.appendingPathComponent("probe-\(id).log")
         defer {
             try? FileManager.default.removeItem(at: kernel)
             try? FileManager.default.removeItem(at: console)
@@ -61,85 +81,48 @@ extension Connection {
             try Data(KVMProbe.kernel).write(to: kernel)
             try FileManager.default.setAttributes([.posixPermissions: 0o644], ofItemAtPath: kernel.path)
         } catch {
-            return ResolvedVirtualization(type: .qemu, reason: "could not write the KVM probe kernel: \(error)")
+            return .failure(ProbeFailure("the probe kernel could not be written (\(error))"))
         }
-        let xml = KVMProbe.domainXML(name: "corral-kvm-probe-\(id)", kernel: kernel.path, console: console.path)
+        let xml = KVMProbe.domainXML(
+            name: "\(KVMProbe.namePrefix)\(id)", virtType: virtType, kernel: kernel.path, console: console.path)
         let started = ContinuousClock.now
         let domain: Domain
         do {
             domain = try await createTransientDomain(xml: xml)
         } catch {
-            return ResolvedVirtualization(type: .qemu, reason: "a KVM probe guest did not start (\(error))")
+            return .failure(ProbeFailure("a probe guest did not start (\(error))"))
         }
-        defer { Task { try? await domain.destroy() } }
         while ContinuousClock.now - started < timeout {
             if let output = try? String(contentsOf: console, encoding: .utf8), output.contains(KVMProbe.marker) {
+                let elapsed = ContinuousClock.now - started
                 try? await domain.destroy()
-                let elapsed = (ContinuousClock.now - started).formatted(.units(allowed: [.milliseconds]))
-                return ResolvedVirtualization(type: .kvm, reason: "a KVM probe guest ran (\(elapsed))")
+                return .success(elapsed)
             }
-            try? await Task.sleep(for: .milliseconds(100))
+            try? await Task.sleep(for: .milliseconds(20))
         }
         try? await domain.destroy()
-        return ResolvedVirtualization(
-            type: .qemu,
-            reason: "KVM is offered but a probe guest printed nothing in \(timeout.formatted(.units(allowed: [.seconds]))); using software emulation"
-        )
+        return .failure(ProbeFailure("a probe guest printed nothing within \(format(timeout))"))
+    }
+
+    /// Destroys probe guests left by processes that died mid-probe (a probe
+    /// guest spins a CPU until destroyed). Their names carry the prober's
+    /// pid; only a local driver's pids can be checked.
+    private func removeStaleProbes() async {
+        guard uri.contains(":///") else { return }
+        for domain in (try? await domains()) ?? [] where domain.name.hasPrefix(KVMProbe.namePrefix) {
+            let pidText = domain.name.dropFirst(KVMProbe.namePrefix.count).prefix { $0 != "-" }
+            guard let pid = pid_t(pidText), pid != getpid(), kill(pid, 0) != 0, errno == ESRCH else { continue }
+            try? await domain.destroy()
+        }
     }
 }
 
-/// A multiboot kernel of a few dozen bytes that writes ``marker`` to the
-/// first serial port and halts: proof that guest code runs.
-enum KVMProbe {
-    static let marker = "corral-kvm-probe-ok"
+private struct ProbeFailure: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
+}
 
-    /// Load address and layout: a 32-byte multiboot header with the a.out
-    /// kludge (flag 16: the header gives the load addresses), code at 0x20,
-    /// the message at 0x34.
-    static let kernel: [UInt8] = {
-        let load: UInt32 = 0x0010_0000
-        let magic: UInt32 = 0x1BAD_B002
-        let flags: UInt32 = 0x0001_0000
-        let checksum = 0 &- (magic &+ flags)
-        var bytes: [UInt8] = []
-        func word(_ value: UInt32) { withUnsafeBytes(of: value.littleEndian) { bytes += $0 } }
-        // header: magic, flags, checksum, header_addr, load_addr,
-        // load_end_addr (0: whole file), bss_end_addr (0: none), entry_addr
-        for value in [magic, flags, checksum, load, load, 0, 0, load + 0x20] { word(value) }
-        bytes += [0x66, 0xBA, 0xF8, 0x03]  // 0x20 mov dx, 0x3f8 (COM1)
-        bytes += [0xBE]  // 0x24 mov esi, message
-        word(load + 0x34)
-        bytes += [0xAC]  // 0x29 lodsb
-        bytes += [0x84, 0xC0]  // 0x2a test al, al
-        bytes += [0x74, 0x03]  // 0x2c jz halt
-        bytes += [0xEE]  // 0x2e out dx, al
-        bytes += [0xEB, 0xF8]  // 0x2f jmp lodsb
-        bytes += [0xF4]  // 0x31 halt: hlt
-        bytes += [0xEB, 0xFD]  // 0x32 jmp halt
-        bytes += Array("\(marker)\n".utf8) + [0]  // 0x34
-        return bytes
-    }()
-
-    static func domainXML(name: String, kernel: String, console: String) -> String {
-        """
-        <domain type='kvm'>
-          <name>\(name)</name>
-          <memory unit='MiB'>32</memory>
-          <vcpu>1</vcpu>
-          <os>
-            <type arch='x86_64'>hvm</type>
-            <kernel>\(escapeXMLAttribute(kernel))</kernel>
-          </os>
-          <on_poweroff>destroy</on_poweroff>
-          <on_reboot>destroy</on_reboot>
-          <on_crash>destroy</on_crash>
-          <devices>
-            <serial type='file'>
-              <source path='\(escapeXMLAttribute(console))'/>
-              <target port='0'/>
-            </serial>
-          </devices>
-        </domain>
-        """
-    }
+private func format(_ duration: Duration) -> String {
+    let (seconds, attoseconds) = duration.components
+    return "\(seconds * 1000 + attoseconds / 1_000_000_000_000_000) ms"
 }
