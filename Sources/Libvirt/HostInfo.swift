@@ -12,6 +12,11 @@ public struct NodeInfo: Sendable, Hashable, Codable {
     public var sockets: Int
     public var cores: Int
     public var threads: Int
+
+    enum CodingKeys: String, CodingKey {
+        case model, cpus, mhz, numaNodes, sockets, cores, threads
+        case memoryKiB = "memoryKib"
+    }
 }
 
 /// A domain's resource figures from `virDomainGetInfo`.

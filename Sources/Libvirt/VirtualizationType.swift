@@ -57,10 +57,12 @@ extension Connection {
         case (.success(let kvmTime), .failure(let emulatedFailure)):
             return ResolvedVirtualization(
                 type: .kvm, reason: "a probe guest ran in \(format(kvmTime)) under KVM (emulated: \(emulatedFailure))")
-        case (.failure(let kvmFailure), .success(let emulatedTime)):
+        case (.failure(.timedOut), .success(let emulatedTime)):
             return ResolvedVirtualization(
                 type: .qemu,
-                reason: "KVM is offered but \(kvmFailure); emulated it ran in \(format(emulatedTime)): using software emulation")
+                reason: "KVM is offered but slower than software emulation: a probe guest that ran in \(format(emulatedTime)) emulated did not finish as fast under KVM")
+        case (.failure(let kvmFailure), .success):
+            return ResolvedVirtualization(type: .qemu, reason: "KVM is offered but \(kvmFailure): using software emulation")
         case (.failure(let kvmFailure), .failure):
             return ResolvedVirtualization(type: .qemu, reason: "KVM is offered but \(kvmFailure)")
         }
@@ -101,7 +103,7 @@ extension Connection {
             try? await Task.sleep(for: .milliseconds(20))
         }
         try? await domain.destroy()
-        return .failure(ProbeFailure("a probe guest printed nothing within \(format(timeout))"))
+        return .failure(.timedOut(timeout))
     }
 
     /// Destroys probe guests left by processes that died mid-probe (a probe
@@ -117,9 +119,18 @@ extension Connection {
     }
 }
 
-private struct ProbeFailure: Error, CustomStringConvertible {
-    var description: String
-    init(_ description: String) { self.description = description }
+private enum ProbeFailure: Error, CustomStringConvertible {
+    case timedOut(Duration)
+    case failed(String)
+
+    init(_ description: String) { self = .failed(description) }
+
+    var description: String {
+        switch self {
+        case .timedOut(let timeout): "a probe guest printed nothing within \(format(timeout))"
+        case .failed(let description): description
+        }
+    }
 }
 
 private func format(_ duration: Duration) -> String {

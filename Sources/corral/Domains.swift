@@ -101,6 +101,11 @@ struct DomainSummary: Encodable {
     var addresses: [String]
     var instance: InstanceMetadata?
 
+    enum CodingKeys: String, CodingKey {
+        case name, uuid, state, reason, vcpus, uptimeSeconds, addresses, instance
+        case memoryMiB = "memoryMib"
+    }
+
     init(_ domain: Domain, uri: String) async throws {
         let info = try await domain.info()
         let description = try await domain.describe()

@@ -20,7 +20,7 @@ struct LibvirtOptions: ParsableArguments {
             try await body(connection)
         } catch let error as LibvirtError where error.code == .noDomain {
             await connection.close()
-            fail("\(error.message) at \(uri); `corral domains list --uri \(uri)` shows the domains there.")
+            fail("\(error) at \(uri); `corral domains list --uri \(uri)` shows the domains there.")
         } catch let error as LibvirtError {
             await connection.close()
             fail("\(error) (libvirt at \(uri))")
