@@ -42,7 +42,10 @@ let package = Package(
         ),
         .testTarget(
             name: "LibvirtTests",
-            dependencies: ["Libvirt", "TestSupport"]
+            dependencies: [
+                "Libvirt", "TestSupport",
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ]
         ),
         .testTarget(
             name: "CorralTests",

@@ -73,6 +73,10 @@ struct TestDriverTests {
 
     @Test("lifecycle events arrive on the stream in order")
     func events() async throws {
+        try await SystemLibvirt.shared { try await self.eventsInOrder() }
+    }
+
+    private func eventsInOrder() async throws {
         let connection = try await Connection.open(Self.uri)
         let events = try await connection.events()
         let name = Self.uniqueName("events")

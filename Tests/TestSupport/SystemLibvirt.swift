@@ -4,11 +4,12 @@ import Foundation
 import Glibc
 #endif
 
-/// Coordinates tests that use the machine's libvirtd (`qemu:///system`).
+/// Coordinates tests that use the machine's libvirtd (`qemu:///system`) or
+/// depend on libvirt's process-wide event loop.
 ///
 /// Most take the lock shared and run side by side; a test that restarts
-/// libvirtd takes it exclusively. It is a file lock, so it also holds
-/// between test processes.
+/// libvirtd or stops the event loop takes it exclusively. It is a file
+/// lock, so it also holds between test processes.
 public enum SystemLibvirt {
     public static let uri = "qemu:///system"
     private static let lockPath = "/run/corral-tests-libvirt.lock"
