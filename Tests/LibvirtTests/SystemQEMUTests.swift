@@ -52,6 +52,11 @@ struct SystemQEMUTests {
                 try await domain.resume()
                 #expect(try await domain.state() == .running(.unpaused))
 
+                // A reboot goes through the guest (ACPI) and boots it again.
+                try await domain.reboot()
+                try await waitForText(TestGuest.readyMarker, inFile: console, occurrences: 2, timeout: .seconds(60))
+                #expect(try await domain.state().isActive)
+
                 // The guest powers off on the ACPI power button.
                 #expect(try await domain.shutdown(timeout: .seconds(60)) == .graceful)
                 #expect(try await domain.state() == .shutoff(.shutdown))
@@ -107,6 +112,37 @@ struct SystemQEMUTests {
                 await Self.remove(domain)
                 throw error
             }
+            await connection.close()
+        }
+    }
+
+    @Test("an emulator that dies is reported as failed, the domain as crashed")
+    func emulatorDies() async throws {
+        try await SystemLibvirt.shared {
+            let guest = try await TestGuest.shared()
+            let scratch = try Paths.scratchDirectory("dies")
+            defer { try? FileManager.default.removeItem(at: scratch) }
+            let console = scratch.appendingPathComponent("console.log").path
+            let connection = try await Connection.open(SystemLibvirt.uri)
+            let events = EventRecorder(try await connection.events())
+            let name = Self.uniqueName("dies")
+            let domain = try await connection.defineDomain(xml: guest.domainXML(name: name, consoleLog: console))
+            do {
+                try await domain.start()
+                try await waitForText(TestGuest.readyMarker, inFile: console, timeout: .seconds(60))
+                let pidText = try String(contentsOfFile: "/run/libvirt/qemu/\(name).pid", encoding: .utf8)
+                let pid = try #require(pid_t(pidText.trimmingCharacters(in: .whitespacesAndNewlines)))
+                #expect(kill(pid, SIGKILL) == 0)
+                try await events.expect(within: .seconds(30)) {
+                    if case .domain(let event) = $0 { event.name == name && event.kind == .stopped(.failed) } else { false }
+                }
+                #expect(try await domain.state() == .shutoff(.crashed))
+                #expect(try await domain.state().description == "shut off (crashed)")
+            } catch {
+                await Self.remove(domain)
+                throw error
+            }
+            await Self.remove(domain)
             await connection.close()
         }
     }

@@ -35,6 +35,12 @@ struct TestDriverTests {
         #expect(try await connection.capabilities().contains("<capabilities>"))
         #expect(try await connection.libvirtVersion().split(separator: ".").count == 3)
         #expect(try await connection.domains().contains { $0.name == "test" })
+
+        // The test driver's own domain has a DHCP lease on its network.
+        let addresses = try await connection.domain(named: "test").interfaceAddresses()
+        #expect(addresses.first?.source == .lease)
+        #expect(addresses.first?.addresses.first?.family == .ipv4)
+        #expect(addresses.first?.macAddress == "aa:bb:cc:dd:ee:ff")
         await connection.close()
     }
 

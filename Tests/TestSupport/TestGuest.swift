@@ -71,11 +71,16 @@ public struct TestGuest: Sendable {
     }
 }
 
-/// Waits until `file` contains `text`, or throws after `timeout`.
-public func waitForText(_ text: String, inFile file: String, timeout: Duration) async throws {
+/// Waits until `file` contains `text` (at least `occurrences` times), or
+/// throws after `timeout`.
+public func waitForText(_ text: String, inFile file: String, occurrences: Int = 1, timeout: Duration) async throws {
     let deadline = ContinuousClock.now + timeout
     while ContinuousClock.now < deadline {
-        if let contents = try? String(contentsOfFile: file, encoding: .utf8), contents.contains(text) { return }
+        if let contents = try? String(contentsOfFile: file, encoding: .utf8),
+            contents.components(separatedBy: text).count - 1 >= occurrences
+        {
+            return
+        }
         try await Task.sleep(for: .milliseconds(100))
     }
     let contents = (try? String(contentsOfFile: file, encoding: .utf8)) ?? "(no console output)"
