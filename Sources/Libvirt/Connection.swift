@@ -65,8 +65,9 @@ public final class Connection: Sendable {
             return (state.handle, Array(state.subscribers.values))
         }
         for subscriber in subscribers { subscriber.finish() }
-        // Release the handle (virConnectClose is an RPC) off the caller's thread.
-        if let handle { _ = try? await blocking { withExtendedLifetime(handle) {} } }
+        // virConnectClose is an RPC: do it on a wrapper thread, not in a
+        // deinit that could run anywhere.
+        if let handle { _ = try? await blocking { handle.close() } }
     }
 
     /// Whether the current connection is open and alive (no RPC is made).
@@ -114,13 +115,23 @@ public final class Connection: Sendable {
             let reconnect = replaced != nil || state.reconnecting
             return (.installed(reconnect: reconnect, subscribed: !state.subscribers.isEmpty), replaced)
         }
-        withExtendedLifetime(replaced) {}
+        replaced?.close()
         switch outcome {
         case .raced(let other):
             // Another thread reconnected first; use its handle, drop ours.
             return other
         case .installed(let reconnect, let subscribed):
-            if subscribed { try fresh.registerLifecycleCallback() }
+            if subscribed {
+                do {
+                    try fresh.registerLifecycleCallback()
+                } catch {
+                    // Subscribers must not sit on a connection that never
+                    // delivers events: the next call (or the reconnect
+                    // loop) opens another one.
+                    fresh.markDead()
+                    throw error
+                }
+            }
             if reconnect { broadcast(.reconnected) }
             return fresh
         }
@@ -158,13 +169,11 @@ public final class Connection: Sendable {
         return stream
     }
 
+    /// The lifecycle callback stays registered on the handle until the
+    /// handle closes: events for no subscriber cost nothing, while
+    /// deregistering here would race with a new subscriber registering.
     private func unsubscribe(_ id: Int) {
-        let (handle, last) = state.withLock { state in
-            state.subscribers[id] = nil
-            return (state.handle, state.subscribers.isEmpty)
-        }
-        guard last, let handle else { return }
-        Task { _ = try? await blocking { handle.deregisterLifecycleCallback() } }
+        _ = state.withLock { $0.subscribers.removeValue(forKey: id) }
     }
 
     func broadcast(_ event: ConnectionEvent) {
@@ -174,13 +183,15 @@ public final class Connection: Sendable {
 
     /// Called on the event loop thread when libvirt closed a handle.
     func handleClosed(generation: Int, reason: String) {
-        let shouldReconnect = state.withLock { state -> Bool in
-            guard state.handle?.generation == generation, !state.closed else { return false }
+        // A late callback from a handle already replaced says nothing new.
+        let (current, shouldReconnect) = state.withLock { state -> (Bool, Bool) in
+            guard state.handle?.generation == generation, !state.closed else { return (false, false) }
             state.handle?.markDead()
-            guard !state.subscribers.isEmpty, !state.reconnecting else { return false }
+            guard !state.subscribers.isEmpty, !state.reconnecting else { return (true, false) }
             state.reconnecting = true
-            return true
+            return (true, true)
         }
+        guard current else { return }
         broadcast(.disconnected(reason: reason))
         guard shouldReconnect else { return }
         Task { await self.reconnect() }
@@ -213,7 +224,8 @@ final class ConnectionHandle: @unchecked Sendable {
     let pointer: OpaquePointer
     let generation: Int
     private let context: Unmanaged<CallbackContext>
-    private let registration = Mutex<(lifecycle: Int32?, dead: Bool, closeCallback: Bool)>((nil, false, false))
+    private let registration = Mutex<(lifecycle: Int32?, dead: Bool, closeCallback: Bool, closed: Bool)>(
+        (nil, false, false, false))
     private let registering = NSLock()
 
     init(pointer: OpaquePointer, generation: Int, connection: Connection) {
@@ -223,12 +235,25 @@ final class ConnectionHandle: @unchecked Sendable {
     }
 
     deinit {
-        deregisterLifecycleCallback()
-        if registration.withLock({ $0.closeCallback }) {
-            virConnectUnregisterCloseCallback(pointer, connectionClosedCallback)
-        }
-        virConnectClose(pointer)
+        close()
         context.release()
+    }
+
+    /// Deregisters the callbacks and closes the connection, once. Makes
+    /// RPCs: call it on a wrapper thread (deinit calls it as a last resort).
+    func close() {
+        let (lifecycle, closeCallback, wasClosed) = registration.withLock { registration in
+            defer {
+                registration.lifecycle = nil
+                registration.closeCallback = false
+                registration.closed = true
+            }
+            return (registration.lifecycle, registration.closeCallback, registration.closed)
+        }
+        guard !wasClosed else { return }
+        if let lifecycle { virConnectDomainEventDeregisterAny(pointer, lifecycle) }
+        if closeCallback { virConnectUnregisterCloseCallback(pointer, connectionClosedCallback) }
+        virConnectClose(pointer)
     }
 
     var isAlive: Bool {
@@ -263,13 +288,6 @@ final class ConnectionHandle: @unchecked Sendable {
         registration.withLock { $0.lifecycle = id }
     }
 
-    func deregisterLifecycleCallback() {
-        let id = registration.withLock { registration -> Int32? in
-            defer { registration.lifecycle = nil }
-            return registration.lifecycle
-        }
-        if let id { virConnectDomainEventDeregisterAny(pointer, id) }
-    }
 }
 
 /// What libvirt hands back to the C callbacks.

@@ -100,20 +100,20 @@ public struct DomainDescription: Sendable, Hashable {
         guard let element = (try? document.nodes(forXPath: path))?.first as? XMLElement,
             let value = element.stringValue.flatMap({ UInt64($0.trimmingCharacters(in: .whitespaces)) })
         else { return nil }
-        let unit = element.attribute(forName: "unit")?.stringValue?.lowercased() ?? "kib"
-        let scale: UInt64 =
-            switch unit {
-            case "b", "bytes": 0
-            case "k", "kib": 1
-            case "m", "mib": 1024
-            case "g", "gib": 1024 * 1024
-            case "t", "tib": 1024 * 1024 * 1024
-            case "kb": 1
-            case "mb": 1000
-            case "gb": 1_000_000
-            default: 1
+        // libvirt writes KiB; hand-written XML may use any of its units.
+        let bytesPerUnit: Double =
+            switch element.attribute(forName: "unit")?.stringValue?.lowercased() ?? "kib" {
+            case "b", "bytes": 1
+            case "kb": 1e3
+            case "mb": 1e6
+            case "gb": 1e9
+            case "tb": 1e12
+            case "m", "mib": 1_048_576
+            case "g", "gib": 1_073_741_824
+            case "t", "tib": 1_099_511_627_776
+            default: 1024
             }
-        return scale == 0 ? value / 1024 : value * scale
+        return UInt64((Double(value) * bytesPerUnit / 1024).rounded())
     }
 }
 

@@ -42,10 +42,11 @@ public enum DomainState: Sendable, Hashable, CustomStringConvertible {
         }
     }
 
-    /// True while the guest has an emulator process (running, paused, ...).
+    /// True while the guest has an emulator process (running, paused, or
+    /// crashed and preserved by `on_crash='preserve'`).
     public var isActive: Bool {
         switch self {
-        case .shutoff, .crashed, .noState: false
+        case .shutoff, .noState: false
         default: true
         }
     }

@@ -26,14 +26,21 @@ public final class EventLoop: Service, Sendable {
     /// Whether the loop thread is running.
     public var isRunning: Bool { state.withLock { $0.running } }
 
-    /// Starts the loop thread unless it is running already.
+    /// Starts the loop thread unless it is running already. A start while a
+    /// stop is pending cancels the stop, so a connection just opened is
+    /// never left without a loop.
     func start() {
-        let shouldStart = state.withLock { state in
-            guard !state.running else { return false }
+        let (shouldStart, cancelledStops) = state.withLock { state -> (Bool, [CheckedContinuation<Void, Never>]) in
+            guard !state.running else {
+                state.stopRequested = false
+                defer { state.stopWaiters = [] }
+                return (false, state.stopWaiters)
+            }
             state.running = true
             state.stopRequested = false
-            return true
+            return (true, [])
         }
+        for waiter in cancelledStops { waiter.resume() }
         guard shouldStart else { return }
         let thread = Thread { [self] in self.loop() }
         thread.name = "libvirt-events"

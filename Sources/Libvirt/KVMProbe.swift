@@ -1,6 +1,6 @@
 import Foundation
 
-/// A 200-byte multiboot kernel that enters 64-bit long mode with paging, as
+/// A 203-byte multiboot kernel that enters 64-bit long mode with paging, as
 /// every x86-64 kernel does early, then writes `marker` to the first
 /// serial port and halts: proof that guest code runs, and a yardstick of
 /// how fast. Its source is `scripts/kvm-probe.S`; `scripts/kvm-probe-bytes`

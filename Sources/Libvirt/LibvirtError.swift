@@ -73,15 +73,6 @@ public struct LibvirtError: Error, Sendable, Equatable, CustomStringConvertible 
         "\(operation) failed: \(message)"
     }
 
-    /// True when the failure means the connection to libvirt is unusable,
-    /// so the next call should open a new one.
-    public var isConnectionFailure: Bool {
-        if code == .noConnect { return true }
-        let rpc = Int32(VIR_FROM_RPC.rawValue)
-        let remote = Int32(VIR_FROM_REMOTE.rawValue)
-        return (domain == rpc || domain == remote) && (code == .systemError || code == .internalError)
-    }
-
     /// Reads libvirt's last error on the calling thread. Call it on the same
     /// thread as the failing call: libvirt keeps errors per thread.
     static func last(_ operation: String) -> LibvirtError {

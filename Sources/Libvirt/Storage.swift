@@ -89,8 +89,11 @@ public struct StoragePool: Sendable, Hashable {
     public func remove(deleteDirectory: Bool = false) async throws {
         try await withPointer("remove") { pool in
             if virStoragePoolIsActive(pool) == 1 {
-                if deleteDirectory { _ = virStoragePoolDelete(pool, 0) }
                 try check(virStoragePoolDestroy(pool), "stop storage pool '\(name)'")
+            }
+            // libvirt deletes only the directory of a stopped pool.
+            if deleteDirectory {
+                try check(virStoragePoolDelete(pool, 0), "delete the directory of storage pool '\(name)'")
             }
             try check(virStoragePoolUndefine(pool), "undefine storage pool '\(name)'")
         }

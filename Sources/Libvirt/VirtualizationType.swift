@@ -107,7 +107,7 @@ extension Connection {
     }
 
     /// Destroys probe guests left by processes that died mid-probe (a probe
-    /// guest spins a CPU until destroyed). Their names carry the prober's
+    /// guest halts but keeps its QEMU process and memory until destroyed). Their names carry the prober's
     /// pid; only a local driver's pids can be checked.
     private func removeStaleProbes() async {
         guard uri.contains(":///") else { return }

@@ -225,6 +225,7 @@ struct SystemQEMUTests {
                 throw error
             }
             try await pool.remove(deleteDirectory: true)
+            #expect(!FileManager.default.fileExists(atPath: directory))
             let gone = await #expect(throws: LibvirtError.self) { try await connection.storagePool(named: poolName) }
             #expect(gone?.code == .noStoragePool)
             await connection.close()

@@ -11,9 +11,16 @@ public struct TestGuest: Sendable {
     public static let readyMarker = "corral-test-guest: init ready"
 
     private actor Cache {
-        var guest: TestGuest?
+        var build: Task<TestGuest, any Error>?
         func get() async throws -> TestGuest {
-            if let guest { return guest }
+            // One build even when several tests ask at once.
+            if let build { return try await build.value }
+            let task = Task { try await Self.buildGuest() }
+            build = task
+            return try await task.value
+        }
+
+        private static func buildGuest() async throws -> TestGuest {
             let script = Paths.packageRoot.appendingPathComponent("scripts/build-test-guest")
             let result = try await runCommand(script, [])
             guard result.status == 0 else {
@@ -27,9 +34,7 @@ public struct TestGuest: Sendable {
             guard let kernel = values["kernel"], let initrd = values["initrd"] else {
                 throw SetupError("scripts/build-test-guest printed no kernel=/initrd= lines:\n\(result.stdout)")
             }
-            let built = TestGuest(kernel: kernel, initrd: initrd)
-            guest = built
-            return built
+            return TestGuest(kernel: kernel, initrd: initrd)
         }
     }
 
