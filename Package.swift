@@ -7,11 +7,16 @@ let package = Package(
     products: [
         .executable(name: "corral", targets: ["corral"]),
         .library(name: "Libvirt", targets: ["Libvirt"]),
+        .library(name: "PoolAPI", targets: ["PoolAPI"]),
+        .library(name: "PoolController", targets: ["PoolController"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-crypto.git", from: "4.5.2"),
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.10.0"),
+        .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
     ],
     targets: [
@@ -24,16 +29,31 @@ let package = Package(
             name: "Libvirt",
             dependencies: [
                 "CLibvirt",
-                .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ]
+        ),
+        .target(name: "PoolAPI"),
+        .target(
+            name: "PoolController",
+            dependencies: [
+                "PoolAPI",
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "GRDB", package: "GRDB.swift"),
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "Logging", package: "swift-log"),
             ]
         ),
         .executableTarget(
             name: "corral",
             dependencies: [
                 "Libvirt",
+                "PoolAPI",
+                "PoolController",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ]
         ),
         .target(
@@ -48,8 +68,15 @@ let package = Package(
             ]
         ),
         .testTarget(
+            name: "PoolControllerTests",
+            dependencies: [
+                "PoolAPI", "PoolController", "TestSupport",
+                .product(name: "HummingbirdTesting", package: "hummingbird"),
+            ]
+        ),
+        .testTarget(
             name: "CorralTests",
-            dependencies: ["Libvirt", "TestSupport"]
+            dependencies: ["Libvirt", "PoolAPI", "TestSupport"]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -30,6 +30,34 @@ public func runCommand(
 }
 
 private func spawnAndWait(_ path: String, _ arguments: [String], environment: [String: String]?) throws -> CommandResult {
+    let child = try spawn(path, arguments, environment: environment)
+    // Drain both pipes to the end, so a chatty child never blocks on a full one.
+    let errorData = Mutex(Data())
+    let errorDone = DispatchSemaphore(value: 0)
+    Thread.detachNewThread {
+        let data = readAll(child.stderr)
+        errorData.withLock { $0 = data }
+        errorDone.signal()
+    }
+    let outputData = readAll(child.stdout)
+    errorDone.wait()
+    close(child.stdout)
+    close(child.stderr)
+    return CommandResult(
+        status: waitForExit(child.pid),
+        stdout: String(decoding: outputData, as: UTF8.self),
+        stderr: String(decoding: errorData.withLock { $0 }, as: UTF8.self))
+}
+
+/// A started child: its pid and the read ends of its stdout and stderr.
+struct Child {
+    var pid: pid_t
+    var stdout: Int32
+    var stderr: Int32
+}
+
+/// Starts a program with standard input /dev/null and pipes for its output.
+func spawn(_ path: String, _ arguments: [String], environment: [String: String]? = nil) throws -> Child {
     var outPipe: [Int32] = [0, 0]
     var errPipe: [Int32] = [0, 0]
     // Pipes are made close-on-exec under the same lock that spawns, so no
@@ -59,35 +87,20 @@ private func spawnAndWait(_ path: String, _ arguments: [String], environment: [S
     let spawned = posix_spawn(&pid, path, &actions, nil, argv, envp)
     close(outPipe[1])
     close(errPipe[1])
-    spawnLock.unlock()
-    defer { spawnLock.lock() }
     guard spawned == 0 else {
         close(outPipe[0])
         close(errPipe[0])
         throw SetupError("cannot run \(path): \(String(cString: strerror(spawned)))")
     }
-    // Drain both pipes to the end, so a chatty child never blocks on a full one.
-    let errorData = Mutex(Data())
-    let errorDone = DispatchSemaphore(value: 0)
-    let errorReader = errPipe[0]
-    Thread.detachNewThread {
-        let data = readAll(errorReader)
-        errorData.withLock { $0 = data }
-        errorDone.signal()
-    }
-    let outputData = readAll(outPipe[0])
-    errorDone.wait()
-    close(outPipe[0])
-    close(errPipe[0])
+    return Child(pid: pid, stdout: outPipe[0], stderr: errPipe[0])
+}
 
+/// Waits for a child to exit; a death by signal reads as 128 + signal, as
+/// in a shell.
+func waitForExit(_ pid: pid_t) -> Int32 {
     var status: Int32 = 0
     while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
-    // WIFEXITED / WEXITSTATUS; a signal death reads as 128 + signal, like a shell.
-    let exitStatus = status & 0x7f == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
-    return CommandResult(
-        status: exitStatus,
-        stdout: String(decoding: outputData, as: UTF8.self),
-        stderr: String(decoding: errorData.withLock { $0 }, as: UTF8.self))
+    return status & 0x7f == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
 }
 
 private let spawnLock = NSLock()

@@ -1,0 +1,57 @@
+import Foundation
+import Hummingbird
+
+/// Why a request body could not be read, naming the field at fault.
+struct RequestBodyError: Error, CustomStringConvertible {
+    var description: String
+}
+
+/// The most a request body may hold.
+let maximumRequestBody = 1 << 20
+
+/// Decodes a JSON body, turning decoding failures into messages that name
+/// the field and what it should be.
+func decodeJSON<T: Decodable>(_ type: T.Type, from request: Request) async throws -> T {
+    var request = request
+    let buffer: ByteBuffer
+    do {
+        buffer = try await request.collectBody(upTo: maximumRequestBody)
+    } catch {
+        throw RequestBodyError(description: "the body is larger than \(maximumRequestBody) bytes")
+    }
+    do {
+        return try JSONDecoder().decode(T.self, from: Data(buffer.readableBytesView))
+    } catch let error as DecodingError {
+        throw RequestBodyError(description: describe(error))
+    }
+}
+
+func describe(_ error: DecodingError) -> String {
+    func path(_ codingPath: [any CodingKey], _ last: (any CodingKey)? = nil) -> String {
+        let keys = (codingPath + (last.map { [$0] } ?? [])).map { $0.intValue.map { "[\($0)]" } ?? $0.stringValue }
+        return keys.joined(separator: ".").replacingOccurrences(of: ".[", with: "[")
+    }
+    switch error {
+    case .keyNotFound(let key, let context):
+        return "missing field '\(path(context.codingPath, key))'"
+    case .typeMismatch(let type, let context):
+        return "field '\(path(context.codingPath))' must be \(typeName(type))"
+    case .valueNotFound(let type, let context):
+        return "field '\(path(context.codingPath))' must be \(typeName(type)), not null"
+    case .dataCorrupted(let context):
+        return context.codingPath.isEmpty
+            ? "the body is not valid JSON" : "field '\(path(context.codingPath))' is invalid: \(context.debugDescription)"
+    @unknown default:
+        return "the body could not be read"
+    }
+}
+
+private func typeName(_ type: Any.Type) -> String {
+    switch type {
+    case is String.Type: "a string"
+    case is Bool.Type: "true or false"
+    case is Int.Type, is Int64.Type: "an integer"
+    case is Double.Type: "a number"
+    default: "\(type)".hasPrefix("Array") ? "an array" : "an object"
+    }
+}

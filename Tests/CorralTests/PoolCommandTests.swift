@@ -1,0 +1,127 @@
+import Foundation
+import PoolAPI
+import Testing
+import TestSupport
+
+#if canImport(FoundationNetworking)
+import FoundationNetworking
+#endif
+
+/// `corral pool` as an operator uses it: separate processes, a real SQLite
+/// file, and the server answering on a loopback port.
+@Suite("corral pool commands and server")
+struct PoolCommandTests {
+    /// A database path in a fresh directory.
+    static func databasePath() -> String {
+        FileManager.default.temporaryDirectory.appendingPathComponent("corral-cli-\(UUID().uuidString)/pool.sqlite").path
+    }
+
+    static func pool(_ arguments: [String], database: String) async throws -> CommandResult {
+        try await runCorral(["pool"] + arguments + ["--database", database])
+    }
+
+    /// POSTs an authorization request with `token`; the status and message.
+    static func authorize(_ baseURL: String, token: String) async throws -> (Int, Envelope<AuthorizationResult>) {
+        var request = URLRequest(url: try #require(URL(string: "\(baseURL)/api/v1/authorization/")))
+        request.httpMethod = "POST"
+        request.httpBody = try JSONEncoder().encode(AuthorizationRequest(appliance: ApplianceBlock(apitoken: token, version: "test")))
+        let (data, response) = try await URLSession.shared.data(for: request)
+        let status = (response as? HTTPURLResponse)?.statusCode ?? 0
+        return (status, try JSONDecoder().decode(Envelope<AuthorizationResult>.self, from: data))
+    }
+
+    @Test("admin commands need an existing database and say how to make one")
+    func missingDatabase() async throws {
+        let database = Self.databasePath()
+        let result = try await Self.pool(["user", "add", "alice"], database: database)
+        #expect(result.status == 1)
+        #expect(result.stderr == "corral: no pool database at \(database): create it with `corral pool init --database \(database)`, or pass --database.\n")
+        #expect(!FileManager.default.fileExists(atPath: database))
+    }
+
+    @Test("users, appliances and flavors are created, listed and refused as an operator expects")
+    func administration() async throws {
+        let database = Self.databasePath()
+        #expect(try await Self.pool(["init"], database: database).status == 0)
+
+        let user = try await Self.pool(["user", "add", "alice", "--max-instances", "3"], database: database)
+        #expect(user.status == 0, "\(user.stderr)")
+        let userToken = user.stdout.trimmingCharacters(in: .newlines)
+        #expect(userToken.count == 64 && userToken.allSatisfy(\.isHexDigit), "the token alone on stdout: \(user.stdout)")
+
+        let appliance = try await Self.pool(["appliance", "add", "rack-1", "--owner", "alice", "--json"], database: database)
+        let created = try #require(try JSONSerialization.jsonObject(with: Data(appliance.stdout.utf8)) as? [String: String])
+        #expect(created["name"] == "rack-1")
+        #expect(created["owner"] == "alice")
+        let applianceToken = try #require(created["token"])
+
+        let stranger = try await Self.pool(["appliance", "add", "rack-2", "--owner", "bob"], database: database)
+        #expect(stranger.status == 1)
+        #expect(stranger.stderr == "corral: no user named 'bob'\n")
+        let duplicate = try await Self.pool(["user", "add", "alice"], database: database)
+        #expect(duplicate.stderr == "corral: a user named 'alice' exists already\n")
+        let badName = try await Self.pool(["user", "add", "al ice"], database: database)
+        #expect(badName.status != 0)
+        #expect(badName.stderr.contains("NAME must be 1-64 letters, digits, '.', '_' or '-' (it was 'al ice')"))
+
+        let flavor = try await Self.pool(
+            ["flavor", "add", "small", "--vcpus", "1", "--memory-mib", "512", "--disk-gib", "5", "--ask", "2"],
+            database: database)
+        #expect(flavor.status == 0, "\(flavor.stderr)")
+        let badFlavor = try await Self.pool(
+            ["flavor", "add", "tiny", "--vcpus", "0", "--memory-mib", "512", "--disk-gib", "5"], database: database)
+        #expect(badFlavor.stderr.contains("--vcpus must be 1 or more (it was 0)"))
+
+        let users = try await Self.pool(["user", "list"], database: database)
+        let appliances = try await Self.pool(["appliance", "list"], database: database)
+        let flavors = try await Self.pool(["flavor", "list", "--json"], database: database)
+        #expect(users.stdout.contains("alice"))
+        #expect(appliances.stdout.contains("rack-1"))
+        #expect(appliances.stdout.contains("never"))
+        for listing in [users.stdout, appliances.stdout] {
+            #expect(!listing.contains(userToken) && !listing.contains(applianceToken))
+        }
+        let catalogue = try JSONDecoder().decode([Flavor].self, from: Data(flavors.stdout.utf8))
+        #expect(catalogue == [Flavor(name: "small", vcpus: 1, memory: 512, disk: 5, ask: 2)])
+    }
+
+    @Test("the server authorizes appliances, honours disable and token rotation, and stops on SIGTERM")
+    func server() async throws {
+        let database = Self.databasePath()
+        #expect(try await Self.pool(["init"], database: database).status == 0)
+        _ = try await Self.pool(["user", "add", "alice"], database: database)
+        let token = try await Self.pool(["appliance", "add", "rack-1", "--owner", "alice"], database: database)
+            .stdout.trimmingCharacters(in: .newlines)
+
+        let server = try BackgroundProcess(
+            Paths.corralBinary, ["pool", "serve", "--database", database, "--host", "127.0.0.1", "--port", "0"])
+        let listening = try await server.line(containing: "pool listening on ", timeout: .seconds(30))
+        let baseURL = String(listening.dropFirst("pool listening on ".count))
+        #expect(baseURL.hasPrefix("http://127.0.0.1:"))
+
+        let (okStatus, ok) = try await Self.authorize(baseURL, token: token)
+        #expect(okStatus == 200)
+        #expect(ok.result == AuthorizationResult(name: "rack-1", owner: "alice"))
+
+        _ = try await Self.pool(["appliance", "disable", "rack-1"], database: database)
+        let (disabledStatus, disabled) = try await Self.authorize(baseURL, token: token)
+        #expect(disabledStatus == 409)
+        #expect(disabled.response == .fail)
+        _ = try await Self.pool(["appliance", "enable", "rack-1"], database: database)
+
+        let rotated = try await Self.pool(["appliance", "rotate-token", "rack-1"], database: database)
+            .stdout.trimmingCharacters(in: .newlines)
+        #expect(try await Self.authorize(baseURL, token: token).0 == 401)
+        #expect(try await Self.authorize(baseURL, token: rotated).0 == 200)
+
+        let listed = try await Self.pool(["appliance", "list", "--json"], database: database)
+        let appliances = try #require(try JSONSerialization.jsonObject(with: Data(listed.stdout.utf8)) as? [[String: Any]])
+        #expect(appliances.first?["version"] as? String == "test")
+
+        #expect(await server.terminate() == 0)
+        // Tokens never reach the server's log.
+        for secret in [token, rotated] {
+            #expect(!server.stdout.contains(secret) && !server.stderr.contains(secret))
+        }
+    }
+}

@@ -1,0 +1,73 @@
+import Foundation
+import PoolAPI
+import Testing
+import TestSupport
+
+@testable import PoolController
+
+/// A fresh SQLite store in its own directory.
+func makeStore() throws -> (SQLiteStore, path: String) {
+    let directory = FileManager.default.temporaryDirectory.appendingPathComponent("corral-pool-\(UUID().uuidString)")
+    let path = directory.appendingPathComponent("pool.sqlite").path
+    return (try SQLiteStore(path: path), path)
+}
+
+@Suite("Pool store on SQLite")
+struct StoreTests {
+    @Test("users and appliances are stored with token digests only, and survive a reopen")
+    func persistence() async throws {
+        let (store, path) = try makeStore()
+        let token = Token.generate()
+        #expect(token.count == 64)
+        #expect(token != Token.generate())
+        _ = try await store.addUser(name: "alice", superuser: false, maxInstances: 3, tokenDigest: Token.digest("u"))
+        let appliance = try await store.addAppliance(name: "rack-1", owner: "alice", tokenDigest: Token.digest(token))
+        #expect(appliance.owner == "alice")
+        #expect(appliance.enabled)
+
+        let reopened = try SQLiteStore(path: path)
+        #expect(try await reopened.users().map(\.name) == ["alice"])
+        #expect(try await reopened.appliance(tokenDigest: Token.digest(token))?.name == "rack-1")
+        #expect(try await reopened.appliance(tokenDigest: Token.digest(token + "x")) == nil)
+
+        // The token itself is nowhere in the file.
+        let bytes = try Data(contentsOf: URL(fileURLWithPath: path))
+        #expect(bytes.range(of: Data(token.utf8)) == nil)
+    }
+
+    @Test("a refused change stores nothing")
+    func refusals() async throws {
+        let (store, _) = try makeStore()
+        _ = try await store.addUser(name: "alice", superuser: false, maxInstances: 3, tokenDigest: "d1")
+        await #expect(throws: PoolError.alreadyExists(what: "user", name: "alice")) {
+            try await store.addUser(name: "alice", superuser: true, maxInstances: 9, tokenDigest: "d2")
+        }
+        await #expect(throws: PoolError.notFound(what: "user", name: "bob")) {
+            try await store.addAppliance(name: "rack-1", owner: "bob", tokenDigest: "d3")
+        }
+        #expect(try await store.appliances().isEmpty)
+        #expect(try await store.users().map(\.superuser) == [false])
+
+        try await store.addFlavor(Flavor(name: "small", vcpus: 1, memory: 512, disk: 5))
+        await #expect(throws: PoolError.alreadyExists(what: "flavor with these specs", name: "also-small")) {
+            try await store.addFlavor(Flavor(name: "also-small", vcpus: 1, memory: 512, disk: 5))
+        }
+        await #expect(throws: PoolError.alreadyExists(what: "flavor", name: "small")) {
+            try await store.addFlavor(Flavor(name: "small", vcpus: 2, memory: 512, disk: 5))
+        }
+        #expect(try await store.flavors().map(\.name) == ["small"])
+        await #expect(throws: PoolError.notFound(what: "appliance", name: "ghost")) {
+            try await store.setAppliance("ghost", enabled: false)
+        }
+    }
+
+    @Test("rotating a token retires the old one at once")
+    func rotation() async throws {
+        let (store, _) = try makeStore()
+        _ = try await store.addUser(name: "alice", superuser: false, maxInstances: 3, tokenDigest: "u")
+        _ = try await store.addAppliance(name: "rack-1", owner: "alice", tokenDigest: Token.digest("old"))
+        try await store.setApplianceToken("rack-1", tokenDigest: Token.digest("new"))
+        #expect(try await store.appliance(tokenDigest: Token.digest("old")) == nil)
+        #expect(try await store.appliance(tokenDigest: Token.digest("new"))?.name == "rack-1")
+    }
+}
