@@ -6,6 +6,10 @@ public enum PoolError: Error, Sendable, Equatable, CustomStringConvertible {
     case alreadyExists(what: String, name: String)
     /// A field's value is not acceptable.
     case invalid(field: String, reason: String)
+    /// The caller may not touch the object.
+    case forbidden(String)
+    /// The pool cannot serve this yet (for example: no wisp to boot from).
+    case unavailable(String)
     /// The store could not be opened or used.
     case storage(String)
 
@@ -14,6 +18,7 @@ public enum PoolError: Error, Sendable, Equatable, CustomStringConvertible {
         case .notFound(let what, let name): "no \(what) named '\(name)'"
         case .alreadyExists(let what, let name): "a \(what) named '\(name)' exists already"
         case .invalid(let field, let reason): "\(field): \(reason)"
+        case .forbidden(let message), .unavailable(let message): message
         case .storage(let message): message
         }
     }

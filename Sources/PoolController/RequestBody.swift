@@ -9,16 +9,19 @@ struct RequestBodyError: Error, CustomStringConvertible {
 /// The most a request body may hold.
 let maximumRequestBody = 1 << 20
 
+/// The whole request body, up to ``maximumRequestBody``.
+func collectBody(_ request: Request) async throws -> ByteBuffer {
+    var request = request
+    do {
+        return try await request.collectBody(upTo: maximumRequestBody)
+    } catch {
+        throw HTTPError(.contentTooLarge, message: "the body is larger than \(maximumRequestBody) bytes")
+    }
+}
+
 /// Decodes a JSON body, turning decoding failures into messages that name
 /// the field and what it should be.
-func decodeJSON<T: Decodable>(_ type: T.Type, from request: Request) async throws -> T {
-    var request = request
-    let buffer: ByteBuffer
-    do {
-        buffer = try await request.collectBody(upTo: maximumRequestBody)
-    } catch {
-        throw RequestBodyError(description: "the body is larger than \(maximumRequestBody) bytes")
-    }
+func decodeJSON<T: Decodable>(_ type: T.Type, from buffer: ByteBuffer) throws -> T {
     do {
         return try JSONDecoder().decode(T.self, from: Data(buffer.readableBytesView))
     } catch let error as DecodingError {

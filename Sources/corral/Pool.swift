@@ -9,7 +9,9 @@ extension Corral {
     struct Pool: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Run and administer the pool controller.",
-            subcommands: [Serve.self, Init.self, Users.self, Appliances.self, Flavors.self]
+            subcommands: [
+                Serve.self, Init.self, Users.self, Appliances.self, Flavors.self, Images.self, Wisps.self, Instances.self,
+            ]
         )
     }
 }
@@ -278,6 +280,155 @@ extension Corral.Pool {
                 print(table.render())
             }
         }
+    }
+}
+
+extension Corral.Pool {
+    struct Images: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "image", abstract: "Manage the boot images.", subcommands: [Add.self, List.self])
+
+        struct Add: AsyncParsableCommand {
+            static let configuration = CommandConfiguration(abstract: "Add an image that appliances download by URL.")
+            @OptionGroup var store: PoolDatabaseOptions
+            @Argument(help: "The image's name.") var name: String
+            @Option(help: "Where appliances download it (http or https).") var url: String
+            @Option(help: "The file's SHA-256 in hex; appliances refuse a file that does not match.") var sha256: String?
+            @Option(help: "qcow2 or raw.") var diskFormat = "qcow2"
+
+            func validate() throws {
+                try validateName(name, field: "NAME")
+                try validateHTTPURL(url, option: "--url")
+                if let sha256, sha256.count != 64 || !sha256.allSatisfy(\.isHexDigit) {
+                    throw ValidationError("--sha256 must be 64 hex digits (it was '\(sha256)').")
+                }
+                guard ["qcow2", "raw"].contains(diskFormat) else {
+                    throw ValidationError("--disk-format must be qcow2 or raw (it was '\(diskFormat)').")
+                }
+            }
+
+            func run() async throws {
+                let image = Image(name: name, url: url, sha256: sha256?.lowercased(), diskFormat: diskFormat)
+                try await administer { try await store.openExisting().addImage(image) }
+                print("image '\(name)' added")
+            }
+        }
+
+        struct List: AsyncParsableCommand {
+            static let configuration = CommandConfiguration(abstract: "List the images.")
+            @OptionGroup var store: PoolDatabaseOptions
+            @Flag(help: "Print JSON.") var json = false
+
+            func run() async throws {
+                let images = try await administer { try await store.openExisting().images() }
+                if json { return try printJSON(images) }
+                var table = Table(header: ["NAME", "FORMAT", "SHA256", "URL"])
+                for image in images {
+                    table.rows.append([image.name, image.diskFormat, image.sha256.map { String($0.prefix(12)) } ?? "-", image.url])
+                }
+                print(table.render())
+            }
+        }
+    }
+
+    struct Wisps: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "wisp", abstract: "Manage wisps: the image, SSH keys and script an instance boots with.",
+            subcommands: [Add.self, List.self])
+
+        struct Add: AsyncParsableCommand {
+            static let configuration = CommandConfiguration(abstract: "Add a wisp.")
+            @OptionGroup var store: PoolDatabaseOptions
+            @Argument(help: "The wisp's name.") var name: String
+            @Option(help: "The user who owns it.") var owner: String
+            @Option(help: "A catalogue image to boot.") var image: String?
+            @Option(help: "Or: an image URL the appliance downloads itself.") var dynamicImageURL: String?
+            @Option(help: "A file of SSH public keys, one per line (repeatable).") var sshKeyFile: [String] = []
+            @Option(help: "A post-creation script (#!...) or cloud-config (#cloud-config) file.") var postCreateFile: String?
+            @Option(help: "A URL the appliance asks for its start parameters instead.") var callbackURL: String?
+            @Flag(help: "Make it the owner's default wisp.") var `default` = false
+            @Flag(help: "Make it the pool's fallback for users without a default.") var systemDefault = false
+
+            func validate() throws {
+                try validateName(name, field: "NAME")
+                guard (image == nil) != (dynamicImageURL == nil) else {
+                    throw ValidationError("give exactly one of --image NAME or --dynamic-image-url URL.")
+                }
+                if let dynamicImageURL { try validateHTTPURL(dynamicImageURL, option: "--dynamic-image-url") }
+                if let callbackURL { try validateHTTPURL(callbackURL, option: "--callback-url") }
+            }
+
+            func run() async throws {
+                var keys: [String] = []
+                for file in sshKeyFile {
+                    guard let text = try? String(contentsOfFile: file, encoding: .utf8) else {
+                        fail("cannot read --ssh-key-file \(file)")
+                    }
+                    keys += text.split(whereSeparator: \.isNewline).map(String.init).filter { !$0.trimmingCharacters(in: .whitespaces).isEmpty }
+                }
+                var postCreate = ""
+                if let postCreateFile {
+                    guard let text = try? String(contentsOfFile: postCreateFile, encoding: .utf8) else {
+                        fail("cannot read --post-create-file \(postCreateFile)")
+                    }
+                    postCreate = text
+                }
+                let wisp = Wisp(
+                    name: name, owner: owner, image: image, dynamicImageURL: dynamicImageURL, sshKeys: keys,
+                    postCreate: postCreate, callbackURL: callbackURL, isDefault: self.default, isSystemDefault: systemDefault)
+                try await administer { try await store.openExisting().addWisp(wisp) }
+                print("wisp '\(name)' added")
+            }
+        }
+
+        struct List: AsyncParsableCommand {
+            static let configuration = CommandConfiguration(abstract: "List the wisps.")
+            @OptionGroup var store: PoolDatabaseOptions
+            @Flag(help: "Print JSON.") var json = false
+
+            func run() async throws {
+                let wisps = try await administer { try await store.openExisting().wisps() }
+                if json { return try printJSON(wisps) }
+                var table = Table(header: ["NAME", "OWNER", "IMAGE", "SSH KEYS", "DEFAULT"])
+                for wisp in wisps {
+                    let scope = wisp.isSystemDefault ? "system" : wisp.isDefault ? "owner" : "-"
+                    table.rows.append([wisp.name, wisp.owner, wisp.image ?? wisp.dynamicImageURL ?? "-", "\(wisp.sshKeys.count)", scope])
+                }
+                print(table.render())
+            }
+        }
+    }
+
+    struct Instances: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "instance", abstract: "Inspect the instances appliances report.", subcommands: [List.self])
+
+        struct List: AsyncParsableCommand {
+            static let configuration = CommandConfiguration(abstract: "List the instances with their last report.")
+            @OptionGroup var store: PoolDatabaseOptions
+            @Flag(help: "Print JSON.") var json = false
+
+            func run() async throws {
+                let instances = try await administer { try await store.openExisting().instances() }
+                if json { return try printJSON(instances) }
+                var table = Table(header: ["NAME", "APPLIANCE", "OWNER", "STATE", "ADDRESSES", "UPDATED"])
+                for instance in instances {
+                    table.rows.append([
+                        instance.name, instance.appliance, instance.owner, "\(instance.state.rawValue) \(instance.state)",
+                        instance.ipAddresses.isEmpty ? "-" : instance.ipAddresses.map(\.address).joined(separator: ","),
+                        instance.updatedAt.formatted(.iso8601),
+                    ])
+                }
+                print(table.render())
+            }
+        }
+    }
+}
+
+/// URLs the pool hands to appliances: http or https with a host.
+func validateHTTPURL(_ text: String, option: String) throws {
+    guard let url = URL(string: text), ["http", "https"].contains(url.scheme?.lowercased() ?? ""), url.host != nil else {
+        throw ValidationError("\(option) must be an http or https URL (it was '\(text)').")
     }
 }
 

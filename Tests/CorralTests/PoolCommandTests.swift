@@ -83,6 +83,33 @@ struct PoolCommandTests {
         }
         let catalogue = try JSONDecoder().decode([Flavor].self, from: Data(flavors.stdout.utf8))
         #expect(catalogue == [Flavor(name: "small", vcpus: 1, memory: 512, disk: 5, ask: 2)])
+
+        let digest = String(repeating: "0f", count: 32)
+        let image = try await Self.pool(
+            ["image", "add", "debian", "--url", "http://127.0.0.1:9/debian.qcow2", "--sha256", digest], database: database)
+        #expect(image.status == 0, "\(image.stderr)")
+        let badImage = try await Self.pool(["image", "add", "x", "--url", "ftp://host/x", "--sha256", "abc"], database: database)
+        #expect(badImage.stderr.contains("--url must be an http or https URL (it was 'ftp://host/x')"))
+
+        let directory = URL(fileURLWithPath: database).deletingLastPathComponent()
+        let keys = directory.appendingPathComponent("keys.pub")
+        try "ssh-ed25519 AAAAC3 alice@laptop\n\nssh-rsa AAAAB3 alice@desk\n".write(to: keys, atomically: true, encoding: .utf8)
+        let script = directory.appendingPathComponent("post-create.sh")
+        try "#!/bin/sh\necho ready > /tmp/marker\n".write(to: script, atomically: true, encoding: .utf8)
+        let wisp = try await Self.pool(
+            ["wisp", "add", "web", "--owner", "alice", "--image", "debian", "--ssh-key-file", keys.path,
+             "--post-create-file", script.path, "--default"], database: database)
+        #expect(wisp.status == 0, "\(wisp.stderr)")
+        let both = try await Self.pool(
+            ["wisp", "add", "odd", "--owner", "alice", "--image", "debian", "--dynamic-image-url", "http://127.0.0.1:9/x"],
+            database: database)
+        #expect(both.stderr.contains("give exactly one of --image NAME or --dynamic-image-url URL"))
+        let wisps = try await Self.pool(["wisp", "list", "--json"], database: database)
+        let listed = try #require(try JSONSerialization.jsonObject(with: Data(wisps.stdout.utf8)) as? [[String: Any]])
+        #expect(listed.count == 1)
+        #expect(listed.first?["ssh_keys"] as? [String] == ["ssh-ed25519 AAAAC3 alice@laptop", "ssh-rsa AAAAB3 alice@desk"])
+        #expect(listed.first?["post_create"] as? String == "#!/bin/sh\necho ready > /tmp/marker\n")
+        #expect(listed.first?["is_default"] as? Bool == true)
     }
 
     @Test("the server authorizes appliances, honours disable and token rotation, and stops on SIGTERM")
@@ -117,6 +144,21 @@ struct PoolCommandTests {
         let listed = try await Self.pool(["appliance", "list", "--json"], database: database)
         let appliances = try #require(try JSONSerialization.jsonObject(with: Data(listed.stdout.utf8)) as? [[String: Any]])
         #expect(appliances.first?["version"] as? String == "test")
+
+        // An instance report is answered with start parameters and shows in the listing.
+        _ = try await Self.pool(["image", "add", "cirros", "--url", "http://127.0.0.1:9/c.img"], database: database)
+        _ = try await Self.pool(["wisp", "add", "fallback", "--owner", "alice", "--image", "cirros", "--system-default"], database: database)
+        var report = URLRequest(url: try #require(URL(string: "\(baseURL)/api/v1/instances/web-7/")))
+        report.httpMethod = "POST"
+        report.httpBody = try JSONEncoder().encode(
+            InstanceReportRequest(appliance: ApplianceBlock(apitoken: rotated), instance: InstanceReport(name: "web-7", state: .starting)))
+        let (data, response) = try await URLSession.shared.data(for: report)
+        #expect((response as? HTTPURLResponse)?.statusCode == 200)
+        let parameters = try JSONDecoder().decode(Envelope<StartParameters>.self, from: data)
+        #expect(parameters.result?.image.url == "http://127.0.0.1:9/c.img")
+        let instances = try await Self.pool(["instance", "list"], database: database)
+        let row = try #require(instances.stdout.split(separator: "\n").first { $0.hasPrefix("web-7") })
+        #expect(row.contains("rack-1") && row.contains("3 starting"))
 
         #expect(await server.terminate() == 0)
         // Tokens never reach the server's log.

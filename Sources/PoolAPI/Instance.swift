@@ -1,0 +1,157 @@
+/// An instance's state, numbered as both sides of the protocol number it.
+public enum InstanceState: Int, Codable, Sendable, CaseIterable, CustomStringConvertible {
+    case inactive = 0
+    case onOffer = 1
+    /// Paid or leased, to be started.
+    case leased = 2
+    case starting = 3
+    case running = 4
+    case suspended = 5
+    /// Paid while suspended, to be resumed.
+    case leasedWhileSuspended = 6
+    case decommissioned = 7
+
+    public var description: String {
+        switch self {
+        case .inactive: "inactive"
+        case .onOffer: "on offer"
+        case .leased: "leased"
+        case .starting: "starting"
+        case .running: "running"
+        case .suspended: "suspended"
+        case .leasedWhileSuspended: "leased while suspended"
+        case .decommissioned: "decommissioned"
+        }
+    }
+}
+
+/// One IP address of an instance.
+public struct IPAddress: Codable, Sendable, Equatable {
+    /// 4 or 6.
+    public var version: Int
+    /// `public` or `private`.
+    public var scope: String
+    public var address: String
+
+    public init(version: Int, scope: String, address: String) {
+        self.version = version
+        self.scope = scope
+        self.address = address
+    }
+}
+
+/// The size an instance runs with, as the appliance reports it.
+public struct InstanceFlavor: Codable, Sendable, Equatable {
+    public var name: String?
+    public var vcpus: Int
+    /// Memory in MiB.
+    public var memory: Int
+    /// Disk in GiB.
+    public var disk: Int
+
+    public init(name: String? = nil, vcpus: Int, memory: Int, disk: Int) {
+        self.name = name
+        self.vcpus = vcpus
+        self.memory = memory
+        self.disk = disk
+    }
+}
+
+/// What an appliance reports about one of its instances.
+public struct InstanceReport: Codable, Sendable, Equatable {
+    /// The instance's name; must equal the name in the request's URI.
+    public var name: String
+    public var state: InstanceState
+    public var flavor: InstanceFlavor?
+    /// Asking price per hour.
+    public var ask: Int?
+    /// When the lease ends, in Unix seconds.
+    public var expires: Int?
+    /// A payment address, if the appliance takes payments itself.
+    public var address: String?
+    public var ipAddresses: [IPAddress]?
+    /// The newest lines of the serial console.
+    public var consoleOutput: [String]?
+
+    enum CodingKeys: String, CodingKey {
+        case name, state, flavor, ask, expires, address
+        case ipAddresses = "ip_addresses"
+        case consoleOutput = "console_output"
+    }
+
+    public init(
+        name: String, state: InstanceState, flavor: InstanceFlavor? = nil, ask: Int? = nil, expires: Int? = nil,
+        address: String? = nil, ipAddresses: [IPAddress]? = nil, consoleOutput: [String]? = nil
+    ) {
+        self.name = name
+        self.state = state
+        self.flavor = flavor
+        self.ask = ask
+        self.expires = expires
+        self.address = address
+        self.ipAddresses = ipAddresses
+        self.consoleOutput = consoleOutput
+    }
+}
+
+/// `POST /api/v1/instances/<name>/`: an appliance reports an instance.
+public struct InstanceReportRequest: Codable, Sendable, Equatable {
+    public var appliance: ApplianceBlock
+    public var instance: InstanceReport
+
+    public init(appliance: ApplianceBlock, instance: InstanceReport) {
+        self.appliance = appliance
+        self.instance = instance
+    }
+}
+
+/// The image an instance boots from.
+public struct ImageReference: Codable, Sendable, Equatable {
+    public var name: String
+    public var url: String
+    /// Hex SHA-256 of the image file, when the pool knows it.
+    public var sha256: String?
+    /// Always `bare`: the file is the disk image itself.
+    public var containerFormat: String
+    /// `qcow2` or `raw`.
+    public var diskFormat: String
+
+    enum CodingKeys: String, CodingKey {
+        case name, url, sha256
+        case containerFormat = "container_format"
+        case diskFormat = "disk_format"
+    }
+
+    public init(name: String, url: String, sha256: String? = nil, containerFormat: String = "bare", diskFormat: String) {
+        self.name = name
+        self.url = url
+        self.sha256 = sha256
+        self.containerFormat = containerFormat
+        self.diskFormat = diskFormat
+    }
+}
+
+/// How to boot an instance: the pool's reply to an instance report.
+public struct StartParameters: Codable, Sendable, Equatable {
+    public var image: ImageReference
+    /// Where the appliance asks next for start parameters ("" for none).
+    public var callbackURL: String
+    /// SSH public keys for the guest's default user, one per line.
+    public var sshKeys: [String]
+    /// The post-creation script or cloud-config, line by line.
+    public var postCreate: [String]
+
+    enum CodingKeys: String, CodingKey {
+        case image
+        case callbackURL = "callback_url"
+        case sshKeys = "ssh_keys"
+        case postCreate = "post_create"
+    }
+
+    public init(image: ImageReference, callbackURL: String = "", sshKeys: [String] = [], postCreate: [String] = []) {
+        self.image = image
+        self.callbackURL = callbackURL
+        self.sshKeys = sshKeys
+        self.postCreate = postCreate
+    }
+}
