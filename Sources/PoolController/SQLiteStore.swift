@@ -183,7 +183,12 @@ public final class SQLiteStore: PoolStore {
     // MARK: Flavors
 
     public func addFlavor(_ flavor: Flavor) async throws {
-        try await write(what: "flavor", name: flavor.name) { db in
+        // Flavors are unique twice over: by name (checked here, in the same
+        // transaction) and by their specs (the constraint the insert hits).
+        try await write(what: "flavor with these specs", name: flavor.name) { db in
+            if try Bool.fetchOne(db, sql: "SELECT 1 FROM flavor WHERE name = ?", arguments: [flavor.name]) ?? false {
+                throw PoolError.alreadyExists(what: "flavor", name: flavor.name)
+            }
             try db.execute(
                 sql: """
                     INSERT INTO flavor (name, description, vcpus, memory, disk, networkUp, networkDown, rate, ask, hot, active)
@@ -358,9 +363,6 @@ public final class SQLiteStore: PoolStore {
         do {
             return try await database.write(body)
         } catch let error as DatabaseError where error.extendedResultCode == .SQLITE_CONSTRAINT_UNIQUE {
-            if what == "flavor", error.message?.contains("flavor.name") == false {
-                throw PoolError.alreadyExists(what: "flavor with these specs", name: name)
-            }
             throw PoolError.alreadyExists(what: what, name: name)
         }
     }
