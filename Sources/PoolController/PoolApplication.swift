@@ -2,33 +2,27 @@ import Foundation
 import Hummingbird
 import Logging
 import PoolAPI
+import ServiceLifecycle
 
-/// How the pool's HTTP server listens.
-public struct PoolConfiguration: Sendable {
-    public var host: String
-    public var port: Int
-    /// How many console lines the pool keeps per instance.
-    public var consoleTailLines: Int
-
-    public init(host: String = "127.0.0.1", port: Int = 8080, consoleTailLines: Int = 1000) {
-        self.host = host
-        self.port = port
-        self.consoleTailLines = consoleTailLines
-    }
-}
-
-/// Assembles the pool's HTTP application; `corral pool serve` and the tests
+/// Assembles the pool's HTTP application with its background services
+/// (housekeeping, event keep-alives); `corral pool serve` and the tests
 /// both build it here.
 ///
 /// - Parameter onListening: called with the bound address once the server
 ///   accepts connections (useful with port 0).
 public func buildPoolApplication(
-    configuration: PoolConfiguration, store: any PoolStore, logger: Logger,
+    configuration: PoolConfiguration, store: any PoolStore, logger: Logger, events: InstanceEvents = InstanceEvents(),
     onListening: @escaping @Sendable (_ host: String, _ port: Int) async -> Void = { _, _ in }
 ) -> some ApplicationProtocol {
-    Application(
-        router: buildPoolRouter(store: store, configuration: configuration),
+    let fetcher = CallbackFetcher(limits: configuration.callbacks)
+    return Application(
+        router: buildPoolRouter(store: store, configuration: configuration, events: events, fetcher: fetcher, logger: logger),
         configuration: .init(address: .hostname(configuration.host, port: configuration.port), serverName: "corral-pool"),
+        services: [
+            HousekeepingService(store: store, settings: configuration.housekeeping, events: events, logger: logger),
+            HeartbeatService(events: events, interval: .seconds(15)),
+            ShutdownAction { await fetcher.shutdown() },
+        ],
         onServerRunning: { channel in
             await onListening(configuration.host, channel.localAddress?.port ?? configuration.port)
         },
@@ -36,98 +30,54 @@ public func buildPoolApplication(
 }
 
 /// The routes of the appliance API.
-public func buildPoolRouter(store: any PoolStore, configuration: PoolConfiguration = .init()) -> Router<BasicRequestContext> {
+public func buildPoolRouter(
+    store: any PoolStore, configuration: PoolConfiguration = .init(), events: InstanceEvents = InstanceEvents(),
+    fetcher: CallbackFetcher? = nil, logger: Logger = Logger(label: "corral.pool")
+) -> Router<BasicRequestContext> {
     let router = Router(context: BasicRequestContext.self)
-    let appliances = ApplianceRoutes(store: store, configuration: configuration)
+    router.add(middleware: LogRequestsMiddleware(.info))
+    let appliances = ApplianceRoutes(
+        store: store, configuration: configuration, events: events,
+        fetcher: fetcher ?? CallbackFetcher(limits: configuration.callbacks), logger: logger)
     router.post("api/v1/authorization", use: appliances.authorize)
     router.get("api/v1/flavors", use: appliances.flavors)
+    router.post("api/v1/broker", use: appliances.checkIn)
     router.post("api/v1/instances/:name", use: appliances.report)
+    let reservations = ReservationRoutes(store: store, configuration: configuration, events: events)
+    router.post("api/v1/bids", use: reservations.reserve)
+    router.get("api/v1/bids", use: reservations.list)
+    let watchers = EventRoutes(store: store, events: events)
+    router.get("api/v1/events", use: watchers.stream)
+    let document = openAPIDocument(publicURL: configuration.publicURL)
+    router.get("openapi.yaml") { _, _ in
+        Response(
+            status: .ok, headers: [.contentType: "application/yaml; charset=utf-8"],
+            body: .init(byteBuffer: ByteBuffer(string: document)))
+    }
     return router
 }
 
-/// The appliance-facing half of the pool: what agents call.
-struct ApplianceRoutes: Sendable {
-    let store: any PoolStore
-    let configuration: PoolConfiguration
+/// The OpenAPI description of the appliance API, naming `publicURL` as
+/// its server when set.
+public func openAPIDocument(publicURL: String?) -> String {
+    let text = String(decoding: PackageResources.openapi_yaml, as: UTF8.self)
+    guard let publicURL else { return text }
+    return text.replacingOccurrences(of: "\n  - url: /\n", with: "\n  - url: \(publicURL)\n")
+}
 
-    /// The appliance a request's token names, or the reply refusing it:
-    /// 401 for a body without a readable token or an unknown token, 409
-    /// for a disabled appliance. Records the appliance as seen.
-    private func authenticate(_ body: ByteBuffer) async throws -> Result<Appliance, Refusal> {
-        let block: ApplianceBlock
-        do {
-            block = try decodeJSON(AuthorizationRequest.self, from: body).appliance
-        } catch let error as RequestBodyError {
-            return .failure(Refusal(.unauthorized, "You must submit a valid JSON object with a token: \(error)"))
-        }
-        guard let appliance = try await store.appliance(tokenDigest: Token.digest(block.apitoken)) else {
-            return .failure(Refusal(.unauthorized, "Token is not valid."))
-        }
-        guard appliance.enabled else {
-            return .failure(
-                Refusal(
-                    .conflict,
-                    "Appliance '\(appliance.name)' has been disabled by the pool controller; ask the pool's operator to enable it."))
-        }
-        return .success(try await store.recordCheckIn(appliance.name, block: block, at: Date()))
-    }
+/// Runs `action` when the service group shuts down.
+struct ShutdownAction: Service {
+    let action: @Sendable () async -> Void
 
-    /// `POST /api/v1/authorization/`: 200 with the appliance's name and
-    /// owner, or the refusals of ``authenticate(_:)``. Records the
-    /// appliance's version and location.
-    @Sendable func authorize(_ request: Request, context: BasicRequestContext) async throws -> Response {
-        switch try await authenticate(try await collectBody(request)) {
-        case .failure(let refusal): return try refusal.response()
-        case .success(let appliance):
-            return try reply(.ok, Envelope.success(AuthorizationResult(name: appliance.name, owner: appliance.owner)))
-        }
-    }
-
-    /// `POST /api/v1/instances/<name>/`: an appliance reports one of its
-    /// instances; the reply is how to boot it. 400 when the instance part is
-    /// unreadable or names another instance than the URI, 403 when the
-    /// instance belongs to another appliance, 503 when the pool has no wisp
-    /// for it (the report is kept).
-    @Sendable func report(_ request: Request, context: BasicRequestContext) async throws -> Response {
-        let body = try await collectBody(request)
-        let appliance: Appliance
-        switch try await authenticate(body) {
-        case .failure(let refusal): return try refusal.response()
-        case .success(let authenticated): appliance = authenticated
-        }
-        let report: InstanceReport
-        do {
-            report = try decodeJSON(InstanceReportRequest.self, from: body).instance
-        } catch let error as RequestBodyError {
-            return try Refusal(.badRequest, "\(error)").response()
-        }
-        let name = context.parameters.get("name") ?? ""
-        guard report.name == name else {
-            return try Refusal(.badRequest, "instance.name '\(report.name)' must equal the name in the URI, '\(name)'").response()
-        }
-        do {
-            _ = try await store.recordReport(
-                report, appliance: appliance.name, consoleLimit: configuration.consoleTailLines, at: Date())
-        } catch let error as PoolError {
-            guard case .forbidden = error else { throw error }
-            return try Refusal(.forbidden, "\(error)").response()
-        }
-        do {
-            return try reply(.ok, Envelope.success(try await store.startParameters(forInstance: name)))
-        } catch let error as PoolError {
-            guard case .unavailable = error else { throw error }
-            return try reply(.serviceUnavailable, Envelope.error("\(error)"))
-        }
-    }
-
-    /// `GET /api/v1/flavors/`: the active flavors of the catalogue.
-    @Sendable func flavors(_ request: Request, context: BasicRequestContext) async throws -> Response {
-        try reply(.ok, Envelope.success(try await store.flavors().filter(\.active)))
+    func run() async throws {
+        try? await gracefulShutdown()
+        await action()
     }
 }
 
-/// A refused request: its status and the message for the envelope.
-struct Refusal: Error {
+/// A refused request: its status and the message for the envelope. Thrown
+/// from a route, it becomes the reply.
+struct Refusal: HTTPResponseError {
     var status: HTTPResponse.Status
     var message: String
 
@@ -136,7 +86,43 @@ struct Refusal: Error {
         self.message = message
     }
 
-    func response() throws -> Response { try reply(status, Envelope.fail(message)) }
+    /// The reply for a ``PoolError``: 404 for what does not exist, 409 for
+    /// a clash, 400 for a bad value, 403 for another's, 503 for what the pool
+    /// cannot serve yet.
+    init(_ error: PoolError) {
+        switch error {
+        case .notFound: self.init(.notFound, "\(error)")
+        case .alreadyExists, .conflict: self.init(.conflict, "\(error)")
+        case .invalid: self.init(.badRequest, "\(error)")
+        case .forbidden: self.init(.forbidden, "\(error)")
+        case .unavailable: self.init(.serviceUnavailable, "\(error)")
+        case .storage: self.init(.internalServerError, "\(error)")
+        }
+    }
+
+    func response() throws -> Response {
+        try reply(status, status.code >= 500 ? Envelope.error(message) : Envelope.fail(message))
+    }
+
+    func response(from request: Request, context: some RequestContext) throws -> Response { try response() }
+}
+
+/// Runs a store operation, turning its ``PoolError``s into refusals.
+func refusingPoolErrors<T>(_ body: () async throws -> T) async throws -> T {
+    do {
+        return try await body()
+    } catch let error as PoolError {
+        throw Refusal(error)
+    }
+}
+
+/// Decodes a request body, refusing (400) what cannot be read.
+func decodeRequest<T: Decodable>(_ type: T.Type, from body: ByteBuffer) throws -> T {
+    do {
+        return try decodeJSON(T.self, from: body)
+    } catch let error as RequestBodyError {
+        throw Refusal(.badRequest, "\(error)")
+    }
 }
 
 /// A JSON reply with a status.
@@ -147,4 +133,15 @@ func reply<T: Encodable>(_ status: HTTPResponse.Status, _ value: T) throws -> Re
         status: status,
         headers: [.contentType: "application/json; charset=utf-8"],
         body: .init(byteBuffer: ByteBuffer(bytes: try encoder.encode(value))))
+}
+
+/// The token a user-facing request carries: `X-Auth-Token: TOKEN` or
+/// `Authorization: Bearer TOKEN`.
+func bearerToken(_ request: Request) -> String? {
+    if let token = request.headers[.init("X-Auth-Token")!], !token.isEmpty { return token }
+    if let authorization = request.headers[.authorization], authorization.lowercased().hasPrefix("bearer ") {
+        let token = authorization.dropFirst("bearer ".count).trimmingCharacters(in: .whitespaces)
+        return token.isEmpty ? nil : token
+    }
+    return nil
 }

@@ -8,6 +8,9 @@ public enum PoolError: Error, Sendable, Equatable, CustomStringConvertible {
     case invalid(field: String, reason: String)
     /// The caller may not touch the object.
     case forbidden(String)
+    /// The request clashes with the object's current state (for example:
+    /// an instance no longer on offer, a user at their limit).
+    case conflict(String)
     /// The pool cannot serve this yet (for example: no wisp to boot from).
     case unavailable(String)
     /// The store could not be opened or used.
@@ -18,7 +21,7 @@ public enum PoolError: Error, Sendable, Equatable, CustomStringConvertible {
         case .notFound(let what, let name): "no \(what) named '\(name)'"
         case .alreadyExists(let what, let name): "a \(what) named '\(name)' exists already"
         case .invalid(let field, let reason): "\(field): \(reason)"
-        case .forbidden(let message), .unavailable(let message): message
+        case .forbidden(let message), .conflict(let message), .unavailable(let message): message
         case .storage(let message): message
         }
     }

@@ -15,7 +15,7 @@ func collectBody(_ request: Request) async throws -> ByteBuffer {
     do {
         return try await request.collectBody(upTo: maximumRequestBody)
     } catch {
-        throw HTTPError(.contentTooLarge, message: "the body is larger than \(maximumRequestBody) bytes")
+        throw Refusal(.contentTooLarge, "the body is larger than \(maximumRequestBody) bytes")
     }
 }
 

@@ -102,6 +102,38 @@ public final class SQLiteStore: PoolStore {
                 table.column("updatedAt", .datetime).notNull()
             }
         }
+        migrator.registerMigration("3-check-ins-actions-reservations") { db in
+            try db.alter(table: "appliance") { table in
+                table.add(column: "stats", .jsonText)
+            }
+            try db.alter(table: "instance") { table in
+                table.add(column: "callbackURL", .text)
+                table.add(column: "lastError", .text)
+                table.add(column: "reportedAt", .datetime)
+            }
+            try db.execute(sql: "UPDATE instance SET reportedAt = updatedAt")
+            try db.create(table: "action") { table in
+                table.primaryKey("id", .text)
+                table.column("instanceID", .integer).notNull().indexed().references("instance", onDelete: .cascade)
+                table.column("applianceID", .integer).notNull().indexed().references("appliance", onDelete: .cascade)
+                table.column("kind", .text).notNull()
+                table.column("flavor", .jsonText)
+                table.column("expires", .datetime)
+                table.column("createdAt", .datetime).notNull()
+                table.column("doneAt", .datetime)
+            }
+            try db.create(table: "reservation") { table in
+                table.primaryKey("id", .text)
+                table.column("userID", .integer).notNull().references("user")
+                // One reservation per instance at a time.
+                table.column("instanceID", .integer).notNull().unique().references("instance", onDelete: .cascade)
+                table.column("flavor", .text)
+                table.column("wispID", .integer).references("wisp")
+                table.column("callbackURL", .text)
+                table.column("createdAt", .datetime).notNull()
+                table.column("expiresAt", .datetime).notNull()
+            }
+        }
         return migrator
     }
 
@@ -276,7 +308,7 @@ public final class SQLiteStore: PoolStore {
         """
 
     public func recordReport(_ report: InstanceReport, appliance: String, consoleLimit: Int, at date: Date) async throws
-        -> Instance
+        -> RecordedReport
     {
         let encoder = JSONEncoder()
         let flavor = try report.flavor.map { String(decoding: try encoder.encode($0), as: UTF8.self) }
@@ -284,40 +316,42 @@ public final class SQLiteStore: PoolStore {
         let tail = String(decoding: try encoder.encode(Array((report.consoleOutput ?? []).suffix(consoleLimit))), as: UTF8.self)
         let expires = report.expires.map { Date(timeIntervalSince1970: TimeInterval($0)) }
         return try await database.write { db in
-            guard let reporter = try Row.fetchOne(db, sql: "SELECT id, ownerID FROM appliance WHERE name = ?", arguments: [appliance])
-            else { throw PoolError.notFound(what: "appliance", name: appliance) }
-            let applianceID: Int64 = reporter["id"]
-            if let existing = try Int64.fetchOne(db, sql: "SELECT applianceID FROM instance WHERE name = ?", arguments: [report.name]) {
-                guard existing == applianceID else {
-                    throw PoolError.forbidden("instance '\(report.name)' belongs to another appliance")
-                }
+            let (applianceID, ownerID) = try Self.applianceIDs(db, named: appliance)
+            let previous = try Self.ownedInstance(db, named: report.name, applianceID: applianceID)
+            if let previous {
                 try db.execute(
                     sql: """
-                        UPDATE instance SET state = ?, flavor = ?, ask = ?, expires = ?, address = ?, ipAddresses = ?,
-                        consoleTail = ?, updatedAt = ? WHERE name = ?
+                        UPDATE instance SET state = ?, flavor = COALESCE(?, flavor), ask = ?, expires = ?, address = ?,
+                        ipAddresses = ?, consoleTail = ?, reportedAt = ?, updatedAt = ? WHERE id = ?
                         """,
                     arguments: [
-                        report.state.rawValue, flavor, report.ask, expires, report.address, addresses, tail, date, report.name,
+                        report.state.rawValue, flavor, report.ask, expires, report.address, addresses, tail, date, date,
+                        previous.id,
                     ])
             } else {
                 try db.execute(
                     sql: """
                         INSERT INTO instance (name, applianceID, ownerID, state, flavor, ask, expires, address, ipAddresses,
-                        consoleTail, createdAt, updatedAt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                        consoleTail, createdAt, reportedAt, updatedAt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                         """,
                     arguments: [
-                        report.name, applianceID, reporter["ownerID"] as Int64, report.state.rawValue, flavor, report.ask,
-                        expires, report.address, addresses, tail, date, date,
+                        report.name, applianceID, ownerID, report.state.rawValue, flavor, report.ask, expires,
+                        report.address, addresses, tail, date, date, date,
                     ])
             }
-            return try Self.instance(db, named: report.name)
+            try Self.claimReservation(db, instance: report.name, at: date)
+            return RecordedReport(
+                instance: try Self.instance(db, named: report.name), stateChanged: previous?.state != report.state.rawValue)
         }
     }
 
-    public func startParameters(forInstance name: String) async throws -> StartParameters {
+    public func bootSource(forInstance name: String) async throws -> BootSource {
         try await database.read { db in
-            guard let instance = try Row.fetchOne(db, sql: "SELECT wispID, ownerID FROM instance WHERE name = ?", arguments: [name])
+            guard
+                let instance = try Row.fetchOne(
+                    db, sql: "SELECT wispID, ownerID, callbackURL FROM instance WHERE name = ?", arguments: [name])
             else { throw PoolError.notFound(what: "instance", name: name) }
+            if let callback: String = instance["callbackURL"], !callback.isEmpty { return .callback(callback) }
             let wispID: Int64? = instance["wispID"]
             let ownerID: Int64 = instance["ownerID"]
             let row =
@@ -329,6 +363,7 @@ public final class SQLiteStore: PoolStore {
                     "instance '\(name)' has no wisp to boot from: neither its own, nor its owner's default, nor a system default (add one with `corral pool wisp add NAME --owner USER --image IMAGE --system-default`)")
             }
             let wisp = Self.wisp(row)
+            if let callback = wisp.callbackURL, !callback.isEmpty { return .callback(callback) }
             let image: ImageReference
             if let imageName = wisp.image,
                 let imageRow = try Row.fetchOne(db, sql: "SELECT * FROM image WHERE name = ?", arguments: [imageName])
@@ -341,15 +376,247 @@ public final class SQLiteStore: PoolStore {
             } else {
                 throw PoolError.invalid(field: "wisp '\(wisp.name)'", reason: "has neither an image nor a dynamic image URL")
             }
-            return StartParameters(
-                image: image, callbackURL: wisp.callbackURL ?? "", sshKeys: wisp.sshKeys,
-                postCreate: wisp.postCreate.isEmpty ? [] : wisp.postCreate.components(separatedBy: "\n"))
+            return .parameters(
+                StartParameters(
+                    image: image, sshKeys: wisp.sshKeys,
+                    postCreate: wisp.postCreate.isEmpty ? [] : wisp.postCreate.components(separatedBy: "\n")))
+        }
+    }
+
+    public func setLastError(_ message: String?, forInstance name: String) async throws {
+        try await database.write { db in
+            try db.execute(sql: "UPDATE instance SET lastError = ? WHERE name = ?", arguments: [message, name])
+            guard db.changesCount == 1 else { throw PoolError.notFound(what: "instance", name: name) }
         }
     }
 
     public func instances() async throws -> [Instance] {
         try await database.read { db in
             try Row.fetchAll(db, sql: Self.instanceQuery + " ORDER BY instance.name").map(Self.instance)
+        }
+    }
+
+    public func user(tokenDigest: String) async throws -> User? {
+        try await database.read { db in
+            try Row.fetchOne(db, sql: "SELECT * FROM user WHERE tokenDigest = ?", arguments: [tokenDigest]).map(Self.user)
+        }
+    }
+
+    // MARK: Check-ins and actions
+
+    public func checkIn(_ appliance: String, request: CheckInRequest, at date: Date) async throws -> RecordedCheckIn {
+        let stats = String(decoding: try JSONEncoder().encode(request.stats), as: UTF8.self)
+        return try await database.write { db in
+            let (applianceID, ownerID) = try Self.applianceIDs(db, named: appliance)
+            let block = request.appliance
+            try db.execute(
+                sql: """
+                    UPDATE appliance SET version = ?, latitude = ?, longitude = ?, dynamicImages = ?, lastSeen = ?, stats = ?
+                    WHERE id = ?
+                    """,
+                arguments: [
+                    block.version, block.latitude, block.longitude, block.dynamicimages ?? false, date, stats, applianceID,
+                ])
+            for id in request.done {
+                try db.execute(
+                    sql: "UPDATE action SET doneAt = ? WHERE id = ? AND applianceID = ? AND doneAt IS NULL",
+                    arguments: [date, id, applianceID])
+            }
+            var changes: [InstanceEvent] = []
+            for summary in request.instances {
+                let existing: (id: Int64, state: Int)?
+                do {
+                    existing = try Self.ownedInstance(db, named: summary.name, applianceID: applianceID)
+                } catch PoolError.forbidden {
+                    continue  // Another appliance's instance: its report is not this one's to make.
+                }
+                if let existing {
+                    try db.execute(
+                        sql: "UPDATE instance SET reportedAt = ? WHERE id = ?", arguments: [date, existing.id])
+                    guard existing.state != summary.state.rawValue else { continue }
+                    try db.execute(
+                        sql: "UPDATE instance SET state = ?, updatedAt = ? WHERE id = ?",
+                        arguments: [summary.state.rawValue, date, existing.id])
+                } else {
+                    try db.execute(
+                        sql: """
+                            INSERT INTO instance (name, applianceID, ownerID, state, ipAddresses, consoleTail, createdAt,
+                            reportedAt, updatedAt) VALUES (?, ?, ?, ?, '[]', '[]', ?, ?, ?)
+                            """,
+                        arguments: [summary.name, applianceID, ownerID, summary.state.rawValue, date, date, date])
+                }
+                try Self.claimReservation(db, instance: summary.name, at: date)
+                changes.append(try Self.instance(db, named: summary.name).event)
+            }
+            let actions = try Row.fetchAll(
+                db,
+                sql: """
+                    SELECT action.*, instance.name AS instance FROM action JOIN instance ON instance.id = action.instanceID
+                    WHERE action.applianceID = ? AND action.doneAt IS NULL ORDER BY action.createdAt, action.rowid
+                    """,
+                arguments: [applianceID]
+            ).map(Self.action)
+            return RecordedCheckIn(actions: actions, changes: changes)
+        }
+    }
+
+    public func enqueueAction(_ kind: Action.Kind, instance name: String, expires: Date?, at date: Date) async throws -> Action {
+        try await database.write { db in
+            guard
+                let instance = try Row.fetchOne(
+                    db, sql: "SELECT id, applianceID, state, flavor FROM instance WHERE name = ?", arguments: [name])
+            else { throw PoolError.notFound(what: "instance", name: name) }
+            guard instance["state"] as Int != InstanceState.decommissioned.rawValue else {
+                throw PoolError.conflict("instance '\(name)' is decommissioned")
+            }
+            return try Self.insertAction(
+                db, kind: kind, instanceID: instance["id"], applianceID: instance["applianceID"],
+                flavor: kind == .start ? instance["flavor"] : nil, expires: expires, at: date)
+        }
+    }
+
+    // MARK: Reservations
+
+    public func reserve(
+        _ request: ReservationRequest, user: String, lifetime: Int, applianceStaleAfter: Int, at date: Date
+    ) async throws -> Reservation {
+        try await database.write { db in
+            guard let userRow = try Row.fetchOne(db, sql: "SELECT * FROM user WHERE name = ?", arguments: [user]) else {
+                throw PoolError.notFound(what: "user", name: user)
+            }
+            let userID: Int64 = userRow["id"]
+            let superuser: Bool = userRow["superuser"]
+            var wispID: Int64?
+            if let wisp = request.wisp {
+                let row = try Row.fetchOne(db, sql: "SELECT id, ownerID FROM wisp WHERE name = ?", arguments: [wisp])
+                // Another user's wisp is reported as missing, not as forbidden.
+                guard let row, superuser || row["ownerID"] as Int64 == userID else {
+                    throw PoolError.notFound(what: "wisp", name: wisp)
+                }
+                wispID = row["id"]
+            }
+            let held =
+                try Int.fetchOne(
+                    db,
+                    sql: """
+                        SELECT (SELECT COUNT(*) FROM instance WHERE ownerID = ?1 AND state NOT IN (0, 7))
+                        + (SELECT COUNT(*) FROM reservation JOIN instance ON instance.id = reservation.instanceID
+                           WHERE reservation.userID = ?1 AND instance.ownerID != ?1 AND reservation.expiresAt > ?2)
+                        """,
+                    arguments: [userID, date]) ?? 0
+            let limit: Int = userRow["maxInstances"]
+            guard held < limit else {
+                throw PoolError.conflict("user '\(user)' holds \(held) of their \(limit) instances; delete one first")
+            }
+            let instanceID: Int64
+            let applianceName: String
+            if let name = request.instance {
+                guard
+                    let row = try Row.fetchOne(
+                        db,
+                        sql: """
+                            SELECT instance.id, instance.state, appliance.name AS appliance, appliance.enabled, appliance.lastSeen
+                            FROM instance JOIN appliance ON appliance.id = instance.applianceID WHERE instance.name = ?
+                            """,
+                        arguments: [name])
+                else { throw PoolError.notFound(what: "instance", name: name) }
+                guard row["state"] as Int == InstanceState.onOffer.rawValue else {
+                    throw PoolError.conflict("instance '\(name)' is not on offer")
+                }
+                try Self.checkPlaceable(row, name: row["appliance"], staleAfter: applianceStaleAfter, at: date)
+                instanceID = row["id"]
+                applianceName = row["appliance"]
+                try db.execute(sql: "DELETE FROM reservation WHERE instanceID = ? AND expiresAt <= ?", arguments: [instanceID, date])
+                if try Bool.fetchOne(db, sql: "SELECT 1 FROM reservation WHERE instanceID = ?", arguments: [instanceID]) ?? false {
+                    throw PoolError.conflict("instance '\(name)' is reserved already")
+                }
+            } else {
+                guard let appliance = request.appliance, let flavorName = request.flavor else {
+                    throw PoolError.invalid(field: "instance", reason: "give either 'instance' or both 'appliance' and 'flavor'")
+                }
+                guard let flavor = try Row.fetchOne(db, sql: "SELECT * FROM flavor WHERE name = ? AND active", arguments: [flavorName])
+                else { throw PoolError.notFound(what: "flavor", name: flavorName) }
+                guard let row = try Row.fetchOne(db, sql: "SELECT * FROM appliance WHERE name = ?", arguments: [appliance]) else {
+                    throw PoolError.notFound(what: "appliance", name: appliance)
+                }
+                try Self.checkPlaceable(row, name: appliance, staleAfter: applianceStaleAfter, at: date)
+                let size = InstanceFlavor(name: flavorName, vcpus: flavor["vcpus"], memory: flavor["memory"], disk: flavor["disk"])
+                try Self.checkRoom(db, applianceID: row["id"], stats: row["stats"], for: size, appliance: appliance)
+                let instanceName = "i-" + Token.generate().prefix(12)
+                let flavorJSON = String(decoding: try JSONEncoder().encode(size), as: UTF8.self)
+                try db.execute(
+                    sql: """
+                        INSERT INTO instance (name, applianceID, ownerID, wispID, state, flavor, ipAddresses, consoleTail,
+                        callbackURL, createdAt, updatedAt) VALUES (?, ?, ?, ?, ?, ?, '[]', '[]', ?, ?, ?)
+                        """,
+                    arguments: [
+                        instanceName, row["id"] as Int64, userID, wispID, InstanceState.leased.rawValue, flavorJSON,
+                        request.callbackURL, date, date,
+                    ])
+                instanceID = db.lastInsertedRowID
+                applianceName = appliance
+                _ = try Self.insertAction(
+                    db, kind: .start, instanceID: instanceID, applianceID: row["id"], flavor: flavorJSON,
+                    expires: request.leaseSeconds.map { date.addingTimeInterval(TimeInterval($0)) }, at: date)
+            }
+            let id = UUID().uuidString.lowercased()
+            try db.execute(
+                sql: """
+                    INSERT INTO reservation (id, userID, instanceID, flavor, wispID, callbackURL, createdAt, expiresAt)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                    """,
+                arguments: [
+                    id, userID, instanceID, request.flavor, wispID, request.callbackURL, date,
+                    date.addingTimeInterval(TimeInterval(lifetime)),
+                ])
+            _ = applianceName
+            return try Self.reservation(db, id: id)
+        }
+    }
+
+    private static let reservationQuery = """
+        SELECT reservation.*, user.name AS user, instance.name AS instance, appliance.name AS appliance, wisp.name AS wisp
+        FROM reservation JOIN user ON user.id = reservation.userID JOIN instance ON instance.id = reservation.instanceID
+        JOIN appliance ON appliance.id = instance.applianceID LEFT JOIN wisp ON wisp.id = reservation.wispID
+        """
+
+    public func reservations() async throws -> [Reservation] {
+        try await database.read { db in
+            try Row.fetchAll(db, sql: Self.reservationQuery + " ORDER BY reservation.createdAt").map(Self.reservation)
+        }
+    }
+
+    // MARK: Housekeeping
+
+    public func housekeep(at date: Date, offerStaleAfter: Int, purgeAfter: Int) async throws -> HousekeepingResult {
+        try await database.write { db in
+            var result = HousekeepingResult()
+            // A flavor slot never reported by its appliance goes with its reservation.
+            try db.execute(
+                sql: """
+                    DELETE FROM instance WHERE reportedAt IS NULL AND id IN
+                    (SELECT instanceID FROM reservation WHERE expiresAt <= ?)
+                    """,
+                arguments: [date])
+            try db.execute(sql: "DELETE FROM reservation WHERE expiresAt <= ?", arguments: [date])
+            result.lapsed = db.changesCount
+            let silentSince = date.addingTimeInterval(-TimeInterval(offerStaleAfter))
+            let withdrawn = try String.fetchAll(
+                db, sql: "SELECT name FROM instance WHERE state = ? AND COALESCE(reportedAt, updatedAt) < ?",
+                arguments: [InstanceState.onOffer.rawValue, silentSince])
+            for name in withdrawn {
+                try db.execute(
+                    sql: "UPDATE instance SET state = ?, updatedAt = ? WHERE name = ?",
+                    arguments: [InstanceState.inactive.rawValue, date, name])
+                result.withdrawn.append(try Self.instance(db, named: name).event)
+            }
+            let deadSince = date.addingTimeInterval(-TimeInterval(purgeAfter))
+            try db.execute(
+                sql: "DELETE FROM instance WHERE state IN (?, ?) AND updatedAt < ?",
+                arguments: [InstanceState.inactive.rawValue, InstanceState.decommissioned.rawValue, deadSince])
+            result.purged = db.changesCount
+            try db.execute(sql: "DELETE FROM action WHERE doneAt < ?", arguments: [deadSince])
+            return result
         }
     }
 
@@ -365,6 +632,115 @@ public final class SQLiteStore: PoolStore {
         } catch let error as DatabaseError where error.extendedResultCode == .SQLITE_CONSTRAINT_UNIQUE {
             throw PoolError.alreadyExists(what: what, name: name)
         }
+    }
+
+    /// The id and owner's id of the appliance named `name`.
+    private static func applianceIDs(_ db: Database, named name: String) throws -> (id: Int64, ownerID: Int64) {
+        guard let row = try Row.fetchOne(db, sql: "SELECT id, ownerID FROM appliance WHERE name = ?", arguments: [name]) else {
+            throw PoolError.notFound(what: "appliance", name: name)
+        }
+        return (row["id"], row["ownerID"])
+    }
+
+    /// The instance named `name` if it exists and is the appliance's; nil if
+    /// it does not exist; ``PoolError/forbidden(_:)`` if it is another's.
+    private static func ownedInstance(_ db: Database, named name: String, applianceID: Int64) throws -> (id: Int64, state: Int)? {
+        guard let row = try Row.fetchOne(db, sql: "SELECT id, applianceID, state FROM instance WHERE name = ?", arguments: [name])
+        else { return nil }
+        guard row["applianceID"] as Int64 == applianceID else {
+            throw PoolError.forbidden("instance '\(name)' belongs to another appliance")
+        }
+        return (row["id"], row["state"])
+    }
+
+    /// Turns a pending reservation of the instance into its owner, wisp and callback.
+    private static func claimReservation(_ db: Database, instance name: String, at date: Date) throws {
+        guard
+            let reservation = try Row.fetchOne(
+                db,
+                sql: """
+                    SELECT reservation.* FROM reservation JOIN instance ON instance.id = reservation.instanceID
+                    WHERE instance.name = ? AND reservation.expiresAt > ?
+                    """,
+                arguments: [name, date])
+        else { return }
+        try db.execute(
+            sql: "UPDATE instance SET ownerID = ?, wispID = ?, callbackURL = ? WHERE id = ?",
+            arguments: [
+                reservation["userID"] as Int64, reservation["wispID"] as Int64?, reservation["callbackURL"] as String?,
+                reservation["instanceID"] as Int64,
+            ])
+        try db.execute(sql: "DELETE FROM reservation WHERE id = ?", arguments: [reservation["id"] as String])
+    }
+
+    /// Refuses an appliance that is disabled or stale.
+    private static func checkPlaceable(_ row: Row, name: String, staleAfter: Int, at date: Date) throws {
+        guard row["enabled"] as Bool else { throw PoolError.conflict("appliance '\(name)' is disabled") }
+        let lastSeen: Date? = row["lastSeen"]
+        guard let lastSeen, date.timeIntervalSince(lastSeen) <= TimeInterval(staleAfter) else {
+            throw PoolError.conflict("appliance '\(name)' has not checked in for over \(staleAfter) s and takes no new instances")
+        }
+    }
+
+    /// Refuses a placement the appliance has no room for: its free
+    /// resources at its last check-in, less the instances placed on it
+    /// since that it has not reported yet.
+    private static func checkRoom(_ db: Database, applianceID: Int64, stats: String?, for size: InstanceFlavor, appliance: String)
+        throws
+    {
+        guard let stats, let free = try? JSONDecoder().decode(HypervisorStats.self, from: Data(stats.utf8)) else {
+            throw PoolError.conflict("appliance '\(appliance)' has not reported its capacity yet")
+        }
+        let pending = try String.fetchAll(
+            db, sql: "SELECT flavor FROM instance WHERE applianceID = ? AND reportedAt IS NULL AND flavor IS NOT NULL",
+            arguments: [applianceID]
+        ).compactMap { try? JSONDecoder().decode(InstanceFlavor.self, from: Data($0.utf8)) }
+        let vcpus = free.vcpus.free - pending.reduce(0) { $0 + $1.vcpus }
+        let memory = free.memoryMiB.free - pending.reduce(0) { $0 + $1.memory }
+        let disk = free.diskGiB.free - pending.reduce(0) { $0 + $1.disk }
+        guard size.vcpus <= vcpus, size.memory <= memory, size.disk <= disk else {
+            throw PoolError.conflict(
+                "appliance '\(appliance)' has no room for \(size.vcpus) vCPUs, \(size.memory) MiB and \(size.disk) GiB (free: \(vcpus) vCPUs, \(memory) MiB, \(disk) GiB)"
+            )
+        }
+    }
+
+    private static func insertAction(
+        _ db: Database, kind: Action.Kind, instanceID: Int64, applianceID: Int64, flavor: String?, expires: Date?, at date: Date
+    ) throws -> Action {
+        let id = UUID().uuidString.lowercased()
+        try db.execute(
+            sql: "INSERT INTO action (id, instanceID, applianceID, kind, flavor, expires, createdAt) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            arguments: [id, instanceID, applianceID, kind.rawValue, flavor, expires, date])
+        guard
+            let row = try Row.fetchOne(
+                db,
+                sql: "SELECT action.*, instance.name AS instance FROM action JOIN instance ON instance.id = action.instanceID WHERE action.id = ?",
+                arguments: [id])
+        else { throw PoolError.storage("action \(id) vanished") }
+        return action(row)
+    }
+
+    private static func action(_ row: Row) -> Action {
+        let flavor = (row["flavor"] as String?).flatMap { try? JSONDecoder().decode(InstanceFlavor.self, from: Data($0.utf8)) }
+        let expires: Date? = row["expires"]
+        return Action(
+            id: row["id"], kind: Action.Kind(rawValue: row["kind"]) ?? .reboot, instance: row["instance"], flavor: flavor,
+            expires: expires.map { Int($0.timeIntervalSince1970) })
+    }
+
+    private static func reservation(_ row: Row) -> Reservation {
+        let expires: Date = row["expiresAt"]
+        return Reservation(
+            id: row["id"], user: row["user"], instance: row["instance"], appliance: row["appliance"], flavor: row["flavor"],
+            wisp: row["wisp"], callbackURL: row["callbackURL"], expires: Int(expires.timeIntervalSince1970))
+    }
+
+    private static func reservation(_ db: Database, id: String) throws -> Reservation {
+        guard let row = try Row.fetchOne(db, sql: reservationQuery + " WHERE reservation.id = ?", arguments: [id]) else {
+            throw PoolError.storage("reservation \(id) vanished")
+        }
+        return reservation(row)
     }
 
     private static func userID(_ db: Database, named name: String) throws -> Int64 {
@@ -396,7 +772,8 @@ public final class SQLiteStore: PoolStore {
             state: InstanceState(rawValue: row["state"]) ?? .inactive, flavor: decode("flavor", as: InstanceFlavor.self),
             ask: row["ask"], expires: row["expires"], address: row["address"],
             ipAddresses: decode("ipAddresses", as: [IPAddress].self) ?? [],
-            consoleTail: decode("consoleTail", as: [String].self) ?? [], updatedAt: row["updatedAt"])
+            consoleTail: decode("consoleTail", as: [String].self) ?? [], callbackURL: row["callbackURL"],
+            lastError: row["lastError"], reportedAt: row["reportedAt"], updatedAt: row["updatedAt"])
     }
 
     private static func instance(_ db: Database, named name: String) throws -> Instance {
@@ -414,7 +791,9 @@ public final class SQLiteStore: PoolStore {
         Appliance(
             name: row["name"], owner: row["owner"], enabled: row["enabled"], version: row["version"],
             latitude: row["latitude"], longitude: row["longitude"], dynamicImages: row["dynamicImages"],
-            lastSeen: row["lastSeen"], createdAt: row["createdAt"])
+            lastSeen: row["lastSeen"],
+            stats: (row["stats"] as String?).flatMap { try? JSONDecoder().decode(HypervisorStats.self, from: Data($0.utf8)) },
+            createdAt: row["createdAt"])
     }
 
     private static func appliance(_ db: Database, named name: String) throws -> Appliance {

@@ -23,7 +23,15 @@ public struct Appliance: Sendable, Equatable, Codable {
     public var dynamicImages: Bool
     /// When it last authorized or checked in.
     public var lastSeen: Date?
+    /// What its hypervisor had at its last check-in.
+    public var stats: HypervisorStats?
     public var createdAt: Date
+
+    /// Whether it has been silent too long for new placements.
+    public func isStale(at date: Date, after seconds: Int) -> Bool {
+        guard let lastSeen else { return true }
+        return date.timeIntervalSince(lastSeen) > TimeInterval(seconds)
+    }
 }
 
 /// A boot image the pool offers.
@@ -95,7 +103,51 @@ public struct Instance: Sendable, Equatable, Codable {
     public var ipAddresses: [IPAddress]
     /// The newest console lines, at most the pool's limit.
     public var consoleTail: [String]
+    /// Where the pool fetches its start parameters (from a reservation).
+    public var callbackURL: String?
+    /// Why the pool could not give it start parameters, when it could not.
+    public var lastError: String?
+    /// When its appliance last reported it (nil: placed, not yet reported).
+    public var reportedAt: Date?
     public var updatedAt: Date
+
+    /// The event announcing its current state.
+    public var event: InstanceEvent { InstanceEvent(name: name, state: state, appliance: appliance, owner: owner) }
+}
+
+/// Where an instance's start parameters come from.
+public enum BootSource: Sendable, Equatable {
+    /// From its wisp (or its owner's default, or the system default).
+    case parameters(StartParameters)
+    /// From a callback URL the pool fetches.
+    case callback(String)
+}
+
+/// What recording an instance report did.
+public struct RecordedReport: Sendable, Equatable {
+    public var instance: Instance
+    /// Whether the instance is new or its state changed.
+    public var stateChanged: Bool
+}
+
+/// What a check-in did, and what the appliance is to do.
+public struct RecordedCheckIn: Sendable, Equatable {
+    /// Pending actions for the appliance, oldest first.
+    public var actions: [Action]
+    /// Instances the summary created or changed the state of.
+    public var changes: [InstanceEvent]
+}
+
+/// What one housekeeping pass did.
+public struct HousekeepingResult: Sendable, Equatable {
+    /// Offers withdrawn for want of reports (now inactive).
+    public var withdrawn: [InstanceEvent] = []
+    /// Reservations that lapsed unclaimed.
+    public var lapsed: Int = 0
+    /// Dead instance records deleted.
+    public var purged: Int = 0
+
+    public init() {}
 }
 
 /// The pool's storage. One implementation per backend (SQLite now); the
@@ -130,12 +182,37 @@ public protocol PoolStore: Sendable {
 
     /// Records an appliance's report of an instance, creating the record on
     /// the first report. An instance belongs to the appliance that first
-    /// reported it: another appliance gets ``PoolError/forbidden(_:)`` and
-    /// changes nothing. Keeps the newest `consoleLimit` console lines.
+    /// reported it (or that the pool placed it on): another appliance gets
+    /// ``PoolError/forbidden(_:)`` and changes nothing. Keeps the newest
+    /// `consoleLimit` console lines. A pending reservation of the instance
+    /// becomes its owner, wisp and callback.
     func recordReport(_ report: InstanceReport, appliance: String, consoleLimit: Int, at date: Date) async throws
-        -> Instance
-    /// How to boot the instance: its wisp, else its owner's default wisp,
-    /// else the system default.
-    func startParameters(forInstance name: String) async throws -> StartParameters
+        -> RecordedReport
+    /// How to boot the instance: its callback, else its wisp, else its
+    /// owner's default wisp, else the system default.
+    func bootSource(forInstance name: String) async throws -> BootSource
+    /// Records why the instance got no start parameters (nil: it did).
+    func setLastError(_ message: String?, forInstance name: String) async throws
     func instances() async throws -> [Instance]
+
+    /// The user whose token has this digest.
+    func user(tokenDigest: String) async throws -> User?
+
+    /// Records a check-in: last seen, stats, the state of each summarized
+    /// instance (new ones are created, other appliances' are left alone),
+    /// and the actions now done. Returns the actions still pending.
+    func checkIn(_ appliance: String, request: CheckInRequest, at date: Date) async throws -> RecordedCheckIn
+
+    /// Queues an action for the appliance an instance is on.
+    func enqueueAction(_ kind: Action.Kind, instance: String, expires: Date?, at date: Date) async throws -> Action
+
+    /// Reserves an offered instance, or places a new instance of a flavor
+    /// on an appliance with room (queuing its start), for `user`, checking
+    /// the user's limit in the same transaction.
+    func reserve(_ request: ReservationRequest, user: String, lifetime: Int, applianceStaleAfter: Int, at date: Date)
+        async throws -> Reservation
+    func reservations() async throws -> [Reservation]
+
+    /// Lapses unclaimed reservations, withdraws silent offers, purges dead records.
+    func housekeep(at date: Date, offerStaleAfter: Int, purgeAfter: Int) async throws -> HousekeepingResult
 }

@@ -11,29 +11,63 @@ extension Corral {
             abstract: "Run and administer the pool controller.",
             subcommands: [
                 Serve.self, Init.self, Users.self, Appliances.self, Flavors.self, Images.self, Wisps.self, Instances.self,
+                Reservations.self,
             ]
         )
     }
 }
 
-/// The pool database every `corral pool` command works on.
+/// The configuration file and database every `corral pool` command works on.
+///
+/// The file is `--config`, else `CORRAL_POOL_CONFIG`, else
+/// `/etc/corral/pool.toml` when it exists (else the built-in defaults). The
+/// database is `--database`, else `CORRAL_POOL_DATABASE`, else the file's
+/// `database.path`, else `/var/lib/corral/pool.sqlite`.
 struct PoolDatabaseOptions: ParsableArguments {
-    @Option(help: "The pool's SQLite database file.")
-    var database: String = ProcessInfo.processInfo.environment["CORRAL_POOL_DATABASE"] ?? "/var/lib/corral/pool.sqlite"
+    @Option(help: "The pool's configuration file (TOML; see etc/corral/pool.toml).")
+    var config: String?
+
+    @Option(help: "The pool's SQLite database file (overrides the configuration file).")
+    var database: String?
+
+    /// The configuration with the database option applied; exits with a
+    /// one-line error when the file is missing or wrong.
+    func configuration() -> PoolConfiguration {
+        let environment = ProcessInfo.processInfo.environment
+        var configuration = PoolConfiguration()
+        let path = config ?? environment["CORRAL_POOL_CONFIG"]
+        do {
+            if let path {
+                guard FileManager.default.fileExists(atPath: path) else {
+                    fail("no pool configuration file at \(path): write one (see etc/corral/pool.toml), or leave out --config.")
+                }
+                configuration = try PoolConfiguration.load(path: path)
+            } else if FileManager.default.fileExists(atPath: "/etc/corral/pool.toml") {
+                configuration = try PoolConfiguration.load(path: "/etc/corral/pool.toml")
+            }
+        } catch let error as PoolError {
+            fail("\(error)")
+        } catch {
+            fail("cannot read the pool configuration: \(error)")
+        }
+        if let database = database ?? environment["CORRAL_POOL_DATABASE"] { configuration.database = database }
+        return configuration
+    }
 
     /// Opens the database, which must exist (admin commands never create
     /// one by accident, for example under a mistyped path).
     func openExisting() throws -> SQLiteStore {
-        guard FileManager.default.fileExists(atPath: database) else {
-            fail("no pool database at \(database): create it with `corral pool init --database \(database)`, or pass --database.")
+        let path = configuration().database
+        guard FileManager.default.fileExists(atPath: path) else {
+            fail("no pool database at \(path): create it with `corral pool init --database \(path)`, or pass --database.")
         }
-        return try open()
+        return try open(path)
     }
 
     /// Opens the database, creating it when missing.
-    func open() throws -> SQLiteStore {
+    func open(_ path: String) throws -> SQLiteStore {
         do {
-            return try SQLiteStore(path: database)
+            return try SQLiteStore(path: path)
         } catch let error as PoolError {
             fail("\(error)")
         }
@@ -55,21 +89,36 @@ extension Corral.Pool {
 
         @OptionGroup var store: PoolDatabaseOptions
 
-        @Option(help: "The address to listen on.")
-        var host = "127.0.0.1"
+        @Option(help: "The address to listen on (overrides the configuration file; default 127.0.0.1).")
+        var host: String?
 
-        @Option(help: "The port to listen on (0: any free port).")
-        var port = 8080
+        @Option(help: "The port to listen on, 0 for any free port (overrides the configuration file; default 8080).")
+        var port: Int?
+
+        @Option(help: "The URL agents reach the pool at (overrides the configuration file).")
+        var publicURL: String?
+
+        @Option(help: "trace, debug, info, notice, warning, error or critical.")
+        var logLevel: String = "info"
 
         func validate() throws {
-            guard (0...65535).contains(port) else { throw ValidationError("--port must be 0-65535 (it was \(port)).") }
+            if let port, !(0...65535).contains(port) { throw ValidationError("--port must be 0-65535 (it was \(port)).") }
+            if let publicURL { try validateHTTPURL(publicURL, option: "--public-url") }
+            guard Logger.Level(rawValue: logLevel) != nil else {
+                throw ValidationError("--log-level must be trace, debug, info, notice, warning, error or critical (it was '\(logLevel)').")
+            }
         }
 
         func run() async throws {
+            var configuration = store.configuration()
+            if let host { configuration.host = host }
+            if let port { configuration.port = port }
+            if let publicURL { configuration.publicURL = publicURL }
             var logger = Logger(label: "corral.pool")
-            logger.logLevel = .info
+            logger.logLevel = Logger.Level(rawValue: logLevel) ?? .info
+            logger.info("pool database at \(configuration.database)")
             let app = buildPoolApplication(
-                configuration: PoolConfiguration(host: host, port: port), store: try store.open(), logger: logger
+                configuration: configuration, store: try store.open(configuration.database), logger: logger
             ) { host, port in
                 // One line on standard output, so scripts can find the port.
                 FileHandle.standardOutput.write(Data("pool listening on http://\(host):\(port)\n".utf8))
@@ -84,8 +133,9 @@ extension Corral.Pool {
         @OptionGroup var store: PoolDatabaseOptions
 
         func run() async throws {
-            _ = try store.open()
-            print("pool database ready at \(store.database)")
+            let path = store.configuration().database
+            _ = try store.open(path)
+            print("pool database ready at \(path)")
         }
     }
 
@@ -174,10 +224,15 @@ extension Corral.Pool {
             func run() async throws {
                 let appliances = try await administer { try await store.openExisting().appliances() }
                 if json { return try printJSON(appliances) }
-                var table = Table(header: ["NAME", "OWNER", "ENABLED", "VERSION", "LAST SEEN"])
+                let staleAfter = store.configuration().housekeeping.applianceStaleSeconds
+                var table = Table(header: ["NAME", "OWNER", "STATUS", "VERSION", "FREE VCPUS", "FREE MEMORY", "LAST SEEN"])
                 for appliance in appliances {
+                    let status =
+                        !appliance.enabled ? "disabled" : appliance.isStale(at: Date(), after: staleAfter) ? "stale" : "active"
                     table.rows.append([
-                        appliance.name, appliance.owner, appliance.enabled ? "yes" : "no", appliance.version ?? "-",
+                        appliance.name, appliance.owner, status, appliance.version ?? "-",
+                        appliance.stats.map { "\($0.vcpus.free)/\($0.vcpus.total)" } ?? "-",
+                        appliance.stats.map { "\($0.memoryMiB.free)/\($0.memoryMiB.total) MiB" } ?? "-",
                         appliance.lastSeen?.formatted(.iso8601) ?? "never",
                     ])
                 }
@@ -401,7 +456,8 @@ extension Corral.Pool {
 
     struct Instances: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            commandName: "instance", abstract: "Inspect the instances appliances report.", subcommands: [List.self])
+            commandName: "instance", abstract: "Inspect instances and send them actions through their appliance.",
+            subcommands: [List.self, Act.self, Lease.self])
 
         struct List: AsyncParsableCommand {
             static let configuration = CommandConfiguration(abstract: "List the instances with their last report.")
@@ -411,12 +467,83 @@ extension Corral.Pool {
             func run() async throws {
                 let instances = try await administer { try await store.openExisting().instances() }
                 if json { return try printJSON(instances) }
-                var table = Table(header: ["NAME", "APPLIANCE", "OWNER", "STATE", "ADDRESSES", "UPDATED"])
+                var table = Table(header: ["NAME", "APPLIANCE", "OWNER", "STATE", "ADDRESSES", "UPDATED", "ERROR"])
                 for instance in instances {
                     table.rows.append([
                         instance.name, instance.appliance, instance.owner, "\(instance.state.rawValue) \(instance.state)",
                         instance.ipAddresses.isEmpty ? "-" : instance.ipAddresses.map(\.address).joined(separator: ","),
-                        instance.updatedAt.formatted(.iso8601),
+                        instance.updatedAt.formatted(.iso8601), instance.lastError ?? "-",
+                    ])
+                }
+                print(table.render())
+            }
+        }
+
+        struct Act: AsyncParsableCommand {
+            static let configuration = CommandConfiguration(
+                commandName: "action",
+                abstract: "Queue reboot, power-on, power-off or delete for the instance's appliance; prints the action's id.")
+            @OptionGroup var store: PoolDatabaseOptions
+            @Argument(help: "reboot, power-on, power-off or delete.") var action: String
+            @Argument(help: "The instance's name.") var name: String
+
+            var kind: PoolAPI.Action.Kind? {
+                ["reboot": .reboot, "power-on": .powerOn, "power-off": .powerOff, "delete": .delete][action]
+            }
+
+            func validate() throws {
+                guard kind != nil else {
+                    throw ValidationError("ACTION must be reboot, power-on, power-off or delete (it was '\(action)').")
+                }
+            }
+
+            func run() async throws {
+                let queued = try await administer {
+                    try await store.openExisting().enqueueAction(kind!, instance: name, expires: nil, at: Date())
+                }
+                print(queued.id)
+            }
+        }
+
+        struct Lease: AsyncParsableCommand {
+            static let configuration = CommandConfiguration(
+                abstract: "Set when the instance's lease ends; its appliance suspends it then. Prints the action's id.")
+            @OptionGroup var store: PoolDatabaseOptions
+            @Argument(help: "The instance's name.") var name: String
+            @Option(help: "Seconds from now until the lease ends.") var seconds: Int
+
+            func validate() throws {
+                guard seconds > 0 else { throw ValidationError("--seconds must be 1 or more (it was \(seconds)).") }
+            }
+
+            func run() async throws {
+                let queued = try await administer {
+                    try await store.openExisting().enqueueAction(
+                        .lease, instance: name, expires: Date().addingTimeInterval(TimeInterval(seconds)), at: Date())
+                }
+                print(queued.id)
+            }
+        }
+    }
+
+    struct Reservations: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "reservation", abstract: "Inspect reservations (bids) users made.", subcommands: [List.self])
+
+        struct List: AsyncParsableCommand {
+            static let configuration = CommandConfiguration(abstract: "List reservations not yet claimed or purged.")
+            @OptionGroup var store: PoolDatabaseOptions
+            @Flag(help: "Print JSON.") var json = false
+
+            func run() async throws {
+                let reservations = try await administer { try await store.openExisting().reservations() }
+                if json { return try printJSON(reservations) }
+                var table = Table(header: ["ID", "USER", "INSTANCE", "APPLIANCE", "WISP OR CALLBACK", "EXPIRES"])
+                for reservation in reservations {
+                    table.rows.append([
+                        reservation.id, reservation.user, reservation.instance, reservation.appliance,
+                        reservation.wisp ?? reservation.callbackURL ?? "(default wisp)",
+                        Date(timeIntervalSince1970: TimeInterval(reservation.expires)).formatted(.iso8601),
                     ])
                 }
                 print(table.render())

@@ -1,0 +1,100 @@
+import Foundation
+import Hummingbird
+import Logging
+import PoolAPI
+
+/// The appliance-facing half of the pool: what agents call.
+struct ApplianceRoutes: Sendable {
+    let store: any PoolStore
+    let configuration: PoolConfiguration
+    let events: InstanceEvents
+    let fetcher: CallbackFetcher
+    let logger: Logger
+
+    /// The appliance a request's token names, or the refusal: 401 for a
+    /// body without a readable token or an unknown token, 409 for a
+    /// disabled appliance. Records the appliance as seen.
+    private func authenticate(_ body: ByteBuffer) async throws -> Appliance {
+        let block: ApplianceBlock
+        do {
+            block = try decodeJSON(AuthorizationRequest.self, from: body).appliance
+        } catch let error as RequestBodyError {
+            throw Refusal(.unauthorized, "You must submit a valid JSON object with a token: \(error)")
+        }
+        guard let appliance = try await store.appliance(tokenDigest: Token.digest(block.apitoken)) else {
+            throw Refusal(.unauthorized, "Token is not valid.")
+        }
+        guard appliance.enabled else {
+            throw Refusal(
+                .conflict,
+                "Appliance '\(appliance.name)' has been disabled by the pool controller; ask the pool's operator to enable it.")
+        }
+        return try await store.recordCheckIn(appliance.name, block: block, at: Date())
+    }
+
+    /// `POST /api/v1/authorization/`: 200 with the appliance's name and
+    /// owner, or the refusals of ``authenticate(_:)``. Records the
+    /// appliance's version and location.
+    @Sendable func authorize(_ request: Request, context: BasicRequestContext) async throws -> Response {
+        let appliance = try await authenticate(try await collectBody(request))
+        return try reply(.ok, Envelope.success(AuthorizationResult(name: appliance.name, owner: appliance.owner)))
+    }
+
+    /// `GET /api/v1/flavors/`: the active flavors of the catalogue.
+    @Sendable func flavors(_ request: Request, context: BasicRequestContext) async throws -> Response {
+        try reply(.ok, Envelope.success(try await store.flavors().filter(\.active)))
+    }
+
+    /// `POST /api/v1/broker/`: the periodic check-in. Records the stats and
+    /// the instance summary, marks the actions listed in `done` as done, and
+    /// answers with the actions still pending.
+    @Sendable func checkIn(_ request: Request, context: BasicRequestContext) async throws -> Response {
+        let body = try await collectBody(request)
+        let appliance = try await authenticate(body)
+        let checkIn = try decodeRequest(CheckInRequest.self, from: body)
+        let stats = checkIn.stats
+        for (field, capacity) in [("vcpus", stats.vcpus), ("memory_mib", stats.memoryMiB), ("disk_gib", stats.diskGiB)] {
+            guard capacity.total >= 0, (0...capacity.total).contains(capacity.free) else {
+                throw Refusal(.badRequest, "field 'stats.\(field)' must have 0 <= free <= total")
+            }
+        }
+        let recorded = try await refusingPoolErrors { try await store.checkIn(appliance.name, request: checkIn, at: Date()) }
+        for change in recorded.changes { events.publish(change) }
+        return try reply(.ok, Envelope.success(CheckInResult(actions: recorded.actions)))
+    }
+
+    /// `POST /api/v1/instances/<name>/`: an appliance reports one of its
+    /// instances; the reply is how to boot it. 400 when the instance part is
+    /// unreadable or names another instance than the URI, 403 when the
+    /// instance belongs to another appliance, 503 when the pool has no wisp
+    /// for it, 502 when its callback gave no start parameters (the report is
+    /// kept either way, and the reason is in the instance's record).
+    @Sendable func report(_ request: Request, context: BasicRequestContext) async throws -> Response {
+        let body = try await collectBody(request)
+        let appliance = try await authenticate(body)
+        let report = try decodeRequest(InstanceReportRequest.self, from: body).instance
+        let name = context.parameters.get("name") ?? ""
+        guard report.name == name else {
+            throw Refusal(.badRequest, "instance.name '\(report.name)' must equal the name in the URI, '\(name)'")
+        }
+        let recorded = try await refusingPoolErrors {
+            try await store.recordReport(report, appliance: appliance.name, consoleLimit: configuration.consoleTailLines, at: Date())
+        }
+        if recorded.stateChanged { events.publish(recorded.instance.event) }
+        let parameters: StartParameters
+        switch try await refusingPoolErrors({ try await store.bootSource(forInstance: name) }) {
+        case .parameters(let fromWisp):
+            parameters = fromWisp
+        case .callback(let url):
+            do {
+                parameters = try await fetcher.startParameters(from: url)
+            } catch {
+                logger.warning("instance \(name): \(error)")
+                try await store.setLastError(error.description, forInstance: name)
+                return try reply(.badGateway, Envelope.error(error.description))
+            }
+        }
+        if recorded.instance.lastError != nil { try await store.setLastError(nil, forInstance: name) }
+        return try reply(.ok, Envelope.success(parameters))
+    }
+}

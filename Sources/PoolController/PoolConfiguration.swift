@@ -1,0 +1,187 @@
+import Foundation
+import TOMLKit
+
+/// Everything the pool controller is configured with. `corral pool serve`
+/// reads it from a TOML file (see `etc/corral/pool.toml`), then applies its
+/// flags on top.
+public struct PoolConfiguration: Sendable, Equatable {
+    /// The address to listen on.
+    public var host: String
+    /// The port to listen on (0: any free port).
+    public var port: Int
+    /// The URL agents and users reach the pool at (served in `/openapi.yaml`).
+    public var publicURL: String?
+    /// The SQLite database file.
+    public var database: String
+    /// How many console lines the pool keeps per instance.
+    public var consoleTailLines: Int
+    public var callbacks: CallbackLimits
+    /// How long a reservation waits to be claimed.
+    public var reservationSeconds: Int
+    public var housekeeping: Housekeeping
+
+    /// How the pool fetches callback URLs.
+    public struct CallbackLimits: Sendable, Equatable {
+        /// The deadline of each fetch.
+        public var timeoutSeconds: Int = 5
+        /// The largest reply accepted.
+        public var maxBytes: Int = 64 * 1024
+        /// The longest chain of callbacks followed.
+        public var maxHops: Int = 7
+        /// Networks (CIDR) callbacks may reach although they are loopback,
+        /// private or link-local. Empty: only public addresses.
+        public var allow: [String] = []
+
+        public init() {}
+    }
+
+    /// When housekeeping runs and what it counts as old.
+    public struct Housekeeping: Sendable, Equatable {
+        public var intervalSeconds: Int = 60
+        /// An appliance not seen for this long is stale: no new placements.
+        public var applianceStaleSeconds: Int = 300
+        /// An instance on offer with no report for this long is withdrawn.
+        public var offerStaleSeconds: Int = 900
+        /// Decommissioned and withdrawn instances are deleted after this.
+        public var purgeAfterSeconds: Int = 86_400
+
+        public init() {}
+    }
+
+    public init(
+        host: String = "127.0.0.1", port: Int = 8080, publicURL: String? = nil,
+        database: String = "/var/lib/corral/pool.sqlite", consoleTailLines: Int = 1000,
+        callbacks: CallbackLimits = .init(), reservationSeconds: Int = 600, housekeeping: Housekeeping = .init()
+    ) {
+        self.host = host
+        self.port = port
+        self.publicURL = publicURL
+        self.database = database
+        self.consoleTailLines = consoleTailLines
+        self.callbacks = callbacks
+        self.reservationSeconds = reservationSeconds
+        self.housekeeping = housekeeping
+    }
+
+    /// Every key a pool configuration file may hold, by section.
+    static let keys: [String: Set<String>] = [
+        "server": ["host", "port", "public_url"],
+        "database": ["path"],
+        "instances": ["console_tail_lines"],
+        "callbacks": ["timeout_seconds", "max_bytes", "max_hops", "allow"],
+        "reservations": ["expire_seconds"],
+        "housekeeping": ["interval_seconds", "appliance_stale_seconds", "offer_stale_seconds", "purge_after_seconds"],
+    ]
+
+    /// Reads a configuration file; keys it leaves out keep their defaults.
+    /// Unknown keys, wrong types and out-of-range values are errors naming
+    /// the key.
+    public static func load(path: String) throws -> PoolConfiguration {
+        let text: String
+        do {
+            text = try String(contentsOfFile: path, encoding: .utf8)
+        } catch {
+            throw PoolError.invalid(field: path, reason: "cannot read the configuration file (\(error.localizedDescription))")
+        }
+        return try parse(text, source: path)
+    }
+
+    /// Parses the text of a configuration file named `source` in errors.
+    public static func parse(_ text: String, source: String = "configuration") throws -> PoolConfiguration {
+        let table: TOMLTable
+        do {
+            table = try TOMLTable(string: text)
+        } catch let error as TOMLParseError {
+            throw PoolError.invalid(
+                field: source, reason: "not valid TOML at line \(error.source.begin.line): \(error.description)")
+        }
+        var configuration = PoolConfiguration()
+        var reader = TableReader(table: table, source: source)
+        try reader.checkKeys(keys)
+        configuration.host = try reader.string("server", "host") ?? configuration.host
+        configuration.port = try reader.int("server", "port", in: 0...65535) ?? configuration.port
+        configuration.publicURL = try reader.string("server", "public_url") ?? configuration.publicURL
+        configuration.database = try reader.string("database", "path") ?? configuration.database
+        configuration.consoleTailLines =
+            try reader.int("instances", "console_tail_lines", in: 0...100_000) ?? configuration.consoleTailLines
+        configuration.callbacks.timeoutSeconds =
+            try reader.int("callbacks", "timeout_seconds", in: 1...60) ?? configuration.callbacks.timeoutSeconds
+        configuration.callbacks.maxBytes =
+            try reader.int("callbacks", "max_bytes", in: 1...(16 << 20)) ?? configuration.callbacks.maxBytes
+        configuration.callbacks.maxHops = try reader.int("callbacks", "max_hops", in: 1...7) ?? configuration.callbacks.maxHops
+        configuration.callbacks.allow = try reader.strings("callbacks", "allow") ?? configuration.callbacks.allow
+        for network in configuration.callbacks.allow where IPNetwork(network) == nil {
+            throw PoolError.invalid(
+                field: "\(source): callbacks.allow",
+                reason: "'\(network)' is not an address or network such as \"127.0.0.0/8\" or \"fd00::/8\"")
+        }
+        configuration.reservationSeconds =
+            try reader.int("reservations", "expire_seconds", in: 1...604_800) ?? configuration.reservationSeconds
+        var housekeeping = configuration.housekeeping
+        housekeeping.intervalSeconds = try reader.int("housekeeping", "interval_seconds", in: 1...86_400) ?? housekeeping.intervalSeconds
+        housekeeping.applianceStaleSeconds =
+            try reader.int("housekeeping", "appliance_stale_seconds", in: 1...604_800) ?? housekeeping.applianceStaleSeconds
+        housekeeping.offerStaleSeconds =
+            try reader.int("housekeeping", "offer_stale_seconds", in: 1...604_800) ?? housekeeping.offerStaleSeconds
+        housekeeping.purgeAfterSeconds =
+            try reader.int("housekeeping", "purge_after_seconds", in: 1...31_536_000) ?? housekeeping.purgeAfterSeconds
+        configuration.housekeeping = housekeeping
+        return configuration
+    }
+}
+
+/// Typed reads from a parsed TOML file, with errors naming `section.key`.
+private struct TableReader {
+    let table: TOMLTable
+    let source: String
+
+    func checkKeys(_ known: [String: Set<String>]) throws {
+        for section in table.keys {
+            guard let keys = known[section] else {
+                throw PoolError.invalid(
+                    field: "\(source): [\(section)]",
+                    reason: "unknown section; the sections are \(known.keys.sorted().map { "[\($0)]" }.joined(separator: ", "))")
+            }
+            guard let inner = table[section]?.table else {
+                throw PoolError.invalid(field: "\(source): \(section)", reason: "must be a section ([\(section)])")
+            }
+            for key in inner.keys where !keys.contains(key) {
+                throw PoolError.invalid(
+                    field: "\(source): \(section).\(key)",
+                    reason: "unknown key; [\(section)] takes \(keys.sorted().joined(separator: ", "))")
+            }
+        }
+    }
+
+    private func value(_ section: String, _ key: String) -> TOMLValueConvertible? {
+        table[section]?.table?[key]
+    }
+
+    private func wrongType(_ section: String, _ key: String, _ expected: String) -> PoolError {
+        PoolError.invalid(field: "\(source): \(section).\(key)", reason: "must be \(expected)")
+    }
+
+    func string(_ section: String, _ key: String) throws -> String? {
+        guard let value = value(section, key) else { return nil }
+        guard let string = value.string else { throw wrongType(section, key, "a string") }
+        return string
+    }
+
+    func int(_ section: String, _ key: String, in range: ClosedRange<Int>) throws -> Int? {
+        guard let value = value(section, key) else { return nil }
+        guard let int = value.int else { throw wrongType(section, key, "an integer") }
+        guard range.contains(int) else {
+            throw wrongType(section, key, "between \(range.lowerBound) and \(range.upperBound) (it is \(int))")
+        }
+        return int
+    }
+
+    func strings(_ section: String, _ key: String) throws -> [String]? {
+        guard let value = value(section, key) else { return nil }
+        guard let array = value.array else { throw wrongType(section, key, "an array of strings") }
+        return try array.map { element in
+            guard let string = element.string else { throw wrongType(section, key, "an array of strings") }
+            return string
+        }
+    }
+}
