@@ -20,9 +20,10 @@ public struct HypervisorStats: Codable, Sendable, Equatable {
     public var running: Int
 
     enum CodingKeys: String, CodingKey {
-        case vcpus, running
+        case vcpus
         case memoryMiB = "memory_mib"
         case diskGiB = "disk_gib"
+        case running
     }
 
     public init(vcpus: Capacity, memoryMiB: Capacity, diskGiB: Capacity, running: Int) {

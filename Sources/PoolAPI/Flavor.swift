@@ -16,7 +16,7 @@ public struct Flavor: Codable, Sendable, Equatable, Hashable {
     public var rate: Int
     /// The appliance's asking price per hour.
     public var ask: Int
-    /// Whether warm instances of this flavor are kept booted.
+    /// How many warm instances of this flavor the pool keeps booted (0: none).
     public var hot: Int
     /// Whether the flavor is offered.
     public var active: Bool

@@ -122,6 +122,16 @@ public struct ImageReference: Codable, Sendable, Equatable {
         case diskFormat = "disk_format"
     }
 
+    /// Reads an image reference; `container_format` defaults to `bare`.
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        name = try container.decode(String.self, forKey: .name)
+        url = try container.decode(String.self, forKey: .url)
+        sha256 = try container.decodeIfPresent(String.self, forKey: .sha256)
+        containerFormat = try container.decodeIfPresent(String.self, forKey: .containerFormat) ?? "bare"
+        diskFormat = try container.decode(String.self, forKey: .diskFormat)
+    }
+
     public init(name: String, url: String, sha256: String? = nil, containerFormat: String = "bare", diskFormat: String) {
         self.name = name
         self.url = url
@@ -146,6 +156,16 @@ public struct StartParameters: Codable, Sendable, Equatable {
         case callbackURL = "callback_url"
         case sshKeys = "ssh_keys"
         case postCreate = "post_create"
+    }
+
+    /// Reads start parameters; only `image` is required (a callback may
+    /// leave out the rest).
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        image = try container.decode(ImageReference.self, forKey: .image)
+        callbackURL = try container.decodeIfPresent(String.self, forKey: .callbackURL) ?? ""
+        sshKeys = try container.decodeIfPresent([String].self, forKey: .sshKeys) ?? []
+        postCreate = try container.decodeIfPresent([String].self, forKey: .postCreate) ?? []
     }
 
     public init(image: ImageReference, callbackURL: String = "", sshKeys: [String] = [], postCreate: [String] = []) {

@@ -11,7 +11,8 @@ struct EventRoutes: Sendable {
     /// Streams `event: instance` messages whose data is an
     /// ``InstanceEvent``, and a `: keep-alive` comment every 15 s. A user
     /// token sees its own instances (a superuser's: all); an appliance token
-    /// sees that appliance's. 401 for a missing or unknown token.
+    /// sees that appliance's. 401 for a missing or unknown token, 409 for a
+    /// disabled appliance.
     @Sendable func stream(_ request: Request, context: BasicRequestContext) async throws -> Response {
         guard let token = bearerToken(request) else {
             throw Refusal(.unauthorized, "send a user or appliance token in the X-Auth-Token header")
@@ -22,7 +23,10 @@ struct EventRoutes: Sendable {
             let name = user.name
             let everything = user.superuser
             filter = { everything || $0.owner == name }
-        } else if let appliance = try await store.appliance(tokenDigest: digest), appliance.enabled {
+        } else if let appliance = try await store.appliance(tokenDigest: digest) {
+            guard appliance.enabled else {
+                throw Refusal(.conflict, "Appliance '\(appliance.name)' has been disabled by the pool controller.")
+            }
             let name = appliance.name
             filter = { $0.appliance == name }
         } else {

@@ -36,6 +36,7 @@ public func buildPoolRouter(
 ) -> Router<BasicRequestContext> {
     let router = Router(context: BasicRequestContext.self)
     router.add(middleware: LogRequestsMiddleware(.info))
+    router.add(middleware: EnvelopeErrorMiddleware())
     let appliances = ApplianceRoutes(
         store: store, configuration: configuration, events: events,
         fetcher: fetcher ?? CallbackFetcher(limits: configuration.callbacks), logger: logger)
@@ -63,6 +64,24 @@ public func openAPIDocument(publicURL: String?) -> String {
     let text = String(decoding: PackageResources.openapi_yaml, as: UTF8.self)
     guard let publicURL else { return text }
     return text.replacingOccurrences(of: "\n  - url: /\n", with: "\n  - url: \(publicURL)\n")
+}
+
+/// Replies to every failure in the envelope: Hummingbird's own errors (an
+/// unknown route, say) keep their status; anything unexpected is logged and
+/// answered 500 without its details.
+struct EnvelopeErrorMiddleware<Context: RequestContext>: RouterMiddleware {
+    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
+        do {
+            return try await next(request, context)
+        } catch let refusal as Refusal {
+            throw refusal
+        } catch let error as HTTPError {
+            return try Refusal(error.status, error.body ?? error.status.reasonPhrase).response()
+        } catch {
+            context.logger.error("\(request.method) \(request.uri.path) failed: \(error)")
+            return try reply(.internalServerError, Envelope.error("the pool failed to handle this request; its log says why"))
+        }
+    }
 }
 
 /// Runs `action` when the service group shuts down.

@@ -137,14 +137,16 @@ private struct TableReader {
 
     func checkKeys(_ known: [String: Set<String>]) throws {
         for section in table.keys {
+            guard table[section]?.table != nil else {
+                throw PoolError.invalid(
+                    field: "\(source): \(section)", reason: "keys belong in a section such as [server]; see etc/corral/pool.toml")
+            }
             guard let keys = known[section] else {
                 throw PoolError.invalid(
                     field: "\(source): [\(section)]",
                     reason: "unknown section; the sections are \(known.keys.sorted().map { "[\($0)]" }.joined(separator: ", "))")
             }
-            guard let inner = table[section]?.table else {
-                throw PoolError.invalid(field: "\(source): \(section)", reason: "must be a section ([\(section)])")
-            }
+            let inner = table[section]!.table!
             for key in inner.keys where !keys.contains(key) {
                 throw PoolError.invalid(
                     field: "\(source): \(section).\(key)",

@@ -44,6 +44,9 @@ struct ReservationRoutes: Sendable {
             guard let url = URL(string: callback), ["http", "https"].contains(url.scheme?.lowercased() ?? ""), url.host != nil
             else { throw Refusal(.badRequest, "field 'callback_url' must be an http or https URL") }
         }
+        if reservation.instance != nil, reservation.leaseSeconds != nil {
+            throw Refusal(.badRequest, "field 'lease_seconds' applies to a new instance (appliance and flavor), not an offered one")
+        }
         if let lease = reservation.leaseSeconds, lease <= 0 {
             throw Refusal(.badRequest, "field 'lease_seconds' must be a positive number of seconds")
         }

@@ -203,10 +203,11 @@ public final class SQLiteStore: PoolStore {
         try await database.write { db in
             try db.execute(
                 sql: """
-                    UPDATE appliance SET version = ?, latitude = ?, longitude = ?, dynamicImages = ?, lastSeen = ?
+                    UPDATE appliance SET version = COALESCE(?, version), latitude = COALESCE(?, latitude),
+                    longitude = COALESCE(?, longitude), dynamicImages = COALESCE(?, dynamicImages), lastSeen = ?
                     WHERE name = ?
                     """,
-                arguments: [block.version, block.latitude, block.longitude, block.dynamicimages ?? false, date, name])
+                arguments: [block.version, block.latitude, block.longitude, block.dynamicimages, date, name])
             guard db.changesCount == 1 else { throw PoolError.notFound(what: "appliance", name: name) }
             return try Self.appliance(db, named: name)
         }
@@ -374,7 +375,8 @@ public final class SQLiteStore: PoolStore {
                 // The appliance checks the real format with qemu-img before use.
                 image = ImageReference(name: "dynamic", url: url, diskFormat: url.hasSuffix(".raw") ? "raw" : "qcow2")
             } else {
-                throw PoolError.invalid(field: "wisp '\(wisp.name)'", reason: "has neither an image nor a dynamic image URL")
+                throw PoolError.unavailable(
+                    "wisp '\(wisp.name)' names image '\(wisp.image ?? "")', which is not in the catalogue; add it with `corral pool image add`")
             }
             return .parameters(
                 StartParameters(
@@ -411,12 +413,11 @@ public final class SQLiteStore: PoolStore {
             let block = request.appliance
             try db.execute(
                 sql: """
-                    UPDATE appliance SET version = ?, latitude = ?, longitude = ?, dynamicImages = ?, lastSeen = ?, stats = ?
+                    UPDATE appliance SET version = COALESCE(?, version), latitude = COALESCE(?, latitude),
+                    longitude = COALESCE(?, longitude), dynamicImages = COALESCE(?, dynamicImages), lastSeen = ?, stats = ?
                     WHERE id = ?
                     """,
-                arguments: [
-                    block.version, block.latitude, block.longitude, block.dynamicimages ?? false, date, stats, applianceID,
-                ])
+                arguments: [block.version, block.latitude, block.longitude, block.dynamicimages, date, stats, applianceID])
             for id in request.done {
                 try db.execute(
                     sql: "UPDATE action SET doneAt = ? WHERE id = ? AND applianceID = ? AND doneAt IS NULL",
@@ -591,6 +592,7 @@ public final class SQLiteStore: PoolStore {
     public func housekeep(at date: Date, offerStaleAfter: Int, purgeAfter: Int) async throws -> HousekeepingResult {
         try await database.write { db in
             var result = HousekeepingResult()
+            result.lapsed = try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM reservation WHERE expiresAt <= ?", arguments: [date]) ?? 0
             // A flavor slot never reported by its appliance goes with its reservation.
             try db.execute(
                 sql: """
@@ -599,7 +601,6 @@ public final class SQLiteStore: PoolStore {
                     """,
                 arguments: [date])
             try db.execute(sql: "DELETE FROM reservation WHERE expiresAt <= ?", arguments: [date])
-            result.lapsed = db.changesCount
             let silentSince = date.addingTimeInterval(-TimeInterval(offerStaleAfter))
             let withdrawn = try String.fetchAll(
                 db, sql: "SELECT name FROM instance WHERE state = ? AND COALESCE(reportedAt, updatedAt) < ?",

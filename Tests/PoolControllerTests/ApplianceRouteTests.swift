@@ -16,7 +16,7 @@ struct ApplianceRouteTests {
         var app: some ApplicationProtocol {
             buildPoolApplication(
                 configuration: PoolConfiguration(host: "127.0.0.1", port: 0), store: store,
-                logger: Logger(label: "test"))
+                logger: quietLogger)
         }
     }
 
@@ -132,7 +132,7 @@ struct ApplianceRouteTests {
             _ = try await store.addAppliance(name: "rack-\(index)", owner: "alice", tokenDigest: Token.digest(token))
         }
         let app = buildPoolApplication(
-            configuration: PoolConfiguration(host: "127.0.0.1", port: 0), store: store, logger: Logger(label: "test"))
+            configuration: PoolConfiguration(host: "127.0.0.1", port: 0), store: store, logger: quietLogger)
         try await app.test(.live) { [tokens] client in
             try await withThrowingTaskGroup(of: HTTPResponse.Status.self) { group in
                 for request in 0..<300 {
