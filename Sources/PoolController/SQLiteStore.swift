@@ -496,21 +496,25 @@ public final class SQLiteStore: PoolStore {
                 }
                 wispID = row["id"]
             }
-            let held =
-                try Int.fetchOne(
-                    db,
-                    sql: """
-                        SELECT (SELECT COUNT(*) FROM instance WHERE ownerID = ?1 AND state NOT IN (0, 7))
-                        + (SELECT COUNT(*) FROM reservation JOIN instance ON instance.id = reservation.instanceID
-                           WHERE reservation.userID = ?1 AND instance.ownerID != ?1 AND reservation.expiresAt > ?2)
-                        """,
-                    arguments: [userID, date]) ?? 0
-            let limit: Int = userRow["maxInstances"]
-            guard held < limit else {
-                throw PoolError.conflict("user '\(user)' holds \(held) of their \(limit) instances; delete one first")
+            /// Refuses a user at their limit: what they hold are their
+            /// instances (not withdrawn, on offer or decommissioned), and
+            /// the offered instances they reserved.
+            func checkLimit() throws {
+                let held =
+                    try Int.fetchOne(
+                        db,
+                        sql: """
+                            SELECT (SELECT COUNT(*) FROM instance WHERE ownerID = ?1 AND state NOT IN (0, 1, 7))
+                            + (SELECT COUNT(*) FROM reservation JOIN instance ON instance.id = reservation.instanceID
+                               WHERE reservation.userID = ?1 AND instance.state = 1 AND reservation.expiresAt > ?2)
+                            """,
+                        arguments: [userID, date]) ?? 0
+                let limit: Int = userRow["maxInstances"]
+                guard held < limit else {
+                    throw PoolError.conflict("user '\(user)' holds \(held) of their \(limit) instances; delete one first")
+                }
             }
             let instanceID: Int64
-            let applianceName: String
             if let name = request.instance {
                 guard
                     let row = try Row.fetchOne(
@@ -526,11 +530,11 @@ public final class SQLiteStore: PoolStore {
                 }
                 try Self.checkPlaceable(row, name: row["appliance"], staleAfter: applianceStaleAfter, at: date)
                 instanceID = row["id"]
-                applianceName = row["appliance"]
                 try db.execute(sql: "DELETE FROM reservation WHERE instanceID = ? AND expiresAt <= ?", arguments: [instanceID, date])
                 if try Bool.fetchOne(db, sql: "SELECT 1 FROM reservation WHERE instanceID = ?", arguments: [instanceID]) ?? false {
                     throw PoolError.conflict("instance '\(name)' is reserved already")
                 }
+                try checkLimit()
             } else {
                 guard let appliance = request.appliance, let flavorName = request.flavor else {
                     throw PoolError.invalid(field: "instance", reason: "give either 'instance' or both 'appliance' and 'flavor'")
@@ -543,6 +547,7 @@ public final class SQLiteStore: PoolStore {
                 try Self.checkPlaceable(row, name: appliance, staleAfter: applianceStaleAfter, at: date)
                 let size = InstanceFlavor(name: flavorName, vcpus: flavor["vcpus"], memory: flavor["memory"], disk: flavor["disk"])
                 try Self.checkRoom(db, applianceID: row["id"], stats: row["stats"], for: size, appliance: appliance)
+                try checkLimit()
                 let instanceName = "i-" + Token.generate().prefix(12)
                 let flavorJSON = String(decoding: try JSONEncoder().encode(size), as: UTF8.self)
                 try db.execute(
@@ -555,7 +560,6 @@ public final class SQLiteStore: PoolStore {
                         request.callbackURL, date, date,
                     ])
                 instanceID = db.lastInsertedRowID
-                applianceName = appliance
                 _ = try Self.insertAction(
                     db, kind: .start, instanceID: instanceID, applianceID: row["id"], flavor: flavorJSON,
                     expires: request.leaseSeconds.map { date.addingTimeInterval(TimeInterval($0)) }, at: date)
@@ -570,7 +574,6 @@ public final class SQLiteStore: PoolStore {
                     id, userID, instanceID, request.flavor, wispID, request.callbackURL, date,
                     date.addingTimeInterval(TimeInterval(lifetime)),
                 ])
-            _ = applianceName
             return try Self.reservation(db, id: id)
         }
     }

@@ -37,7 +37,7 @@ struct InstanceReportTests {
     static func app(_ store: SQLiteStore) -> some ApplicationProtocol {
         buildPoolApplication(
             configuration: PoolConfiguration(host: "127.0.0.1", port: 0, consoleTailLines: 3), store: store,
-            logger: Logger(label: "test"))
+            logger: quietLogger)
     }
 
     static func report(_ token: String, _ instance: InstanceReport) throws -> ByteBuffer {

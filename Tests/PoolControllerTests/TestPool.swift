@@ -19,7 +19,7 @@ struct TestPool {
     /// Tokens by appliance or user name.
     let tokens: [String: String]
 
-    static func make(configure: (inout PoolConfiguration) -> Void = { _ in }) async throws -> TestPool {
+    static func make(systemDefault: Bool = true, configure: (inout PoolConfiguration) -> Void = { _ in }) async throws -> TestPool {
         let (store, path) = try makeStore()
         var tokens: [String: String] = [:]
         for (name, superuser, limit) in [("alice", false, 2), ("bob", false, 5), ("root", true, 100)] {
@@ -38,7 +38,7 @@ struct TestPool {
         try await store.addImage(Image(name: "cirros", url: "http://images.test/cirros.qcow2"))
         try await store.addWisp(Wisp(name: "alice-web", owner: "alice", image: "debian", sshKeys: ["ssh-ed25519 AAAA alice"], isDefault: true))
         try await store.addWisp(Wisp(name: "bob-web", owner: "bob", image: "debian"))
-        try await store.addWisp(Wisp(name: "fallback", owner: "root", image: "cirros", isSystemDefault: true))
+        try await store.addWisp(Wisp(name: "fallback", owner: "root", image: "cirros", isSystemDefault: systemDefault))
         var configuration = PoolConfiguration(host: "127.0.0.1", port: 0)
         configure(&configuration)
         return TestPool(store: store, path: path, configuration: configuration, tokens: tokens)
