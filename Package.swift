@@ -85,7 +85,10 @@ let package = Package(
         ),
         .testTarget(
             name: "CorralTests",
-            dependencies: ["Libvirt", "PoolAPI", "TestSupport"]
+            dependencies: [
+                "Libvirt", "PoolAPI", "TestSupport",
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+            ]
         ),
     ],
     swiftLanguageModes: [.v6]
