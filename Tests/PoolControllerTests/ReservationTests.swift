@@ -200,7 +200,7 @@ struct HousekeepingTests {
         _ = try await pool.store.checkIn(
             "rack-1", request: CheckInRequest(appliance: ApplianceBlock(apitoken: ""), stats: TestPool.roomy), at: now)
         let rack = try #require(try await pool.store.appliances().first { $0.name == "rack-1" })
-        #expect(!rack.isStale(at: now.addingTimeInterval(300), after: 300))
+        #expect(!rack.isStale(at: now.addingTimeInterval(299), after: 300))
         #expect(rack.isStale(at: now.addingTimeInterval(301), after: 300))
         #expect(try #require(try await pool.store.appliances().first { $0.name == "rack-2" }).isStale(at: now, after: 300))
     }
