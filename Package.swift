@@ -8,6 +8,7 @@ let package = Package(
         .executable(name: "corral", targets: ["corral"]),
         .library(name: "Libvirt", targets: ["Libvirt"]),
         .library(name: "PoolAPI", targets: ["PoolAPI"]),
+        .library(name: "CloudInit", targets: ["CloudInit"]),
         .library(name: "PoolController", targets: ["PoolController"]),
     ],
     dependencies: [
@@ -37,6 +38,10 @@ let package = Package(
             ]
         ),
         .target(name: "PoolAPI"),
+        .target(
+            name: "CloudInit",
+            dependencies: [.product(name: "Yams", package: "Yams")]
+        ),
         .target(
             name: "PoolController",
             dependencies: [
@@ -82,6 +87,10 @@ let package = Package(
                 .product(name: "HummingbirdTesting", package: "hummingbird"),
                 .product(name: "Yams", package: "Yams"),
             ]
+        ),
+        .testTarget(
+            name: "CloudInitTests",
+            dependencies: ["CloudInit", "TestSupport", .product(name: "Yams", package: "Yams")]
         ),
         .testTarget(
             name: "CorralTests",

@@ -1,0 +1,124 @@
+import CloudInit
+import Foundation
+import Testing
+import TestSupport
+import Yams
+
+@Suite("cloud-init seed")
+struct SeedTests {
+    static let seed = Seed(
+        instanceID: "i-0123456789ab", hostname: "web-1", instanceName: "web-1", poolURL: "http://127.0.0.1:8080",
+        sshKeys: ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGx alice@laptop"], postCreate: "#!/bin/sh\necho ready > /run/marker\n",
+        macAddress: "52:54:00:AB:CD:EF")
+
+    @Test("each file renders as exact text")
+    func exactText() throws {
+        #expect(try Self.seed.metaData() == "instance-id: i-0123456789ab\nlocal-hostname: web-1\n")
+        #expect(
+            try Self.seed.networkConfig() == """
+                version: 2
+                ethernets:
+                  primary:
+                    match:
+                      macaddress: 52:54:00:ab:cd:ef
+                    dhcp4: true
+
+                """)
+        #expect(
+            try Self.seed.cloudConfig() == """
+                #cloud-config
+                hostname: web-1
+                ssh_authorized_keys:
+                - ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGx alice@laptop
+                write_files:
+                - path: /etc/corral/instance.env
+                  owner: root:root
+                  permissions: '0644'
+                  content: |
+                    CORRAL_INSTANCE='web-1'
+                    CORRAL_POOL_URL='http://127.0.0.1:8080'
+
+                """)
+        #expect(
+            try Self.seed.userData(boundary: "BOUNDARY") == """
+                Content-Type: multipart/mixed; boundary="BOUNDARY"
+                MIME-Version: 1.0
+
+                --BOUNDARY
+                Content-Type: text/cloud-config; charset="utf-8"
+                MIME-Version: 1.0
+                Content-Transfer-Encoding: 8bit
+                Content-Disposition: attachment; filename="cloud-config.yaml"
+
+                \(try Self.seed.cloudConfig())--BOUNDARY
+                Content-Type: text/x-shellscript; charset="utf-8"
+                MIME-Version: 1.0
+                Content-Transfer-Encoding: 8bit
+                Content-Disposition: attachment; filename="post-create.sh"
+
+                #!/bin/sh
+                echo ready > /run/marker
+                --BOUNDARY--
+
+                """)
+    }
+
+    @Test("post-create: a script, a cloud-config to merge, plain lines run by /bin/sh, nothing when empty")
+    func postCreateKinds() throws {
+        var seed = Self.seed
+        seed.postCreate = "#cloud-config\npackages: [nginx]\n"
+        #expect(seed.postCreatePart?.type == "text/cloud-config")
+        #expect(try seed.userData(boundary: "B").contains("Merge-Type: dict(no_replace,recurse_list)+list(append)+str()\n\n#cloud-config\npackages: [nginx]\n"))
+        seed.postCreate = "apt-get install -y nginx"
+        #expect(seed.postCreatePart?.type == "text/x-shellscript")
+        #expect(seed.postCreatePart?.text == "#!/bin/sh\napt-get install -y nginx")
+        seed.postCreate = "  \n"
+        #expect(seed.postCreatePart == nil)
+        #expect(try seed.userData(boundary: "B").components(separatedBy: "--B\n").count == 2)
+    }
+
+    @Test("keys, names and scripts cannot inject into our cloud-config or break the multipart")
+    func injection() throws {
+        let hostile = [
+            "ssh-ed25519 AAAA x\nruncmd: [reboot]", "#cloud-config", "- ssh-rsa BBBB y", "key: value", "'quoted' \"double\"",
+            "ssh-ed25519 AAAA z # comment", "&anchor *alias !!python/object",
+        ]
+        var seed = Self.seed
+        seed.sshKeys = hostile
+        seed.instanceName = "web'1\nCORRAL_POOL_URL=evil"
+        seed.postCreate = "#!/bin/sh\necho --BOUNDARY\necho --BOUNDARY--\n"
+        let config = try #require(try Yams.load(yaml: try seed.cloudConfig()) as? [String: Any])
+        #expect(Set(config.keys) == ["hostname", "ssh_authorized_keys", "write_files"])
+        #expect(config["ssh_authorized_keys"] as? [String] == hostile)
+        let files = try #require(config["write_files"] as? [[String: Any]])
+        #expect(files.count == 1)
+        #expect(files.first?["content"] as? String == "CORRAL_INSTANCE='web'\\''1\nCORRAL_POOL_URL=evil'\nCORRAL_POOL_URL='http://127.0.0.1:8080'\n")
+
+        // The boundary asked for appears in a part, so another one is chosen.
+        let userData = try seed.userData(boundary: "BOUNDARY")
+        let boundary = try #require(userData.firstMatch(of: /boundary="([^"]+)"/)?.1)
+        #expect(boundary != "BOUNDARY")
+        #expect(userData.components(separatedBy: "--\(boundary)\n").count == 3)
+        #expect(userData.hasSuffix("--\(boundary)--\n"))
+    }
+
+    @Test("our cloud-config passes `cloud-init schema`, with and without keys")
+    func schema() async throws {
+        let directory = try Paths.scratchDirectory("seed")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        var bare = Self.seed
+        bare.sshKeys = []
+        for (index, seed) in [Self.seed, bare].enumerated() {
+            let file = directory.appendingPathComponent("cloud-config-\(index).yaml")
+            try seed.cloudConfig().write(to: file, atomically: true, encoding: .utf8)
+            let result = try await runCommand(URL(fileURLWithPath: "/usr/bin/cloud-init"), ["schema", "--config-file", file.path])
+            #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
+            #expect(result.stdout.contains("Valid cloud-config"), "\(result.stdout)")
+        }
+        // The validator is real: a wrong type is reported.
+        let broken = directory.appendingPathComponent("broken.yaml")
+        try "#cloud-config\nssh_authorized_keys: 42\n".write(to: broken, atomically: true, encoding: .utf8)
+        let refused = try await runCommand(URL(fileURLWithPath: "/usr/bin/cloud-init"), ["schema", "--config-file", broken.path])
+        #expect(refused.status != 0)
+    }
+}
