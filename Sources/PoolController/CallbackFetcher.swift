@@ -37,9 +37,7 @@ public final class CallbackFetcher: Sendable {
     /// The start parameters at the end of the chain that begins at `url`.
     public func startParameters(from url: String) async throws(CallbackError) -> StartParameters {
         var next = url
-        var visited: [String] = []
-        while visited.count < limits.maxHops {
-            visited.append(next)
+        for _ in 0..<limits.maxHops {
             let parameters = try await fetch(next)
             guard !parameters.callbackURL.isEmpty else { return parameters }
             next = parameters.callbackURL
@@ -55,16 +53,17 @@ public final class CallbackFetcher: Sendable {
         else { throw refuse("only absolute http or https URLs are followed") }
         guard url.user == nil, url.password == nil else { throw refuse("URLs carrying credentials are refused") }
         let port = url.port ?? (scheme == "https" ? 443 : 80)
+        let bareHost = host.trimmingCharacters(in: CharacterSet(charactersIn: "[]"))
         let addresses: [IPAddressBytes]
         do {
-            addresses = try await resolve(host: host.trimmingCharacters(in: CharacterSet(charactersIn: "[]")), port: port)
+            addresses = try await resolve(host: bareHost, port: port)
         } catch {
             throw refuse("cannot resolve \(host): \(error)")
         }
         guard let first = addresses.first else { throw refuse("\(host) has no address") }
         for address in addresses {
             if let reason = address.specialUse, !allow.contains(where: { $0.contains(address) }) {
-                let what = IPAddressBytes(host.trimmingCharacters(in: CharacterSet(charactersIn: "[]"))) != nil
+                let what = IPAddressBytes(bareHost) != nil
                     ? "\(address) is" : "\(host) resolves to \(address),"
                 throw refuse(
                     "\(what) a \(reason) address; callbacks may only reach public addresses unless callbacks.allow in the pool's configuration names the network"

@@ -410,14 +410,9 @@ public final class SQLiteStore: PoolStore {
         let stats = String(decoding: try JSONEncoder().encode(request.stats), as: UTF8.self)
         return try await database.write { db in
             let (applianceID, ownerID) = try Self.applianceIDs(db, named: appliance)
-            let block = request.appliance
+            // The appliance block itself was recorded when the request authenticated.
             try db.execute(
-                sql: """
-                    UPDATE appliance SET version = COALESCE(?, version), latitude = COALESCE(?, latitude),
-                    longitude = COALESCE(?, longitude), dynamicImages = COALESCE(?, dynamicImages), lastSeen = ?, stats = ?
-                    WHERE id = ?
-                    """,
-                arguments: [block.version, block.latitude, block.longitude, block.dynamicimages, date, stats, applianceID])
+                sql: "UPDATE appliance SET lastSeen = ?, stats = ? WHERE id = ?", arguments: [date, stats, applianceID])
             for id in request.done {
                 try db.execute(
                     sql: "UPDATE action SET doneAt = ? WHERE id = ? AND applianceID = ? AND doneAt IS NULL",

@@ -198,7 +198,8 @@ public protocol PoolStore: Sendable {
     /// The user whose token has this digest.
     func user(tokenDigest: String) async throws -> User?
 
-    /// Records a check-in: last seen, stats, the state of each summarized
+    /// Records a check-in (its appliance block goes through
+    /// ``recordCheckIn(_:block:at:)``): last seen, stats, the state of each summarized
     /// instance (new ones are created, other appliances' are left alone),
     /// and the actions now done. Returns the actions still pending.
     func checkIn(_ appliance: String, request: CheckInRequest, at date: Date) async throws -> RecordedCheckIn
