@@ -9,6 +9,7 @@ let package = Package(
         .library(name: "Libvirt", targets: ["Libvirt"]),
         .library(name: "PoolAPI", targets: ["PoolAPI"]),
         .library(name: "CloudInit", targets: ["CloudInit"]),
+        .library(name: "Agent", targets: ["Agent"]),
         .library(name: "PoolController", targets: ["PoolController"]),
     ],
     dependencies: [
@@ -39,26 +40,41 @@ let package = Package(
         ),
         .target(name: "PoolAPI"),
         .target(
+            name: "Support",
+            dependencies: [.product(name: "TOMLKit", package: "TOMLKit")]
+        ),
+        .target(
             name: "CloudInit",
-            dependencies: [.product(name: "Yams", package: "Yams")]
+            dependencies: ["Support", .product(name: "Yams", package: "Yams")]
+        ),
+        .target(
+            name: "Agent",
+            dependencies: [
+                "CloudInit", "Libvirt", "PoolAPI", "Support",
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "GRDB", package: "GRDB.swift"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ]
         ),
         .target(
             name: "PoolController",
             dependencies: [
-                "PoolAPI",
+                "PoolAPI", "Support",
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "GRDB", package: "GRDB.swift"),
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
-                .product(name: "TOMLKit", package: "TOMLKit"),
             ],
             resources: [.embedInCode("openapi.yaml")]
         ),
         .executableTarget(
             name: "corral",
             dependencies: [
+                "Agent",
                 "Libvirt",
                 "PoolAPI",
                 "PoolController",
@@ -70,6 +86,7 @@ let package = Package(
         ),
         .target(
             name: "TestSupport",
+            dependencies: ["Support"],
             path: "Tests/TestSupport"
         ),
         .testTarget(
@@ -91,6 +108,15 @@ let package = Package(
         .testTarget(
             name: "CloudInitTests",
             dependencies: ["CloudInit", "TestSupport", .product(name: "Yams", package: "Yams")]
+        ),
+        .testTarget(
+            name: "AgentTests",
+            dependencies: [
+                "Agent", "Libvirt", "PoolAPI", "TestSupport",
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "HummingbirdTesting", package: "hummingbird"),
+            ]
         ),
         .testTarget(
             name: "CorralTests",

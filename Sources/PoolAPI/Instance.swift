@@ -72,16 +72,20 @@ public struct InstanceReport: Codable, Sendable, Equatable {
     public var ipAddresses: [IPAddress]?
     /// The newest lines of the serial console.
     public var consoleOutput: [String]?
+    /// Why the instance failed (a build step, the boot, a power action);
+    /// nil when nothing is wrong. The pool keeps the newest.
+    public var error: String?
 
     enum CodingKeys: String, CodingKey {
         case name, state, flavor, ask, expires, address
         case ipAddresses = "ip_addresses"
         case consoleOutput = "console_output"
+        case error
     }
 
     public init(
         name: String, state: InstanceState, flavor: InstanceFlavor? = nil, ask: Int? = nil, expires: Int? = nil,
-        address: String? = nil, ipAddresses: [IPAddress]? = nil, consoleOutput: [String]? = nil
+        address: String? = nil, ipAddresses: [IPAddress]? = nil, consoleOutput: [String]? = nil, error: String? = nil
     ) {
         self.name = name
         self.state = state
@@ -91,6 +95,7 @@ public struct InstanceReport: Codable, Sendable, Equatable {
         self.address = address
         self.ipAddresses = ipAddresses
         self.consoleOutput = consoleOutput
+        self.error = error
     }
 }
 
@@ -115,11 +120,15 @@ public struct ImageReference: Codable, Sendable, Equatable {
     public var containerFormat: String
     /// `qcow2` or `raw`.
     public var diskFormat: String
+    /// For an image without a boot loader: the kernel and initrd the
+    /// appliance boots it with.
+    public var kernelBoot: KernelBoot?
 
     enum CodingKeys: String, CodingKey {
         case name, url, sha256
         case containerFormat = "container_format"
         case diskFormat = "disk_format"
+        case kernelBoot = "kernel_boot"
     }
 
     /// Reads an image reference; `container_format` defaults to `bare`.
@@ -130,14 +139,46 @@ public struct ImageReference: Codable, Sendable, Equatable {
         sha256 = try container.decodeIfPresent(String.self, forKey: .sha256)
         containerFormat = try container.decodeIfPresent(String.self, forKey: .containerFormat) ?? "bare"
         diskFormat = try container.decode(String.self, forKey: .diskFormat)
+        kernelBoot = try container.decodeIfPresent(KernelBoot.self, forKey: .kernelBoot)
     }
 
-    public init(name: String, url: String, sha256: String? = nil, containerFormat: String = "bare", diskFormat: String) {
+    public init(
+        name: String, url: String, sha256: String? = nil, containerFormat: String = "bare", diskFormat: String,
+        kernelBoot: KernelBoot? = nil
+    ) {
         self.name = name
         self.url = url
         self.sha256 = sha256
         self.containerFormat = containerFormat
         self.diskFormat = diskFormat
+        self.kernelBoot = kernelBoot
+    }
+}
+
+/// A file the appliance downloads: where from, and its SHA-256 when known.
+public struct RemoteFile: Codable, Sendable, Equatable {
+    public var url: String
+    /// Hex SHA-256; the appliance refuses a file that does not match.
+    public var sha256: String?
+
+    public init(url: String, sha256: String? = nil) {
+        self.url = url
+        self.sha256 = sha256
+    }
+}
+
+/// Direct kernel boot: the image is a root file system without a boot
+/// loader, booted with this kernel, initrd and command line.
+public struct KernelBoot: Codable, Sendable, Equatable {
+    public var kernel: RemoteFile
+    public var initrd: RemoteFile?
+    /// The kernel command line, e.g. `root=/dev/vda console=ttyS0 rw`.
+    public var cmdline: String
+
+    public init(kernel: RemoteFile, initrd: RemoteFile? = nil, cmdline: String = "") {
+        self.kernel = kernel
+        self.initrd = initrd
+        self.cmdline = cmdline
     }
 }
 

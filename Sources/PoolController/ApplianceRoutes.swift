@@ -94,7 +94,6 @@ struct ApplianceRoutes: Sendable {
                 return try reply(.badGateway, Envelope.error(error.description))
             }
         }
-        if recorded.instance.lastError != nil { try await store.setLastError(nil, forInstance: name) }
         return try reply(.ok, Envelope.success(parameters))
     }
 }

@@ -1,5 +1,5 @@
 import Foundation
-import TOMLKit
+import Support
 
 /// Everything the pool controller is configured with. `corral pool serve`
 /// reads it from a TOML file (see `etc/corral/pool.toml`), then applies its
@@ -77,27 +77,26 @@ public struct PoolConfiguration: Sendable, Equatable {
     /// Unknown keys, wrong types and out-of-range values are errors naming
     /// the key.
     public static func load(path: String) throws -> PoolConfiguration {
-        let text: String
-        do {
-            text = try String(contentsOfFile: path, encoding: .utf8)
-        } catch {
-            throw PoolError.invalid(field: path, reason: "cannot read the configuration file (\(error.localizedDescription))")
-        }
-        return try parse(text, source: path)
+        try invalidAsPoolError { try read(TOMLReader.load(path: path, known: keys, example: example)) }
     }
 
     /// Parses the text of a configuration file named `source` in errors.
     public static func parse(_ text: String, source: String = "configuration") throws -> PoolConfiguration {
-        let table: TOMLTable
+        try invalidAsPoolError { try read(TOMLReader(text, source: source, known: keys, example: example)) }
+    }
+
+    private static let example = "etc/corral/pool.toml"
+
+    private static func invalidAsPoolError<T>(_ body: () throws -> T) throws -> T {
         do {
-            table = try TOMLTable(string: text)
-        } catch let error as TOMLParseError {
-            throw PoolError.invalid(
-                field: source, reason: "not valid TOML at line \(error.source.begin.line): \(error.description)")
+            return try body()
+        } catch let error as ConfigurationError {
+            throw PoolError.invalid(field: error.field, reason: error.reason)
         }
+    }
+
+    private static func read(_ reader: TOMLReader) throws -> PoolConfiguration {
         var configuration = PoolConfiguration()
-        var reader = TableReader(table: table, source: source)
-        try reader.checkKeys(keys)
         configuration.host = try reader.string("server", "host") ?? configuration.host
         configuration.port = try reader.int("server", "port", in: 0...65535) ?? configuration.port
         configuration.publicURL = try reader.string("server", "public_url") ?? configuration.publicURL
@@ -111,9 +110,8 @@ public struct PoolConfiguration: Sendable, Equatable {
         configuration.callbacks.maxHops = try reader.int("callbacks", "max_hops", in: 1...7) ?? configuration.callbacks.maxHops
         configuration.callbacks.allow = try reader.strings("callbacks", "allow") ?? configuration.callbacks.allow
         for network in configuration.callbacks.allow where IPNetwork(network) == nil {
-            throw PoolError.invalid(
-                field: "\(source): callbacks.allow",
-                reason: "'\(network)' is not an address or network such as \"127.0.0.0/8\" or \"fd00::/8\"")
+            throw reader.invalid(
+                "callbacks", "allow", "'\(network)' is not an address or network such as \"127.0.0.0/8\" or \"fd00::/8\"")
         }
         configuration.reservationSeconds =
             try reader.int("reservations", "expire_seconds", in: 1...604_800) ?? configuration.reservationSeconds
@@ -127,63 +125,5 @@ public struct PoolConfiguration: Sendable, Equatable {
             try reader.int("housekeeping", "purge_after_seconds", in: 1...31_536_000) ?? housekeeping.purgeAfterSeconds
         configuration.housekeeping = housekeeping
         return configuration
-    }
-}
-
-/// Typed reads from a parsed TOML file, with errors naming `section.key`.
-private struct TableReader {
-    let table: TOMLTable
-    let source: String
-
-    func checkKeys(_ known: [String: Set<String>]) throws {
-        for section in table.keys {
-            guard table[section]?.table != nil else {
-                throw PoolError.invalid(
-                    field: "\(source): \(section)", reason: "keys belong in a section such as [server]; see etc/corral/pool.toml")
-            }
-            guard let keys = known[section] else {
-                throw PoolError.invalid(
-                    field: "\(source): [\(section)]",
-                    reason: "unknown section; the sections are \(known.keys.sorted().map { "[\($0)]" }.joined(separator: ", "))")
-            }
-            let inner = table[section]!.table!
-            for key in inner.keys where !keys.contains(key) {
-                throw PoolError.invalid(
-                    field: "\(source): \(section).\(key)",
-                    reason: "unknown key; [\(section)] takes \(keys.sorted().joined(separator: ", "))")
-            }
-        }
-    }
-
-    private func value(_ section: String, _ key: String) -> TOMLValueConvertible? {
-        table[section]?.table?[key]
-    }
-
-    private func wrongType(_ section: String, _ key: String, _ expected: String) -> PoolError {
-        PoolError.invalid(field: "\(source): \(section).\(key)", reason: "must be \(expected)")
-    }
-
-    func string(_ section: String, _ key: String) throws -> String? {
-        guard let value = value(section, key) else { return nil }
-        guard let string = value.string else { throw wrongType(section, key, "a string") }
-        return string
-    }
-
-    func int(_ section: String, _ key: String, in range: ClosedRange<Int>) throws -> Int? {
-        guard let value = value(section, key) else { return nil }
-        guard let int = value.int else { throw wrongType(section, key, "an integer") }
-        guard range.contains(int) else {
-            throw wrongType(section, key, "between \(range.lowerBound) and \(range.upperBound) (it is \(int))")
-        }
-        return int
-    }
-
-    func strings(_ section: String, _ key: String) throws -> [String]? {
-        guard let value = value(section, key) else { return nil }
-        guard let array = value.array else { throw wrongType(section, key, "an array of strings") }
-        return try array.map { element in
-            guard let string = element.string else { throw wrongType(section, key, "an array of strings") }
-            return string
-        }
     }
 }

@@ -134,6 +134,11 @@ public final class SQLiteStore: PoolStore {
                 table.column("expiresAt", .datetime).notNull()
             }
         }
+        migrator.registerMigration("4-image-kernel-boot") { db in
+            try db.alter(table: "image") { table in
+                table.add(column: "kernelBoot", .jsonText)
+            }
+        }
         return migrator
     }
 
@@ -250,8 +255,11 @@ public final class SQLiteStore: PoolStore {
     public func addImage(_ image: Image) async throws {
         try await write(what: "image", name: image.name) { db in
             try db.execute(
-                sql: "INSERT INTO image (name, url, sha256, diskFormat) VALUES (?, ?, ?, ?)",
-                arguments: [image.name, image.url, image.sha256, image.diskFormat])
+                sql: "INSERT INTO image (name, url, sha256, diskFormat, kernelBoot) VALUES (?, ?, ?, ?, ?)",
+                arguments: [
+                    image.name, image.url, image.sha256, image.diskFormat,
+                    try image.kernelBoot.map { String(decoding: try JSONEncoder().encode($0), as: UTF8.self) },
+                ])
         }
     }
 
@@ -323,21 +331,21 @@ public final class SQLiteStore: PoolStore {
                 try db.execute(
                     sql: """
                         UPDATE instance SET state = ?, flavor = COALESCE(?, flavor), ask = ?, expires = ?, address = ?,
-                        ipAddresses = ?, consoleTail = ?, reportedAt = ?, updatedAt = ? WHERE id = ?
+                        ipAddresses = ?, consoleTail = ?, lastError = ?, reportedAt = ?, updatedAt = ? WHERE id = ?
                         """,
                     arguments: [
-                        report.state.rawValue, flavor, report.ask, expires, report.address, addresses, tail, date, date,
-                        previous.id,
+                        report.state.rawValue, flavor, report.ask, expires, report.address, addresses, tail, report.error,
+                        date, date, previous.id,
                     ])
             } else {
                 try db.execute(
                     sql: """
                         INSERT INTO instance (name, applianceID, ownerID, state, flavor, ask, expires, address, ipAddresses,
-                        consoleTail, createdAt, reportedAt, updatedAt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                        consoleTail, lastError, createdAt, reportedAt, updatedAt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                         """,
                     arguments: [
                         report.name, applianceID, ownerID, report.state.rawValue, flavor, report.ask, expires,
-                        report.address, addresses, tail, date, date, date,
+                        report.address, addresses, tail, report.error, date, date, date,
                     ])
             }
             try Self.claimReservation(db, instance: report.name, at: date)
@@ -370,7 +378,9 @@ public final class SQLiteStore: PoolStore {
                 let imageRow = try Row.fetchOne(db, sql: "SELECT * FROM image WHERE name = ?", arguments: [imageName])
             {
                 let stored = Self.image(imageRow)
-                image = ImageReference(name: stored.name, url: stored.url, sha256: stored.sha256, diskFormat: stored.diskFormat)
+                image = ImageReference(
+                    name: stored.name, url: stored.url, sha256: stored.sha256, diskFormat: stored.diskFormat,
+                    kernelBoot: stored.kernelBoot)
             } else if let url = wisp.dynamicImageURL {
                 // The appliance checks the real format with qemu-img before use.
                 image = ImageReference(name: "dynamic", url: url, diskFormat: url.hasSuffix(".raw") ? "raw" : "qcow2")
@@ -750,7 +760,8 @@ public final class SQLiteStore: PoolStore {
     }
 
     private static func image(_ row: Row) -> Image {
-        Image(name: row["name"], url: row["url"], sha256: row["sha256"], diskFormat: row["diskFormat"])
+        let kernelBoot = (row["kernelBoot"] as String?).flatMap { try? JSONDecoder().decode(KernelBoot.self, from: Data($0.utf8)) }
+        return Image(name: row["name"], url: row["url"], sha256: row["sha256"], diskFormat: row["diskFormat"], kernelBoot: kernelBoot)
     }
 
     private static func wisp(_ row: Row) -> Wisp {

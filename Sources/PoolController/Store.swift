@@ -42,12 +42,16 @@ public struct Image: Sendable, Equatable, Codable {
     public var sha256: String?
     /// `qcow2` or `raw`.
     public var diskFormat: String
+    /// For a root file system without a boot loader: the kernel, initrd
+    /// and command line to boot it with.
+    public var kernelBoot: KernelBoot?
 
-    public init(name: String, url: String, sha256: String? = nil, diskFormat: String = "qcow2") {
+    public init(name: String, url: String, sha256: String? = nil, diskFormat: String = "qcow2", kernelBoot: KernelBoot? = nil) {
         self.name = name
         self.url = url
         self.sha256 = sha256
         self.diskFormat = diskFormat
+        self.kernelBoot = kernelBoot
     }
 }
 

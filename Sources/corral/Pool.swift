@@ -350,20 +350,39 @@ extension Corral.Pool {
             @Option(help: "Where appliances download it (http or https).") var url: String
             @Option(help: "The file's SHA-256 in hex; appliances refuse a file that does not match.") var sha256: String?
             @Option(help: "qcow2 or raw.") var diskFormat = "qcow2"
+            @Option(help: "For an image without a boot loader: the URL of the kernel to boot it with.") var kernelURL: String?
+            @Option(help: "The kernel's SHA-256 in hex.") var kernelSha256: String?
+            @Option(help: "The URL of the initrd to boot the kernel with.") var initrdURL: String?
+            @Option(help: "The initrd's SHA-256 in hex.") var initrdSha256: String?
+            @Option(help: "The kernel command line (with --kernel-url).") var cmdline = "root=/dev/vda console=ttyS0 rw"
 
             func validate() throws {
                 try validateName(name, field: "NAME")
                 try validateHTTPURL(url, option: "--url")
-                if let sha256, sha256.count != 64 || !sha256.allSatisfy(\.isHexDigit) {
-                    throw ValidationError("--sha256 must be 64 hex digits (it was '\(sha256)').")
+                for (option, value) in [("--sha256", sha256), ("--kernel-sha256", kernelSha256), ("--initrd-sha256", initrdSha256)] {
+                    if let value, value.count != 64 || !value.allSatisfy(\.isHexDigit) {
+                        throw ValidationError("\(option) must be 64 hex digits (it was '\(value)').")
+                    }
                 }
                 guard ["qcow2", "raw"].contains(diskFormat) else {
                     throw ValidationError("--disk-format must be qcow2 or raw (it was '\(diskFormat)').")
                 }
+                if let kernelURL { try validateHTTPURL(kernelURL, option: "--kernel-url") }
+                if let initrdURL { try validateHTTPURL(initrdURL, option: "--initrd-url") }
+                if kernelURL == nil, initrdURL != nil || kernelSha256 != nil || initrdSha256 != nil {
+                    throw ValidationError("--initrd-url, --kernel-sha256 and --initrd-sha256 need --kernel-url.")
+                }
+                if initrdURL == nil, initrdSha256 != nil { throw ValidationError("--initrd-sha256 needs --initrd-url.") }
             }
 
             func run() async throws {
-                let image = Image(name: name, url: url, sha256: sha256?.lowercased(), diskFormat: diskFormat)
+                let kernelBoot = kernelURL.map { kernel in
+                    KernelBoot(
+                        kernel: RemoteFile(url: kernel, sha256: kernelSha256?.lowercased()),
+                        initrd: initrdURL.map { RemoteFile(url: $0, sha256: initrdSha256?.lowercased()) }, cmdline: cmdline)
+                }
+                let image = Image(
+                    name: name, url: url, sha256: sha256?.lowercased(), diskFormat: diskFormat, kernelBoot: kernelBoot)
                 try await administer { try await store.openExisting().addImage(image) }
                 print("image '\(name)' added")
             }

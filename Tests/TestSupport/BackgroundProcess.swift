@@ -35,8 +35,8 @@ public final class BackgroundProcess: Sendable {
     private let errors = Text()
 
     /// Starts `executable` with `arguments`, standard input /dev/null.
-    public init(_ executable: URL, _ arguments: [String]) throws {
-        let child = try spawn(executable.path, arguments)
+    public init(_ executable: URL, _ arguments: [String], environment: [String: String]? = nil) throws {
+        let child = try Child.spawn(executable.path, arguments, environment: environment)
         pid = child.pid
         output.collect(child.stdout)
         errors.collect(child.stderr)
@@ -55,13 +55,24 @@ public final class BackgroundProcess: Sendable {
         throw SetupError("no line with '\(text)' within \(timeout). stdout:\n\(stdout)\nstderr:\n\(stderr)")
     }
 
+    /// Waits until standard error has a line containing `text`; returns it.
+    public func line(inStderrContaining text: String, timeout: Duration) async throws -> String {
+        let deadline = ContinuousClock.now + timeout
+        while ContinuousClock.now < deadline {
+            if let line = stderr.split(separator: "\n").first(where: { $0.contains(text) }) { return String(line) }
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        throw SetupError("no line with '\(text)' on stderr within \(timeout). stderr:\n\(stderr.suffix(4000))")
+    }
+
     private let exited = Mutex(false)
 
-    /// Sends SIGTERM and waits for the exit; returns the exit status.
-    public func terminate() async -> Int32 {
-        kill(pid, SIGTERM)
+    /// Sends `signal` (SIGTERM unless told) and waits for the exit; returns
+    /// the exit status.
+    public func terminate(signal: Int32 = SIGTERM) async -> Int32 {
+        kill(pid, signal)
         let status = await withCheckedContinuation { continuation in
-            Thread.detachNewThread { [pid] in continuation.resume(returning: waitForExit(pid)) }
+            Thread.detachNewThread { [pid] in continuation.resume(returning: Child(pid: pid, stdout: -1, stderr: -1).wait()) }
         }
         exited.withLock { $0 = true }
         return status
@@ -71,7 +82,7 @@ public final class BackgroundProcess: Sendable {
         // A test that failed early still must not leave its server behind.
         if !exited.withLock({ $0 }) {
             kill(pid, SIGKILL)
-            _ = waitForExit(pid)
+            _ = Child(pid: pid, stdout: -1, stderr: -1).wait()
         }
     }
 }

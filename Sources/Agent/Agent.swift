@@ -1,0 +1,747 @@
+import CloudInit
+import Foundation
+import Libvirt
+import Logging
+import PoolAPI
+import ServiceLifecycle
+import Support
+import Synchronization
+
+/// A failure that stops the agent: it cannot do anything useful until a
+/// person fixes what the message says.
+public struct AgentFatalError: Error, CustomStringConvertible {
+    public var description: String
+    public init(_ description: String) { self.description = description }
+}
+
+/// A build step that failed, and why.
+struct BuildError: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
+}
+
+/// The agent: checks in with the pool, applies its actions once each,
+/// builds and boots instances through libvirt, reports every change, and
+/// enforces leases, all as one Service. It shuts down on graceful shutdown
+/// without touching running VMs; what it was doing resumes at its next
+/// start from its SQLite state.
+public final class Agent: Service, Sendable {
+    public static let version = "corral-agent 0.1.0"
+
+    let configuration: AgentConfiguration
+    let logger: Logger
+    let client: PoolClient
+    let store: AgentStore
+    let images: ImageCache
+    let connection: Connection
+    let virtType: VirtualizationType
+    let paths: Paths
+
+    /// Where instance files live under the state directory.
+    struct Paths: Sendable {
+        var disks: String
+        var consoles: String
+
+        func disk(_ name: String) -> String { "\(disks)/\(name).qcow2" }
+        func seed(_ name: String) -> String { "\(disks)/\(name).seed.iso" }
+        func console(_ name: String) -> String { "\(consoles)/\(name).log" }
+    }
+
+    private struct Reported: Equatable {
+        var state: InstanceState
+        var error: String?
+        var addresses: [IPAddress]
+    }
+
+    private struct State {
+        var applianceName: String?
+        var builds: [String: Task<Void, Never>] = [:]
+        var decommissions: [String: Task<Void, Never>] = [:]
+        var reported: [String: Reported] = [:]
+    }
+
+    private let state = Mutex(State())
+    private let locks = KeyedLocks()
+    private let buildSlots: Semaphore
+    private let outboxWakeup = Wakeup()
+    private let reconcileWakeup = Wakeup()
+
+    /// Opens the agent's store, image cache and libvirt connection, and
+    /// settles the virtualization type.
+    public static func open(configuration: AgentConfiguration, token: String, logger: Logger) async throws -> Agent {
+        let fileManager = FileManager.default
+        let state = configuration.stateDirectory
+        let paths = Paths(disks: "\(state)/disks", consoles: "\(state)/consoles")
+        for directory in [state, paths.disks, paths.consoles] {
+            // QEMU (the libvirt-qemu user) must reach the disks and seeds.
+            try fileManager.createDirectory(atPath: directory, withIntermediateDirectories: true)
+            try fileManager.setAttributes([.posixPermissions: 0o755], ofItemAtPath: directory)
+        }
+        let store = try AgentStore(path: "\(state)/agent.sqlite")
+        let images = try ImageCache(directory: configuration.imageDirectory, store: store, logger: logger)
+        let connection: Connection
+        do {
+            connection = try await Connection.open(configuration.libvirtURI)
+        } catch let error as LibvirtError {
+            throw AgentFatalError("cannot connect to libvirt at \(configuration.libvirtURI): \(error.message)")
+        }
+        let resolved = await connection.resolveVirtualization(
+            configuration.virtualization, workDirectory: URL(fileURLWithPath: state))
+        logger.info("virtualization: \(resolved.type) (\(resolved.reason))")
+        let client = PoolClient(baseURL: configuration.poolURL, token: token, version: version)
+        return Agent(
+            configuration: configuration, logger: logger, client: client, store: store, images: images,
+            connection: connection, virtType: resolved.type, paths: paths)
+    }
+
+    init(
+        configuration: AgentConfiguration, logger: Logger, client: PoolClient, store: AgentStore, images: ImageCache,
+        connection: Connection, virtType: VirtualizationType, paths: Paths
+    ) {
+        self.configuration = configuration
+        self.logger = logger
+        self.client = client
+        self.store = store
+        self.images = images
+        self.connection = connection
+        self.virtType = virtType
+        self.paths = paths
+        self.buildSlots = Semaphore(limit: configuration.maxConcurrentBuilds)
+    }
+
+    /// Releases the pool client, image cache and libvirt connection.
+    public func close() async {
+        await client.shutdown()
+        await images.shutdown()
+        await connection.close()
+    }
+
+    // MARK: Running
+
+    public func run() async throws {
+        try await recover()
+        let events = try await connection.events()
+        try await cancelWhenGracefulShutdown {
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask { try await self.checkInLoop() }
+                group.addTask { await self.outboxLoop() }
+                group.addTask { await self.reconcileLoop() }
+                group.addTask {
+                    for await event in events {
+                        switch event {
+                        case .domain(let event):
+                            self.logger.debug("libvirt: \(event)")
+                            self.reconcileWakeup.signal()
+                        case .disconnected(let reason):
+                            self.logger.warning("libvirt connection lost (\(reason)); reconnecting")
+                        case .reconnected:
+                            self.logger.info("libvirt connection restored; reconciling every instance")
+                            self.reconcileWakeup.signal()
+                        }
+                    }
+                }
+                // The first loop to end (with an error, or at cancellation) ends all.
+                defer { group.cancelAll() }
+                try await group.next()
+            }
+        }
+        let tasks = state.withLock { Array($0.builds.values) + Array($0.decommissions.values) }
+        for task in tasks { task.cancel() }
+        for task in tasks { await task.value }
+        logger.info("agent stopped; running VMs were left as they are")
+    }
+
+    /// Picks up what a previous run left: builds and decommissions resume,
+    /// files no instance owns are removed.
+    func recover() async throws {
+        let instances = try await store.instances()
+        let names = Set(instances.map(\.name))
+        for instance in instances {
+            switch instance.phase {
+            case .building: startBuild(instance.name)
+            case .deleting: startDecommission(instance.name)
+            default: break
+            }
+        }
+        let fileManager = FileManager.default
+        for (directory, suffixes) in [(paths.disks, [".qcow2", ".seed.iso", ".seed.iso.part"]), (paths.consoles, [".log"])] {
+            for file in (try? fileManager.contentsOfDirectory(atPath: directory)) ?? [] {
+                let owner = suffixes.lazy.filter { file.hasSuffix($0) }.map { String(file.dropLast($0.count)) }.first
+                guard owner.map({ !names.contains($0) }) ?? true else { continue }
+                logger.notice("removing \(directory)/\(file): no instance owns it")
+                try? fileManager.removeItem(atPath: "\(directory)/\(file)")
+            }
+        }
+        for domain in (try? await connection.domains()) ?? [] {
+            guard let metadata = try? await domain.instanceMetadata(), !names.contains(metadata.instance) else { continue }
+            if metadata.appliance == state.withLock({ $0.applianceName }) {
+                logger.warning("domain \(domain.name) carries Corral metadata for instance \(metadata.instance), which this agent does not know; left alone")
+            }
+        }
+    }
+
+    // MARK: Check-ins
+
+    func checkInLoop() async throws {
+        var backoff = Backoff()
+        var authorized = false
+        while !Task.isCancelled {
+            do {
+                if !authorized {
+                    let identity = try await client.authorize()
+                    state.withLock { $0.applianceName = identity.name }
+                    logger.info("authorized as appliance \(identity.name) of \(identity.owner) at \(configuration.poolURL)")
+                    let flavors = try await client.flavors()
+                    logger.info("the pool offers flavors: \(flavors.map(\.name).joined(separator: ", "))")
+                    authorized = true
+                }
+                let done = try await store.unacknowledgedActions()
+                let actions = try await client.checkIn(
+                    stats: try await stats(), instances: try await store.instances().map { InstanceSummary(name: $0.name, state: $0.state) },
+                    done: done)
+                try await store.acknowledge(done, at: Date())
+                for action in actions { await apply(action) }
+                backoff.reset()
+                let jitter = configuration.checkInJitterSeconds > 0 ? Double.random(in: 0...Double(configuration.checkInJitterSeconds)) : 0
+                try await Task.sleep(for: .seconds(Double(configuration.checkInSeconds) + jitter))
+            } catch is CancellationError {
+                return
+            } catch let error as PoolClientError {
+                if !authorized, case .refused(let status, _) = error, status == 401 || status == 409 {
+                    throw AgentFatalError("\(error). Check pool.token_file (\(configuration.tokenFile)) and the appliance with `corral pool appliance list`.")
+                }
+                let delay = backoff.next()
+                logger.warning("check-in failed: \(error); next try in \(delay)")
+                try? await Task.sleep(for: delay)
+            } catch {
+                let delay = backoff.next()
+                logger.error("check-in failed: \(error); next try in \(delay)")
+                try? await Task.sleep(for: delay)
+            }
+        }
+    }
+
+    /// The hypervisor's capacity and what this agent's instances take of it.
+    func stats() async throws -> HypervisorStats {
+        let node = try await connection.nodeInfo()
+        let instances = try await store.instances()
+        let vcpus = instances.reduce(0) { $0 + $1.flavor.vcpus }
+        let memory = instances.reduce(0) { $0 + $1.flavor.memory }
+        let disk = instances.reduce(0) { $0 + $1.flavor.disk }
+        var totalDisk = 0
+        var availableDisk = 0
+        if let attributes = try? FileManager.default.attributesOfFileSystem(forPath: configuration.stateDirectory),
+            let size = (attributes[.systemSize] as? NSNumber)?.int64Value,
+            let free = (attributes[.systemFreeSize] as? NSNumber)?.int64Value
+        {
+            totalDisk = Int(size >> 30)
+            availableDisk = Int(free >> 30)
+        }
+        let totalMemory = Int(node.memoryKiB / 1024)
+        var running = 0
+        for domain in (try? await connection.domains()) ?? [] where instances.contains(where: { $0.uuid == domain.uuid.uuidString.lowercased() }) {
+            if (try? await domain.state().isActive) == true { running += 1 }
+        }
+        return HypervisorStats(
+            vcpus: Capacity(total: node.cpus * configuration.cpuOvercommit, free: max(0, node.cpus * configuration.cpuOvercommit - vcpus)),
+            memoryMiB: Capacity(total: totalMemory, free: max(0, totalMemory - memory)),
+            diskGiB: Capacity(total: totalDisk, free: max(0, min(availableDisk, totalDisk - disk))),
+            running: running)
+    }
+
+    // MARK: Actions
+
+    /// Applies one action of a check-in reply, unless its id was applied
+    /// before. The id is recorded in the same transaction as the change it
+    /// makes to the instance's record.
+    func apply(_ action: Action) async {
+        let name = action.instance
+        do {
+            guard try await !store.wasApplied(action.id) else { return }
+            let known = try await store.instance(named: name)
+            logger.info("action \(action.kind.rawValue) for \(name)", metadata: ["action": "\(action.id)"])
+            switch action.kind {
+            case .start:
+                guard known == nil else {
+                    _ = try await store.apply(action, at: Date()) { _ in }
+                    logger.notice("start of \(name) ignored: this appliance already has it")
+                    return
+                }
+                guard let flavor = action.flavor else {
+                    _ = try await store.apply(action, at: Date()) { _ in }
+                    logger.error("start of \(name) ignored: the action names no flavor")
+                    return
+                }
+                let uuid = UUID()
+                var instance = LocalInstance(
+                    name: name, phase: .building, state: .starting, flavor: flavor,
+                    expires: action.expires.map { Date(timeIntervalSince1970: TimeInterval($0)) },
+                    uuid: uuid.uuidString.lowercased(), macAddress: macAddress(for: uuid), createdAt: Date())
+                if case .user(let ports?) = configuration.network {
+                    guard let port = try await store.freePort(in: ports) else {
+                        throw BuildError("no free port left in network.ssh_forward_ports (\(ports.lowerBound)-\(ports.upperBound))")
+                    }
+                    instance.sshPort = port
+                }
+                let record = instance
+                if try await store.apply(action, at: Date(), { db in try record.insert(db) }) { startBuild(name) }
+            case .delete:
+                guard known != nil else {
+                    _ = try await store.apply(action, at: Date()) { _ in }
+                    try await store.enqueue(InstanceReport(name: name, state: .decommissioned), at: Date())
+                    outboxWakeup.signal()
+                    return
+                }
+                let applied = try await store.apply(action, at: Date()) { db in
+                    try db.execute(sql: "UPDATE instance SET phase = ? WHERE name = ?", arguments: [LocalInstance.Phase.deleting.rawValue, name])
+                }
+                if applied { startDecommission(name) }
+            case .lease:
+                let expires = action.expires.map { Date(timeIntervalSince1970: TimeInterval($0)) }
+                let applied = try await store.apply(action, at: Date()) { db in
+                    try db.execute(sql: "UPDATE instance SET expires = ? WHERE name = ?", arguments: [expires, name])
+                }
+                if applied, known != nil { try await changeLease(name) }
+            case .reboot, .powerOn, .powerOff:
+                guard try await store.apply(action, at: Date(), { _ in }) else { return }
+                guard let known else {
+                    logger.warning("\(action.kind.rawValue) of \(name) ignored: this appliance does not have it")
+                    return
+                }
+                try await power(action.kind, known)
+            }
+        } catch {
+            logger.error("action \(action.kind.rawValue) for \(name) failed: \(error)", metadata: ["action": "\(action.id)"])
+            _ = try? await store.update(name) { $0.lastError = "\(action.kind.rawValue) failed: \(error)" }
+            reconcileWakeup.signal()
+        }
+    }
+
+    /// Carries out a power action on a built instance.
+    private func power(_ kind: Action.Kind, _ instance: LocalInstance) async throws {
+        guard [.active, .booting, .errored].contains(instance.phase) else {
+            logger.notice("\(kind.rawValue) of \(instance.name) ignored while it is \(instance.phase.rawValue)")
+            return
+        }
+        try await locks.withLock(instance.name) {
+            let domain = try await self.domain(of: instance)
+            switch kind {
+            case .reboot:
+                try await domain.reboot()
+            case .powerOff:
+                let outcome = try await domain.shutdown(timeout: .seconds(60))
+                self.logger.info("\(instance.name) powered off (\(outcome))")
+            case .powerOn:
+                guard try await !domain.state().isActive else { return }
+                try await domain.start()
+                try await self.store.update(instance.name) {
+                    $0.phase = .booting
+                    $0.bootedAt = Date()
+                    $0.lastError = nil
+                }
+            default:
+                break
+            }
+        }
+        reconcileWakeup.signal()
+    }
+
+    /// Applies a changed lease end to the domain's metadata; a lease
+    /// extended past now wakes an expired instance.
+    private func changeLease(_ name: String) async throws {
+        try await locks.withLock(name) {
+            guard let instance = try await self.store.instance(named: name) else { return }
+            let domain = try? await self.domain(of: instance)
+            if let domain {
+                try await domain.setInstanceMetadata(self.metadata(for: instance))
+            }
+            if instance.phase == .expired, instance.expires.map({ $0 > Date() }) ?? true {
+                if let domain, case .paused = try await domain.state() { try await domain.resume() }
+                try await self.store.update(name) {
+                    $0.phase = .active
+                    $0.expiredAt = nil
+                }
+                self.logger.info("lease of \(name) extended; resumed")
+            }
+        }
+        reconcileWakeup.signal()
+    }
+
+    func metadata(for instance: LocalInstance) -> InstanceMetadata {
+        InstanceMetadata(
+            instance: instance.name, appliance: state.withLock { $0.applianceName } ?? "",
+            pool: configuration.poolURL, leaseExpires: instance.expires)
+    }
+
+    func domain(of instance: LocalInstance) async throws -> Domain {
+        guard let uuid = UUID(uuidString: instance.uuid) else { throw BuildError("instance \(instance.name) has no valid UUID") }
+        return try await connection.domain(uuid: uuid)
+    }
+
+    // MARK: Builds
+
+    private func startBuild(_ name: String) {
+        state.withLock { state in
+            guard state.builds[name] == nil else { return }
+            state.builds[name] = Task {
+                await self.runBuild(name)
+                _ = self.state.withLock { $0.builds.removeValue(forKey: name) }
+            }
+        }
+    }
+
+    private func runBuild(_ name: String) async {
+        do {
+            try await buildSlots.withPermit { try await self.build(name) }
+        } catch is CancellationError {
+            logger.notice("build of \(name) interrupted; it starts over when the agent runs again")
+        } catch {
+            logger.error("build of \(name) failed: \(error)")
+            _ = try? await store.update(name) {
+                $0.phase = .errored
+                $0.lastError = "\(error)"
+            }
+            reconcileWakeup.signal()
+        }
+    }
+
+    /// Builds and starts an instance: start parameters, image, overlay,
+    /// seed, domain. A step that fails removes what it made; what earlier
+    /// steps made stays for inspection until the instance is deleted.
+    func build(_ name: String) async throws {
+        guard let instance = try await store.instance(named: name), instance.phase == .building else { return }
+        let started = ContinuousClock.now
+        // A build that was interrupted starts over from nothing: one domain,
+        // one disk, whatever happened before.
+        try await removeArtifacts(of: instance)
+        let parameters = try await startParameters(for: instance)
+        try Task.checkCancellation()
+        let base = try await images.image(parameters.image)
+        var kernel: (kernel: String, initrd: String?, cmdline: String)?
+        if let boot = parameters.image.kernelBoot {
+            let what = "the kernel of image '\(parameters.image.name)'"
+            let kernelPath = try await images.file(boot.kernel, what: what)
+            var initrdPath: String?
+            if let initrd = boot.initrd {
+                initrdPath = try await images.file(initrd, what: "the initrd of image '\(parameters.image.name)'")
+            }
+            kernel = (kernelPath, initrdPath, boot.cmdline)
+        }
+        try Task.checkCancellation()
+        try await makeOverlay(for: instance, base: base, format: parameters.image.diskFormat)
+        let seed = Seed(
+            instanceID: instance.uuid, hostname: name, instanceName: name, poolURL: configuration.poolURL,
+            sshKeys: parameters.sshKeys, postCreate: parameters.postCreate.joined(separator: "\n"),
+            macAddress: instance.macAddress)
+        do {
+            try await seed.writeImage(to: paths.seed(name))
+        } catch {
+            throw BuildError("cannot write the cloud-init seed: \(error)")
+        }
+        try Task.checkCancellation()
+        let template = DomainTemplate(
+            name: name, uuid: instance.uuid, virtType: virtType.rawValue, flavor: instance.flavor, disk: paths.disk(name),
+            seed: paths.seed(name), consoleLog: paths.console(name), macAddress: instance.macAddress,
+            network: configuration.network, sshPort: instance.sshPort, kernel: kernel, metadata: metadata(for: instance))
+        let domain: Domain
+        do {
+            domain = try await connection.defineDomain(xml: template.xml())
+        } catch let error as LibvirtError {
+            throw BuildError("libvirt refused the domain definition: \(error.message)")
+        }
+        try await locks.withLock(name) {
+            do {
+                try await domain.start()
+            } catch let error as LibvirtError {
+                throw BuildError("libvirt could not start the domain: \(error.message)")
+            }
+            try await self.store.update(name) {
+                $0.phase = .booting
+                $0.bootedAt = Date()
+            }
+        }
+        logger.info("\(name) started", metadata: ["seconds": "\(ContinuousClock.now - started)"])
+        reconcileWakeup.signal()
+    }
+
+    /// Reports the instance as starting; the reply is its start parameters.
+    /// Waits out an unreachable pool; a refusal fails the build.
+    private func startParameters(for instance: LocalInstance) async throws -> StartParameters {
+        var backoff = Backoff()
+        while true {
+            try Task.checkCancellation()
+            do {
+                let report = InstanceReport(
+                    name: instance.name, state: .starting, flavor: instance.flavor,
+                    expires: instance.expires.map { Int($0.timeIntervalSince1970) })
+                let parameters = try await client.report(report)
+                state.withLock { $0.reported[instance.name] = Reported(state: .starting, error: nil, addresses: []) }
+                return parameters
+            } catch let error as PoolClientError {
+                if case .refused(let status, let message) = error, status != 401, status != 409, !error.isTransient {
+                    throw BuildError("the pool gave no start parameters (\(status)): \(message)")
+                }
+                let delay = backoff.next()
+                logger.warning("cannot get start parameters of \(instance.name): \(error); next try in \(delay)")
+                try await Task.sleep(for: delay)
+            }
+        }
+    }
+
+    /// Makes the instance's disk: a qcow2 overlay on the cached base image,
+    /// sized to the flavor.
+    private func makeOverlay(for instance: LocalInstance, base: String, format: String) async throws {
+        let info = try await runProgram("qemu-img", ["info", "-f", format, "--output=json", base])
+        guard info.status == 0,
+            let json = try? JSONSerialization.jsonObject(with: Data(info.stdout.utf8)) as? [String: Any],
+            let virtualSize = (json["virtual-size"] as? NSNumber)?.int64Value
+        else { throw BuildError("cannot read the base image \(base): \(info.stderr)") }
+        let wanted = Int64(instance.flavor.disk) << 30
+        guard virtualSize <= wanted else {
+            throw BuildError(
+                "the image is \(virtualSize) bytes, larger than the flavor's disk of \(instance.flavor.disk) GiB; choose a bigger flavor")
+        }
+        let path = paths.disk(instance.name)
+        let result = try await runProgram(
+            "qemu-img", ["create", "-q", "-f", "qcow2", "-F", format, "-b", base, path, "\(wanted)"])
+        guard result.status == 0 else {
+            try? FileManager.default.removeItem(atPath: path)
+            throw BuildError("cannot create the instance's disk: \(result.stderr.trimmingCharacters(in: .whitespacesAndNewlines))")
+        }
+    }
+
+    /// Removes the instance's domain and files, whatever exists of them.
+    private func removeArtifacts(of instance: LocalInstance) async throws {
+        if let domain = try? await domain(of: instance) {
+            if try await domain.state().isActive {
+                do { try await domain.destroy() } catch let error as LibvirtError where error.code == .operationInvalid {}
+            }
+            do {
+                try await domain.undefine()
+            } catch let error as LibvirtError where error.code == .noDomain {}
+        }
+        for path in [paths.disk(instance.name), paths.seed(instance.name), paths.seed(instance.name) + ".part", paths.console(instance.name)] {
+            if FileManager.default.fileExists(atPath: path) { try FileManager.default.removeItem(atPath: path) }
+        }
+    }
+
+    // MARK: Decommissioning
+
+    private func startDecommission(_ name: String) {
+        let build = state.withLock { $0.builds[name] }
+        state.withLock { state in
+            guard state.decommissions[name] == nil else { return }
+            state.decommissions[name] = Task {
+                // A build in progress stops first; its leftovers go with the rest.
+                build?.cancel()
+                await build?.value
+                do {
+                    try await self.decommission(name)
+                } catch is CancellationError {
+                } catch {
+                    self.logger.error("decommissioning \(name) failed: \(error); retrying at the next start")
+                }
+                _ = self.state.withLock { $0.decommissions.removeValue(forKey: name) }
+            }
+        }
+    }
+
+    /// Destroys and undefines the domain, deletes its disk, seed and
+    /// console, reports the instance decommissioned, and forgets it.
+    func decommission(_ name: String) async throws {
+        try await locks.withLock(name) {
+            guard let instance = try await self.store.instance(named: name) else { return }
+            try await self.removeArtifacts(of: instance)
+            try await self.store.enqueue(InstanceReport(name: name, state: .decommissioned, flavor: instance.flavor), at: Date())
+            try await self.store.remove(name)
+            _ = self.state.withLock { $0.reported.removeValue(forKey: name) }
+            self.logger.info("\(name) decommissioned")
+        }
+        outboxWakeup.signal()
+    }
+
+    // MARK: Reconciling and reports
+
+    func reconcileLoop() async {
+        while !Task.isCancelled {
+            let instances = (try? await store.instances()) ?? []
+            for instance in instances {
+                do {
+                    try await reconcile(instance.name)
+                } catch is CancellationError {
+                    return
+                } catch {
+                    logger.warning("cannot reconcile \(instance.name): \(error)")
+                }
+            }
+            // A boot is watched closely (its console decides when it is up);
+            // the rest is driven by libvirt's events, with a slow sweep.
+            let booting = instances.contains { $0.phase == .booting || $0.phase == .building }
+            await reconcileWakeup.wait(timeout: booting ? .milliseconds(500) : .seconds(5))
+        }
+    }
+
+    /// Compares an instance's record with its domain: moves a boot along,
+    /// enforces its lease, and queues a report when what the pool should
+    /// know changed.
+    func reconcile(_ name: String) async throws {
+        let decommission: Bool = try await locks.withLock(name) {
+            var decommission = false
+            guard var instance = try await self.store.instance(named: name),
+                ![.building, .deleting].contains(instance.phase)
+            else { return false }
+            let now = Date()
+            var domain: Domain? = nil
+            do {
+                domain = try await self.domain(of: instance)
+            } catch let error as LibvirtError where error.code == .noDomain {}
+            var domainState = try await domain?.state()
+
+            if let expires = instance.expires, expires <= now, instance.phase != .expired {
+                if let domain, case .running = domainState {
+                    try await domain.suspend()
+                    domainState = try await domain.state()
+                }
+                instance.phase = .expired
+                instance.expiredAt = now
+                self.logger.info("lease of \(name) ended; suspended, decommissioned in \(self.configuration.leaseGraceSeconds) s")
+            }
+            if instance.phase == .expired, let expiredAt = instance.expiredAt,
+                now >= expiredAt.addingTimeInterval(TimeInterval(self.configuration.leaseGraceSeconds))
+            {
+                instance.phase = .deleting
+                decommission = true
+            }
+            if instance.phase == .booting {
+                let up = (try? FileManager.default.attributesOfItem(atPath: self.paths.console(name))[.size] as? NSNumber)?.intValue ?? 0 > 0
+                if case .running = domainState, up {
+                    instance.phase = .active
+                    self.logger.info("\(name) is up", metadata: ["seconds": "\(now.timeIntervalSince(instance.bootedAt ?? now))"])
+                } else if domainState.map({ !$0.isActive }) ?? true {
+                    instance.phase = .errored
+                    instance.lastError = "the guest stopped while booting (\(domainState?.description ?? "no domain"))"
+                } else if now > (instance.bootedAt ?? now).addingTimeInterval(TimeInterval(self.configuration.bootTimeoutSeconds)) {
+                    if let domain { _ = try? await domain.destroy() }
+                    domainState = try await domain?.state()
+                    instance.phase = .errored
+                    instance.lastError =
+                        "the guest did not come up within \(self.configuration.bootTimeoutSeconds) s (no console output); it was stopped, its disk kept"
+                }
+            }
+            if instance.phase == .active, domain == nil {
+                instance.phase = .errored
+                instance.lastError = "its libvirt domain disappeared"
+            }
+
+            let poolState: InstanceState
+            var error = instance.lastError
+            switch (instance.phase, domainState) {
+            case (.booting, _): poolState = .starting
+            case (.active, .running?), (.active, .blocked?), (.active, .shuttingDown?): poolState = .running
+            case (.active, .crashed?), (.active, .shutoff(.crashed)?), (.active, .shutoff(.failed)?):
+                poolState = .suspended
+                error = "the guest crashed (\(domainState!.description))"
+            case (.active, _): poolState = .suspended
+            default: poolState = .suspended
+            }
+            if instance.phase == .active, poolState == .running { error = nil }
+            instance.lastError = error
+            var addresses: [IPAddress] = []
+            if poolState == .running, let domain {
+                addresses = ((try? await domain.interfaceAddresses()) ?? []).flatMap(\.addresses).map(Self.ipAddress)
+            }
+            let reported = Reported(state: poolState, error: error, addresses: addresses)
+            let changed = self.state.withLock { $0.reported[name] != reported }
+            instance.state = decommission ? instance.state : poolState
+            try await self.store.save(instance)
+            guard changed, !decommission else { return decommission }
+            let report = InstanceReport(
+                name: name, state: poolState, flavor: instance.flavor, expires: instance.expires.map { Int($0.timeIntervalSince1970) },
+                ipAddresses: addresses, consoleOutput: self.consoleTail(name), error: error)
+            try await self.store.enqueue(report, at: now)
+            self.state.withLock { $0.reported[name] = reported }
+            self.logger.info("\(name): \(poolState)\(error.map { " (\($0))" } ?? "")")
+            self.outboxWakeup.signal()
+            return false
+        }
+        if decommission { startDecommission(name) }
+    }
+
+    static func ipAddress(_ address: InterfaceAddresses.Address) -> IPAddress {
+        let text = address.address.lowercased()
+        let isPrivate: Bool
+        switch address.family {
+        case .ipv4:
+            let octets = text.split(separator: ".").compactMap { Int($0) }
+            isPrivate =
+                octets.count == 4
+                && (octets[0] == 10 || octets[0] == 127 || (octets[0] == 172 && (16...31).contains(octets[1]))
+                    || (octets[0] == 192 && octets[1] == 168) || (octets[0] == 169 && octets[1] == 254)
+                    || (octets[0] == 100 && (64...127).contains(octets[1])))
+        case .ipv6:
+            isPrivate = text.hasPrefix("fc") || text.hasPrefix("fd") || text.hasPrefix("fe8") || text.hasPrefix("fe9")
+                || text.hasPrefix("fea") || text.hasPrefix("feb") || text == "::1"
+        }
+        return IPAddress(version: address.family == .ipv4 ? 4 : 6, scope: isPrivate ? "private" : "public", address: address.address)
+    }
+
+    /// The newest lines of the instance's serial console.
+    func consoleTail(_ name: String) -> [String] {
+        let limit = configuration.consoleTailLines
+        guard limit > 0, let handle = FileHandle(forReadingAtPath: paths.console(name)) else { return [] }
+        defer { try? handle.close() }
+        let size = (try? handle.seekToEnd()) ?? 0
+        let window = UInt64(min(256 * 1024, max(4096, limit * 200)))
+        try? handle.seek(toOffset: size > window ? size - window : 0)
+        let data = (try? handle.readToEnd()) ?? Data()
+        var lines = String(decoding: data, as: UTF8.self)
+            .replacingOccurrences(of: "\r", with: "")
+            .split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+        if size > window, !lines.isEmpty { lines.removeFirst() }  // most likely cut in half
+        if lines.last == "" { lines.removeLast() }
+        return Array(lines.suffix(limit))
+    }
+
+    /// Sends queued reports oldest first; an unreachable pool is retried
+    /// with capped exponential backoff and jitter, so nothing is lost or
+    /// reordered while it is down.
+    func outboxLoop() async {
+        var backoff = Backoff()
+        while !Task.isCancelled {
+            let next: PendingReport?
+            do {
+                next = try await store.nextPending()
+            } catch {
+                logger.error("cannot read the report queue: \(error)")
+                try? await Task.sleep(for: backoff.next())
+                continue
+            }
+            guard let next else {
+                await outboxWakeup.wait(timeout: .seconds(30))
+                continue
+            }
+            do {
+                _ = try await client.report(next.report)
+                try await store.delivered(next, at: Date())
+                backoff.reset()
+            } catch let error as PoolClientError {
+                switch error {
+                case .refused(502, _), .refused(503, _):
+                    // The pool kept the report; it only had no start parameters.
+                    try? await store.delivered(next, at: Date())
+                    backoff.reset()
+                case .refused(let status, let message) where status != 401 && status != 409 && !error.isTransient:
+                    logger.error("the pool refused the report of \(next.report.name) (\(status)): \(message); dropped")
+                    try? await store.delivered(next, at: Date())
+                default:
+                    let delay = backoff.next()
+                    logger.warning("report of \(next.report.name) not delivered: \(error); next try in \(delay)")
+                    try? await Task.sleep(for: delay)
+                }
+            } catch {
+                logger.error("cannot finish delivering a report: \(error)")
+                try? await Task.sleep(for: backoff.next())
+            }
+        }
+    }
+}

@@ -1,0 +1,230 @@
+import Foundation
+import Libvirt
+import Support
+
+/// Everything the agent is configured with, read from a TOML file (see
+/// `etc/corral/agent.toml`). Keys the file leaves out keep the defaults
+/// below.
+public struct AgentConfiguration: Sendable, Equatable {
+    /// The pool controller's base URL, e.g. `http://127.0.0.1:8080`.
+    public var poolURL: String
+    /// The file holding the appliance's API token (mode 0600).
+    public var tokenFile: String
+    public var libvirtURI: String
+    public var virtualization: VirtualizationType
+    /// Durable state (`agent.sqlite`), instance disks, seeds and consoles.
+    public var stateDirectory: String
+    /// The content-addressed image cache.
+    public var imageDirectory: String
+    public var network: Network
+    public var checkInSeconds: Int
+    /// Each check-in waits `checkInSeconds` plus up to this much at random,
+    /// so appliances started together do not call the pool in step.
+    public var checkInJitterSeconds: Int
+    public var maxConcurrentBuilds: Int
+    /// A build whose guest has not come up by then is reported errored.
+    public var bootTimeoutSeconds: Int
+    /// How many console lines a report carries.
+    public var consoleTailLines: Int
+    /// How long an expired lease's VM stays suspended before it is
+    /// decommissioned.
+    public var leaseGraceSeconds: Int
+    /// vCPUs offered per host CPU (memory and disk are never overcommitted).
+    public var cpuOvercommit: Int
+
+    /// How instances reach the network.
+    public enum Network: Sendable, Equatable {
+        /// QEMU's user-mode NAT: no set-up on the host, guests reach out but
+        /// are not reachable (except through `ssh_forward_ports`).
+        case user(sshForwardPorts: ClosedRange<Int>?)
+        /// A libvirt network by name (addresses come from its DHCP leases).
+        case network(String)
+        /// A host bridge by name (addresses come from the ARP table).
+        case bridge(String)
+    }
+
+    public init(
+        poolURL: String = "http://127.0.0.1:8080", tokenFile: String = "/etc/corral/agent.token",
+        libvirtURI: String = "qemu:///system", virtualization: VirtualizationType = .auto,
+        stateDirectory: String = "/var/lib/corral/agent", imageDirectory: String = "/var/lib/corral/images",
+        network: Network = .user(sshForwardPorts: nil), checkInSeconds: Int = 30, checkInJitterSeconds: Int = 5,
+        maxConcurrentBuilds: Int = 2, bootTimeoutSeconds: Int = 300, consoleTailLines: Int = 100,
+        leaseGraceSeconds: Int = 3600, cpuOvercommit: Int = 4
+    ) {
+        self.poolURL = poolURL
+        self.tokenFile = tokenFile
+        self.libvirtURI = libvirtURI
+        self.virtualization = virtualization
+        self.stateDirectory = stateDirectory
+        self.imageDirectory = imageDirectory
+        self.network = network
+        self.checkInSeconds = checkInSeconds
+        self.checkInJitterSeconds = checkInJitterSeconds
+        self.maxConcurrentBuilds = maxConcurrentBuilds
+        self.bootTimeoutSeconds = bootTimeoutSeconds
+        self.consoleTailLines = consoleTailLines
+        self.leaseGraceSeconds = leaseGraceSeconds
+        self.cpuOvercommit = cpuOvercommit
+    }
+
+    static let keys: [String: Set<String>] = [
+        "pool": ["url", "token_file"],
+        "libvirt": ["uri", "virt_type"],
+        "paths": ["state_dir", "image_dir"],
+        "network": ["mode", "name", "ssh_forward_ports"],
+        "check_in": ["period_seconds", "jitter_seconds"],
+        "builds": ["max_concurrent", "boot_timeout_seconds"],
+        "console": ["tail_lines"],
+        "leases": ["grace_seconds"],
+        "capacity": ["cpu_overcommit"],
+    ]
+
+    static let example = "etc/corral/agent.toml"
+
+    /// Reads a configuration file. Unknown keys, wrong types and
+    /// out-of-range values are a ``ConfigurationError`` naming the key.
+    public static func load(path: String) throws -> AgentConfiguration {
+        try read(TOMLReader.load(path: path, known: keys, example: example))
+    }
+
+    /// Parses the text of a configuration file named `source` in errors.
+    public static func parse(_ text: String, source: String = "agent.toml") throws -> AgentConfiguration {
+        try read(TOMLReader(text, source: source, known: keys, example: example))
+    }
+
+    private static func read(_ reader: TOMLReader) throws -> AgentConfiguration {
+        var configuration = AgentConfiguration()
+        if let url = try reader.string("pool", "url") {
+            guard let components = URLComponents(string: url), ["http", "https"].contains(components.scheme),
+                components.host?.isEmpty == false
+            else {
+                throw reader.invalid("pool", "url", "must be an http or https URL such as \"http://127.0.0.1:8080\" (it is \"\(url)\")")
+            }
+            configuration.poolURL = url
+        }
+        configuration.tokenFile = try reader.string("pool", "token_file") ?? configuration.tokenFile
+        configuration.libvirtURI = try reader.string("libvirt", "uri") ?? configuration.libvirtURI
+        if let type = try reader.choice("libvirt", "virt_type", of: VirtualizationType.allCases.map(\.rawValue)) {
+            configuration.virtualization = VirtualizationType(rawValue: type)!
+        }
+        for (key, path) in [("state_dir", \AgentConfiguration.stateDirectory), ("image_dir", \.imageDirectory)] {
+            guard let value = try reader.string("paths", key) else { continue }
+            guard value.hasPrefix("/") else { throw reader.invalid("paths", key, "must be an absolute path (it is \"\(value)\")") }
+            configuration[keyPath: path] = value
+        }
+        let mode = try reader.choice("network", "mode", of: ["user", "network", "bridge"]) ?? "user"
+        let name = try reader.string("network", "name")
+        let ports = try reader.string("network", "ssh_forward_ports")
+        switch mode {
+        case "user":
+            guard name == nil else { throw reader.invalid("network", "name", "is only for mode \"network\" or \"bridge\"") }
+            var range: ClosedRange<Int>?
+            if let ports {
+                let bounds = ports.split(separator: "-").compactMap { Int($0) }
+                guard bounds.count == 2, 1024 <= bounds[0], bounds[0] <= bounds[1], bounds[1] <= 65535 else {
+                    throw reader.invalid(
+                        "network", "ssh_forward_ports", "must be a port range such as \"22000-22999\" within 1024-65535 (it is \"\(ports)\")")
+                }
+                range = bounds[0]...bounds[1]
+            }
+            configuration.network = .user(sshForwardPorts: range)
+        default:
+            guard let name, !name.isEmpty else {
+                throw reader.invalid("network", "name", "is required for mode \"\(mode)\": the libvirt \(mode == "network" ? "network" : "bridge")'s name")
+            }
+            guard ports == nil else { throw reader.invalid("network", "ssh_forward_ports", "is only for mode \"user\"") }
+            configuration.network = mode == "network" ? .network(name) : .bridge(name)
+        }
+        configuration.checkInSeconds = try reader.int("check_in", "period_seconds", in: 1...3600) ?? configuration.checkInSeconds
+        configuration.checkInJitterSeconds =
+            try reader.int("check_in", "jitter_seconds", in: 0...3600) ?? configuration.checkInJitterSeconds
+        configuration.maxConcurrentBuilds = try reader.int("builds", "max_concurrent", in: 1...64) ?? configuration.maxConcurrentBuilds
+        configuration.bootTimeoutSeconds =
+            try reader.int("builds", "boot_timeout_seconds", in: 1...86_400) ?? configuration.bootTimeoutSeconds
+        configuration.consoleTailLines = try reader.int("console", "tail_lines", in: 0...10_000) ?? configuration.consoleTailLines
+        configuration.leaseGraceSeconds = try reader.int("leases", "grace_seconds", in: 0...2_592_000) ?? configuration.leaseGraceSeconds
+        configuration.cpuOvercommit = try reader.int("capacity", "cpu_overcommit", in: 1...64) ?? configuration.cpuOvercommit
+        return configuration
+    }
+
+    /// The TOML text of this configuration, as `corral agent register` writes it.
+    public func rendered() -> String {
+        func quoted(_ value: String) -> String {
+            var escaped = ""
+            for scalar in value.unicodeScalars {
+                switch scalar {
+                case "\"": escaped += "\\\""
+                case "\\": escaped += "\\\\"
+                case _ where scalar.value < 0x20 || scalar.value == 0x7f:
+                    escaped += String(format: "\\u%04X", scalar.value)
+                default: escaped.unicodeScalars.append(scalar)
+                }
+            }
+            return "\"\(escaped)\""
+        }
+        var network: String
+        switch self.network {
+        case .user(let ports):
+            network = "mode = \"user\""
+            if let ports { network += "\nssh_forward_ports = \"\(ports.lowerBound)-\(ports.upperBound)\"" }
+        case .network(let name): network = "mode = \"network\"\nname = \(quoted(name))"
+        case .bridge(let name): network = "mode = \"bridge\"\nname = \(quoted(name))"
+        }
+        return """
+            # Corral agent configuration (see etc/corral/agent.toml for every key).
+            [pool]
+            url = \(quoted(poolURL))
+            token_file = \(quoted(tokenFile))
+
+            [libvirt]
+            uri = \(quoted(libvirtURI))
+            virt_type = "\(virtualization.rawValue)"
+
+            [paths]
+            state_dir = \(quoted(stateDirectory))
+            image_dir = \(quoted(imageDirectory))
+
+            [network]
+            \(network)
+
+            [check_in]
+            period_seconds = \(checkInSeconds)
+            jitter_seconds = \(checkInJitterSeconds)
+
+            [builds]
+            max_concurrent = \(maxConcurrentBuilds)
+            boot_timeout_seconds = \(bootTimeoutSeconds)
+
+            [console]
+            tail_lines = \(consoleTailLines)
+
+            [leases]
+            grace_seconds = \(leaseGraceSeconds)
+
+            [capacity]
+            cpu_overcommit = \(cpuOvercommit)
+
+            """
+    }
+
+    /// Reads the API token: the file must exist, hold one non-empty line,
+    /// and be readable by its owner only.
+    public func readToken() throws -> String {
+        let attributes: [FileAttributeKey: Any]
+        do {
+            attributes = try FileManager.default.attributesOfItem(atPath: tokenFile)
+        } catch {
+            throw ConfigurationError(field: "pool.token_file", reason: "cannot read \(tokenFile): write the appliance's token there (mode 0600)")
+        }
+        if let mode = (attributes[.posixPermissions] as? NSNumber)?.intValue, mode & 0o077 != 0 {
+            throw ConfigurationError(
+                field: "pool.token_file",
+                reason: "\(tokenFile) is readable by others (mode \(String(mode, radix: 8))); run `chmod 600 \(tokenFile)`")
+        }
+        let token = (try? String(contentsOfFile: tokenFile, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? ""
+        guard !token.isEmpty, !token.contains("\n") else {
+            throw ConfigurationError(field: "pool.token_file", reason: "\(tokenFile) must hold the appliance's token on one line")
+        }
+        return token
+    }
+}

@@ -1,0 +1,268 @@
+import Foundation
+import GRDB
+import PoolAPI
+
+/// What the agent knows about one of its instances, kept in its SQLite file
+/// so that a restart (even after `kill -9`) picks up where it stopped.
+public struct LocalInstance: Sendable, Equatable, Codable, FetchableRecord, PersistableRecord {
+    public static let databaseTableName = "instance"
+
+    /// Where the instance is in its life on this appliance.
+    public enum Phase: String, Sendable, Codable, CaseIterable {
+        /// A start was accepted; the build runs (again, after a restart).
+        case building
+        /// The domain was started; waiting for the guest to come up.
+        case booting
+        /// Built; libvirt's state says what to report.
+        case active
+        /// A build or boot failed; what was made is kept for inspection.
+        case errored
+        /// The lease ended and the VM was suspended; decommissioned after
+        /// the grace period.
+        case expired
+        /// A delete was accepted (or the grace period ended); decommission
+        /// runs (again, after a restart).
+        case deleting
+    }
+
+    public var name: String
+    public var phase: Phase
+    /// The state last reported to the pool.
+    public var state: InstanceState
+    public var flavor: InstanceFlavor
+    /// When the lease ends (nil: never).
+    public var expires: Date?
+    /// The libvirt domain's UUID, chosen before it is defined.
+    public var uuid: String
+    public var macAddress: String
+    /// The loopback port forwarded to the guest's port 22 (user-mode
+    /// networking with `ssh_forward_ports`).
+    public var sshPort: Int?
+    public var lastError: String?
+    /// When the domain was started (for the boot timeout).
+    public var bootedAt: Date?
+    /// When the lease's end suspended the VM.
+    public var expiredAt: Date?
+    /// When the pool last accepted a report of this instance.
+    public var reportedAt: Date?
+    public var createdAt: Date
+
+    public init(
+        name: String, phase: Phase, state: InstanceState, flavor: InstanceFlavor, expires: Date?, uuid: String,
+        macAddress: String, sshPort: Int? = nil, createdAt: Date
+    ) {
+        self.name = name
+        self.phase = phase
+        self.state = state
+        self.flavor = flavor
+        self.expires = expires
+        self.uuid = uuid
+        self.macAddress = macAddress
+        self.sshPort = sshPort
+        self.createdAt = createdAt
+    }
+}
+
+/// A report waiting to be sent, in the order it was made.
+public struct PendingReport: Sendable, Equatable {
+    public var sequence: Int64
+    public var report: InstanceReport
+    public var createdAt: Date
+}
+
+/// A cached image file: what URL it came from and where it is.
+struct CachedFile: Sendable, Equatable, Codable, FetchableRecord, PersistableRecord {
+    static let databaseTableName = "cachedFile"
+    var url: String
+    var sha256: String
+    var format: String
+    var bytes: Int64
+    var fetchedAt: Date
+}
+
+/// The agent's durable state: its instances, the action ids it applied
+/// (so each is applied once), and the reports not yet delivered.
+public final class AgentStore: Sendable {
+    private let database: DatabaseQueue
+
+    public init(path: String) throws {
+        let directory = URL(fileURLWithPath: path).deletingLastPathComponent()
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        var configuration = Configuration()
+        configuration.busyMode = .timeout(10)
+        database = try DatabaseQueue(path: path, configuration: configuration)
+        try Self.migrator.migrate(database)
+    }
+
+    static var migrator: DatabaseMigrator {
+        var migrator = DatabaseMigrator()
+        migrator.registerMigration("1-instances-actions-outbox-images") { db in
+            try db.create(table: "instance") { table in
+                table.primaryKey("name", .text)
+                table.column("phase", .text).notNull()
+                table.column("state", .integer).notNull()
+                table.column("flavor", .jsonText).notNull()
+                table.column("expires", .datetime)
+                table.column("uuid", .text).notNull().unique()
+                table.column("macAddress", .text).notNull()
+                table.column("sshPort", .integer).unique()
+                table.column("lastError", .text)
+                table.column("bootedAt", .datetime)
+                table.column("expiredAt", .datetime)
+                table.column("reportedAt", .datetime)
+                table.column("createdAt", .datetime).notNull()
+            }
+            try db.create(table: "appliedAction") { table in
+                table.primaryKey("id", .text)
+                table.column("instance", .text).notNull()
+                table.column("kind", .text).notNull()
+                table.column("appliedAt", .datetime).notNull()
+                // Set once a check-in told the pool; kept a while after, so a
+                // late resend is still recognised.
+                table.column("acknowledgedAt", .datetime)
+            }
+            try db.create(table: "outbox") { table in
+                table.autoIncrementedPrimaryKey("sequence")
+                table.column("instance", .text).notNull()
+                table.column("report", .jsonText).notNull()
+                table.column("createdAt", .datetime).notNull()
+            }
+            try db.create(table: "cachedFile") { table in
+                table.primaryKey("url", .text)
+                table.column("sha256", .text).notNull()
+                table.column("format", .text).notNull()
+                table.column("bytes", .integer).notNull()
+                table.column("fetchedAt", .datetime).notNull()
+            }
+        }
+        return migrator
+    }
+
+    // MARK: Instances
+
+    public func instances() async throws -> [LocalInstance] {
+        try await database.read { db in try LocalInstance.order(Column("createdAt")).fetchAll(db) }
+    }
+
+    public func instance(named name: String) async throws -> LocalInstance? {
+        try await database.read { db in try LocalInstance.fetchOne(db, key: name) }
+    }
+
+    /// Saves `instance` (inserting or replacing it).
+    public func save(_ instance: LocalInstance) async throws {
+        try await database.write { db in try instance.save(db) }
+    }
+
+    /// Changes the stored instance named `name`, if there is one, and
+    /// returns it as changed.
+    @discardableResult
+    public func update(_ name: String, _ change: @escaping @Sendable (inout LocalInstance) -> Void) async throws -> LocalInstance? {
+        try await database.write { db in
+            guard var instance = try LocalInstance.fetchOne(db, key: name) else { return nil }
+            change(&instance)
+            try instance.update(db)
+            return instance
+        }
+    }
+
+    public func remove(_ name: String) async throws {
+        _ = try await database.write { db in try LocalInstance.deleteOne(db, key: name) }
+    }
+
+    /// The lowest port of `range` no instance forwards yet.
+    func freePort(in range: ClosedRange<Int>) async throws -> Int? {
+        try await database.read { db in
+            let used = Set(try Int.fetchAll(db, sql: "SELECT sshPort FROM instance WHERE sshPort IS NOT NULL"))
+            return range.first { !used.contains($0) }
+        }
+    }
+
+    // MARK: Actions
+
+    /// Whether the action `id` was applied already.
+    public func wasApplied(_ id: String) async throws -> Bool {
+        try await database.read { db in
+            try Bool.fetchOne(db, sql: "SELECT 1 FROM appliedAction WHERE id = ?", arguments: [id]) ?? false
+        }
+    }
+
+    /// Records the action as applied, together with `change` in the same
+    /// transaction; false (and nothing changed) when it was applied before.
+    public func apply(_ action: Action, at date: Date, _ change: @escaping @Sendable (Database) throws -> Void) async throws -> Bool {
+        try await database.write { db in
+            guard try Bool.fetchOne(db, sql: "SELECT 1 FROM appliedAction WHERE id = ?", arguments: [action.id]) == nil
+            else { return false }
+            try change(db)
+            try db.execute(
+                sql: "INSERT INTO appliedAction (id, instance, kind, appliedAt) VALUES (?, ?, ?, ?)",
+                arguments: [action.id, action.instance, action.kind.rawValue, date])
+            return true
+        }
+    }
+
+    /// Action ids applied but not yet acknowledged by a check-in.
+    public func unacknowledgedActions() async throws -> [String] {
+        try await database.read { db in
+            try String.fetchAll(db, sql: "SELECT id FROM appliedAction WHERE acknowledgedAt IS NULL ORDER BY appliedAt")
+        }
+    }
+
+    /// Marks ids as told to the pool; forgets acknowledged ids older than a week.
+    public func acknowledge(_ ids: [String], at date: Date) async throws {
+        try await database.write { db in
+            for id in ids {
+                try db.execute(sql: "UPDATE appliedAction SET acknowledgedAt = ? WHERE id = ?", arguments: [date, id])
+            }
+            try db.execute(
+                sql: "DELETE FROM appliedAction WHERE acknowledgedAt < ?", arguments: [date.addingTimeInterval(-7 * 86_400)])
+        }
+    }
+
+    // MARK: Outbox
+
+    /// Queues a report for delivery; returns its sequence number.
+    @discardableResult
+    public func enqueue(_ report: InstanceReport, at date: Date) async throws -> Int64 {
+        let json = String(decoding: try JSONEncoder().encode(report), as: UTF8.self)
+        return try await database.write { db in
+            try db.execute(
+                sql: "INSERT INTO outbox (instance, report, createdAt) VALUES (?, ?, ?)",
+                arguments: [report.name, json, date])
+            return db.lastInsertedRowID
+        }
+    }
+
+    /// The oldest undelivered report.
+    public func nextPending() async throws -> PendingReport? {
+        try await pending(limit: 1).first
+    }
+
+    public func pending(limit: Int = 1000) async throws -> [PendingReport] {
+        try await database.read { db in
+            try Row.fetchAll(db, sql: "SELECT * FROM outbox ORDER BY sequence LIMIT ?", arguments: [limit]).map { row in
+                let json: String = row["report"]
+                return PendingReport(
+                    sequence: row["sequence"], report: try JSONDecoder().decode(InstanceReport.self, from: Data(json.utf8)),
+                    createdAt: row["createdAt"])
+            }
+        }
+    }
+
+    /// Removes a delivered report and notes when its instance was reported.
+    public func delivered(_ pending: PendingReport, at date: Date) async throws {
+        try await database.write { db in
+            try db.execute(sql: "DELETE FROM outbox WHERE sequence = ?", arguments: [pending.sequence])
+            try db.execute(sql: "UPDATE instance SET reportedAt = ? WHERE name = ?", arguments: [date, pending.report.name])
+        }
+    }
+
+    // MARK: Image cache index
+
+    func cachedFile(url: String) async throws -> CachedFile? {
+        try await database.read { db in try CachedFile.fetchOne(db, key: url) }
+    }
+
+    func recordCachedFile(_ file: CachedFile) async throws {
+        try await database.write { db in try file.save(db) }
+    }
+}

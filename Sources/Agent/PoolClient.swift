@@ -1,0 +1,118 @@
+import AsyncHTTPClient
+import Foundation
+import NIOCore
+import PoolAPI
+
+/// A pool reply that is not a success, or no reply at all.
+public enum PoolClientError: Error, CustomStringConvertible, Equatable {
+    /// The pool answered with this status and message.
+    case refused(status: Int, message: String)
+    /// The pool could not be reached or gave no readable reply.
+    case unreachable(String)
+
+    public var description: String {
+        switch self {
+        case .refused(401, let message): "the pool refused the token (401): \(message)"
+        case .refused(409, let message): "the pool disabled this appliance (409): \(message)"
+        case .refused(let status, let message): "the pool answered \(status): \(message)"
+        case .unreachable(let reason): "the pool is unreachable: \(reason)"
+        }
+    }
+
+    /// Whether trying again later can help (the pool was down or broke on
+    /// its side), as opposed to a refusal of this request.
+    public var isTransient: Bool {
+        switch self {
+        case .unreachable: true
+        case .refused(let status, _): status >= 500 && status != 502 && status != 503 || status == 429
+        }
+    }
+}
+
+/// The agent's side of the pool protocol: authorization, flavors,
+/// check-ins and instance reports, all carrying the appliance block with
+/// its token. The token is never logged.
+public final class PoolClient: Sendable {
+    public let baseURL: String
+    private let block: ApplianceBlock
+    private let client: HTTPClient
+    private let timeout: TimeAmount
+
+    public init(baseURL: String, token: String, version: String, timeout: TimeAmount = .seconds(10)) {
+        self.baseURL = baseURL.hasSuffix("/") ? String(baseURL.dropLast()) : baseURL
+        self.block = ApplianceBlock(apitoken: token, version: version, dynamicimages: true)
+        // A pool that is down fails a request at its deadline (the client
+        // retries connecting until then), so the deadline is short.
+        self.client = HTTPClient(
+            eventLoopGroup: HTTPClient.defaultEventLoopGroup,
+            configuration: .init(redirectConfiguration: .disallow, timeout: .init(connect: .seconds(5))))
+        self.timeout = timeout
+    }
+
+    /// Closes the client's connections; call once, at the end.
+    public func shutdown() async {
+        try? await client.shutdown()
+    }
+
+    /// `POST /api/v1/authorization/`: the appliance's name and owner.
+    public func authorize() async throws -> AuthorizationResult {
+        try await post("/api/v1/authorization/", AuthorizationRequest(appliance: block), as: AuthorizationResult.self)
+    }
+
+    /// `GET /api/v1/flavors/`.
+    public func flavors() async throws -> [Flavor] {
+        try await send(HTTPClientRequest(url: baseURL + "/api/v1/flavors/"), as: [Flavor].self)
+    }
+
+    /// `POST /api/v1/broker/`: the pending actions.
+    public func checkIn(stats: HypervisorStats, instances: [InstanceSummary], done: [String]) async throws -> [Action] {
+        let request = CheckInRequest(appliance: block, stats: stats, instances: instances, done: done)
+        return try await post("/api/v1/broker/", request, as: CheckInResult.self).actions
+    }
+
+    /// `POST /api/v1/instances/<name>/`: the instance's start parameters.
+    public func report(_ report: InstanceReport) async throws -> StartParameters {
+        let name = report.name.addingPercentEncoding(withAllowedCharacters: .urlPathAllowed.subtracting(["/"])) ?? report.name
+        return try await post(
+            "/api/v1/instances/\(name)/", InstanceReportRequest(appliance: block, instance: report), as: StartParameters.self)
+    }
+
+    private func post<Body: Encodable, Result: Codable & Sendable>(
+        _ path: String, _ body: Body, as type: Result.Type
+    ) async throws -> Result {
+        var request = HTTPClientRequest(url: baseURL + path)
+        request.method = .POST
+        request.headers.add(name: "Content-Type", value: "application/json")
+        request.body = .bytes(ByteBuffer(bytes: try JSONEncoder().encode(body)))
+        return try await send(request, as: type)
+    }
+
+    private func send<Result: Codable & Sendable>(_ request: HTTPClientRequest, as type: Result.Type) async throws -> Result {
+        var request = request
+        request.headers.add(name: "Accept", value: "application/json")
+        request.headers.add(name: "User-Agent", value: "corral-agent")
+        let status: Int
+        let body: ByteBuffer
+        do {
+            let response = try await client.execute(request, timeout: timeout)
+            status = Int(response.status.code)
+            body = try await response.body.collect(upTo: 16 << 20)
+        } catch {
+            throw PoolClientError.unreachable("\(baseURL): \(error)")
+        }
+        let data = Data(body.readableBytesView)
+        if status == 200 || status == 201 {
+            do {
+                let envelope = try JSONDecoder().decode(Envelope<Result>.self, from: data)
+                if envelope.response == .success, let result = envelope.result { return result }
+                throw PoolClientError.refused(status: status, message: envelope.message ?? "no result in the reply")
+            } catch let error as PoolClientError {
+                throw error
+            } catch {
+                throw PoolClientError.unreachable("\(baseURL) gave an unreadable reply: \(error)")
+            }
+        }
+        let message = (try? JSONDecoder().decode(Envelope<NoResult>.self, from: data))?.message
+        throw PoolClientError.refused(status: status, message: message ?? String(decoding: data.prefix(200), as: UTF8.self))
+    }
+}

@@ -1,0 +1,226 @@
+import Agent
+import ArgumentParser
+import Foundation
+import Libvirt
+import Logging
+import PoolAPI
+import ServiceLifecycle
+import Support
+
+extension Corral {
+    struct AgentCommand: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "agent",
+            abstract: "Run the appliance agent, register it with a pool, and show its instances.",
+            subcommands: [Run.self, Register.self, Status.self]
+        )
+    }
+}
+
+/// The agent's configuration file: `--config`, else `CORRAL_AGENT_CONFIG`,
+/// else `/etc/corral/agent.toml`.
+struct AgentConfigOption: ParsableArguments {
+    @Option(help: "The agent's configuration file (TOML; see etc/corral/agent.toml).")
+    var config: String?
+
+    var path: String { config ?? ProcessInfo.processInfo.environment["CORRAL_AGENT_CONFIG"] ?? "/etc/corral/agent.toml" }
+
+    /// The configuration, or exit 1 with a one-line error.
+    func load() -> AgentConfiguration {
+        guard FileManager.default.fileExists(atPath: path) else {
+            fail("no agent configuration at \(path): write one with `corral agent register --pool URL --token-file FILE --config \(path)` (see etc/corral/agent.toml).")
+        }
+        do {
+            return try AgentConfiguration.load(path: path)
+        } catch {
+            fail("\(error)")
+        }
+    }
+}
+
+extension Corral.AgentCommand {
+    struct Run: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Run the agent until SIGTERM or SIGINT (running VMs are left running).")
+
+        @OptionGroup var config: AgentConfigOption
+
+        @Option(help: "trace, debug, info, notice, warning, error or critical.")
+        var logLevel: String = "info"
+
+        func validate() throws {
+            guard Logger.Level(rawValue: logLevel) != nil else {
+                throw ValidationError("--log-level must be trace, debug, info, notice, warning, error or critical (it was '\(logLevel)').")
+            }
+        }
+
+        func run() async throws {
+            let configuration = config.load()
+            var logger = Logger(label: "corral.agent")
+            logger.logLevel = Logger.Level(rawValue: logLevel) ?? .info
+            let token: String
+            do {
+                token = try configuration.readToken()
+            } catch {
+                fail("\(error)")
+            }
+            let agent: Agent
+            do {
+                agent = try await Agent.open(configuration: configuration, token: token, logger: logger)
+            } catch {
+                fail("\(error)")
+            }
+            logger.info("agent for \(configuration.poolURL) on \(configuration.libvirtURI), state in \(configuration.stateDirectory)")
+            let group = ServiceGroup(
+                configuration: .init(
+                    services: [.init(service: Libvirt.EventLoop.shared), .init(service: agent, successTerminationBehavior: .gracefullyShutdownGroup, failureTerminationBehavior: .gracefullyShutdownGroup)],
+                    gracefulShutdownSignals: [.sigterm, .sigint],
+                    logger: logger))
+            do {
+                try await group.run()
+            } catch let error as AgentFatalError {
+                await agent.close()
+                fail("\(error)")
+            } catch {
+                await agent.close()
+                fail("the agent stopped: \(error)")
+            }
+            await agent.close()
+        }
+    }
+
+    struct Register: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Check an appliance token with the pool and write the agent's configuration file.")
+
+        @OptionGroup var config: AgentConfigOption
+
+        @Option(help: "The pool controller's URL, e.g. http://pool.example.org:8080.")
+        var pool: String
+
+        @Option(help: "The file holding the appliance's token (from `corral pool appliance add`), mode 0600.")
+        var tokenFile: String
+
+        @Option(help: "The libvirt URI (default qemu:///system, or the existing file's).")
+        var uri: String?
+
+        @Option(help: "auto, kvm or qemu (default auto, or the existing file's).")
+        var virtType: String?
+
+        @Option(help: "Where the agent keeps its state and instance disks.")
+        var stateDir: String?
+
+        @Option(help: "Where the agent caches images.")
+        var imageDir: String?
+
+        func validate() throws {
+            try validateHTTPURL(pool, option: "--pool")
+            if let virtType, VirtualizationType(rawValue: virtType) == nil {
+                throw ValidationError("--virt-type must be auto, kvm or qemu (it was '\(virtType)').")
+            }
+            for (option, value) in [("--state-dir", stateDir), ("--image-dir", imageDir), ("--token-file", tokenFile)] {
+                if let value, !value.hasPrefix("/") { throw ValidationError("\(option) must be an absolute path (it was '\(value)').") }
+            }
+        }
+
+        func run() async throws {
+            var configuration = AgentConfiguration()
+            if FileManager.default.fileExists(atPath: config.path) { configuration = config.load() }
+            configuration.poolURL = pool
+            configuration.tokenFile = tokenFile
+            if let uri { configuration.libvirtURI = uri }
+            if let virtType { configuration.virtualization = VirtualizationType(rawValue: virtType)! }
+            if let stateDir { configuration.stateDirectory = stateDir }
+            if let imageDir { configuration.imageDirectory = imageDir }
+            let token: String
+            do {
+                token = try configuration.readToken()
+            } catch let error as ConfigurationError {
+                fail(error.reason)
+            }
+            let client = PoolClient(baseURL: pool, token: token, version: Agent.version, timeout: .seconds(15))
+            let identity: AuthorizationResult
+            do {
+                identity = try await client.authorize()
+            } catch PoolClientError.refused(401, _) {
+                await client.shutdown()
+                fail("the pool at \(pool) does not know this token (401). Check \(tokenFile) against `corral pool appliance add`.")
+            } catch PoolClientError.refused(409, let message) {
+                await client.shutdown()
+                fail("the pool at \(pool) has disabled this appliance (409): \(message)")
+            } catch {
+                await client.shutdown()
+                fail("cannot register with \(pool): \(error)")
+            }
+            await client.shutdown()
+            do {
+                let directory = URL(fileURLWithPath: config.path).deletingLastPathComponent()
+                try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+                try configuration.rendered().write(toFile: config.path, atomically: true, encoding: .utf8)
+            } catch {
+                fail("cannot write \(config.path): \(error.localizedDescription)")
+            }
+            print("registered as appliance '\(identity.name)' of '\(identity.owner)' with \(pool)")
+            print("configuration written to \(config.path); start the agent with `corral agent run --config \(config.path)`")
+        }
+    }
+
+    struct Status: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Show the agent's instances: pool state, libvirt state, lease and last report.")
+
+        @OptionGroup var config: AgentConfigOption
+
+        @Flag(help: "Print JSON.") var json = false
+
+        struct Row: Encodable {
+            var name: String
+            var phase: String
+            var poolState: String
+            var libvirtState: String
+            var leaseExpires: Date?
+            var reportedAt: Date?
+            var sshPort: Int?
+            var error: String?
+        }
+
+        func run() async throws {
+            let configuration = config.load()
+            let path = "\(configuration.stateDirectory)/agent.sqlite"
+            guard FileManager.default.fileExists(atPath: path) else {
+                fail("no agent state at \(path): the agent has not run with this configuration yet.")
+            }
+            let store = try AgentStore(path: path)
+            let instances = try await store.instances()
+            let pending = try await store.pending()
+            var libvirtStates: [String: String] = [:]
+            if let connection = try? await Connection.open(configuration.libvirtURI, readOnly: true, keepAlive: nil) {
+                for instance in instances {
+                    guard let uuid = UUID(uuidString: instance.uuid) else { continue }
+                    libvirtStates[instance.name] = (try? await connection.domain(uuid: uuid).state().description) ?? "no domain"
+                }
+                await connection.close()
+            }
+            let rows = instances.map { instance in
+                Row(
+                    name: instance.name, phase: instance.phase.rawValue, poolState: "\(instance.state.rawValue) \(instance.state)",
+                    libvirtState: libvirtStates[instance.name] ?? "unknown", leaseExpires: instance.expires,
+                    reportedAt: instance.reportedAt, sshPort: instance.sshPort, error: instance.lastError)
+            }
+            if json {
+                try printJSON(rows)
+                return
+            }
+            func date(_ value: Date?) -> String { value.map { $0.formatted(.iso8601) } ?? "-" }
+            var table = Table(header: ["NAME", "PHASE", "POOL STATE", "LIBVIRT", "LEASE EXPIRES", "LAST REPORT", "SSH", "ERROR"])
+            for row in rows {
+                table.rows.append([
+                    row.name, row.phase, row.poolState, row.libvirtState, date(row.leaseExpires), date(row.reportedAt),
+                    row.sshPort.map { "127.0.0.1:\($0)" } ?? "-", row.error ?? "-",
+                ])
+            }
+            print(table.render())
+            if !pending.isEmpty { print("\(pending.count) report(s) waiting for the pool") }
+        }
+    }
+}

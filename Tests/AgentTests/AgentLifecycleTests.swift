@@ -1,0 +1,115 @@
+import Foundation
+import Libvirt
+import Testing
+import TestSupport
+
+/// The agent as its users see it: a real pool on loopback, the real
+/// `corral` binary, the busybox guest on qemu:///system.
+@Suite("corral agent on qemu:///system")
+struct AgentLifecycleTests {
+    @Test("a start becomes a running domain and a state-4 report; power actions and delete reach libvirt and the pool")
+    func lifecycle() async throws {
+        try await withHarness("lifecycle") { harness, _ in
+            try await harness.startAgent()
+            let name = try await harness.reserve()
+            let running = try await harness.waitForPoolState(name, 4)
+            #expect(running["last_error"] == nil)
+            #expect((running["console_tail"] as? [String])?.isEmpty == false)
+
+            let domain = try #require(try await harness.domains(named: name).first)
+            #expect(try await domain.state().isActive)
+            let metadata = try #require(try await domain.instanceMetadata())
+            #expect(metadata.instance == name)
+            #expect(metadata.appliance == "rack")
+            #expect(metadata.pool == harness.poolURL)
+            let description = try await domain.describe()
+            #expect(description.vcpus == 1)
+            #expect(description.memoryKiB == 128 * 1024)
+            #expect(description.virtType == "qemu")
+            try await waitForText(TestGuest.readyMarker, inFile: harness.consolePath(name), timeout: .seconds(60))
+
+            let status = try #require(try await harness.agentStatus(name))
+            #expect(status["phase"] as? String == "active")
+            #expect(status["libvirt_state"] as? String == "running (booted)")
+            #expect(status["reported_at"] != nil)
+            let domainsList = try await runCorral(["domains", "list"])
+            #expect(domainsList.stdout.contains(name))
+
+            try await harness.poolCommand(["instance", "action", "power-off", name])
+            try await harness.waitForPoolState(name, 5)
+            #expect(try await domain.state().isActive == false)
+
+            try await harness.poolCommand(["instance", "action", "power-on", name])
+            try await harness.waitForPoolState(name, 4)
+            #expect(try await domain.state().isActive)
+            // A new QEMU process starts the console file afresh.
+            try await waitForText(TestGuest.readyMarker, inFile: harness.consolePath(name), timeout: .seconds(60))
+
+            try await harness.poolCommand(["instance", "action", "reboot", name])
+            try await waitForText(TestGuest.readyMarker, inFile: harness.consolePath(name), occurrences: 2, timeout: .seconds(90))
+            try await harness.waitForPoolState(name, 4)
+
+            try await harness.poolCommand(["instance", "action", "delete", name])
+            try await harness.waitForPoolState(name, 7)
+            #expect(try await harness.domains(named: name).isEmpty)
+            #expect(harness.instanceFiles().isEmpty)
+            #expect(try await harness.agentStatus(name) == nil)
+        }
+    }
+
+    @Test("at the lease's end the VM is suspended, and after the grace period decommissioned")
+    func leaseExpiry() async throws {
+        try await withHarness("lease", leaseGrace: 4) { harness, _ in
+            try await harness.startAgent()
+            let name = try await harness.reserve(leaseSeconds: 3600)
+            try await harness.waitForPoolState(name, 4)
+            let domain = try #require(try await harness.domains(named: name).first)
+            try await harness.poolCommand(["instance", "lease", name, "--seconds", "2"])
+            try await harness.waitForPoolState(name, 5, timeout: .seconds(30))
+            if case .paused = try await domain.state() {} else {
+                Issue.record("expected a paused domain, got \(try await domain.state())")
+            }
+            try await harness.waitForPoolState(name, 7, timeout: .seconds(30))
+            #expect(try await harness.domains(named: name).isEmpty)
+            #expect(harness.instanceFiles().isEmpty)
+        }
+    }
+
+    @Test("a wrong image checksum, an unreachable image URL and a refused callback each end errored with nothing left behind")
+    func buildFailures() async throws {
+        try await withHarness("failures") { harness, base in
+            try await harness.poolCommand([
+                "image", "add", "wrong-sum", "--url", "\(base)/disk.qcow2", "--sha256", String(repeating: "0", count: 64),
+            ])
+            try await harness.poolCommand(["image", "add", "nowhere", "--url", "http://127.0.0.1:1/disk.qcow2"])
+            try await harness.poolCommand(["wisp", "add", "wrong-sum", "--owner", "alice", "--image", "wrong-sum"])
+            try await harness.poolCommand(["wisp", "add", "nowhere", "--owner", "alice", "--image", "nowhere"])
+            try await harness.poolCommand([
+                "wisp", "add", "refused", "--owner", "alice", "--image", "busybox", "--callback-url", "http://127.0.0.1:9/start",
+            ])
+            try await harness.startAgent()
+            let expectations = [
+                ("wrong-sum", "not the expected \(String(repeating: "0", count: 64))"),
+                ("nowhere", "cannot download http://127.0.0.1:1/disk.qcow2"),
+                ("refused", "127.0.0.1 is a loopback address"),
+            ]
+            var names: [String] = []
+            for (wisp, _) in expectations { names.append(try await harness.reserve(wisp: wisp)) }
+            for (name, (wisp, reason)) in zip(names, expectations) {
+                let record = try await harness.waitForPoolState(name, 5, timeout: .seconds(60))
+                let error = record["last_error"] as? String ?? ""
+                #expect(error.contains(reason), "\(wisp): \(error)")
+                let status = try #require(try await harness.agentStatus(name))
+                #expect(status["phase"] as? String == "errored")
+                #expect(try await harness.domains(named: name).isEmpty, "\(wisp)")
+            }
+            #expect(harness.instanceFiles().isEmpty)
+            let partial = try FileManager.default.contentsOfDirectory(atPath: harness.directory.appendingPathComponent("images/tmp").path)
+            #expect(partial.isEmpty)
+
+            // Deleting an errored instance leaves it decommissioned.
+            try await harness.poolCommand(["instance", "action", "delete", names[0]])
+            try await harness.waitForPoolState(names[0], 7)
+        }
+    }
+}
