@@ -51,6 +51,7 @@ public final class Agent: Service, Sendable {
         var state: InstanceState
         var error: String?
         var addresses: [IPAddress]
+        var reason: String?
     }
 
     private struct State {
@@ -650,14 +651,17 @@ public final class Agent: Service, Sendable {
             if poolState == .running, let domain {
                 addresses = ((try? await domain.interfaceAddresses()) ?? []).flatMap(\.addresses).map(Self.ipAddress)
             }
-            let reported = Reported(state: poolState, error: error, addresses: addresses)
+            let reported = Reported(
+                state: poolState, error: error, addresses: addresses,
+                reason: poolState == .suspended ? domainState?.description ?? "no domain" : nil)
             let changed = self.state.withLock { $0.reported[name] != reported }
             instance.state = decommission ? instance.state : poolState
             try await self.store.save(instance)
             guard changed, !decommission else { return decommission }
             let report = InstanceReport(
                 name: name, state: poolState, flavor: instance.flavor, expires: instance.expires.map { Int($0.timeIntervalSince1970) },
-                ipAddresses: addresses, consoleOutput: self.consoleTail(name), error: error)
+                ipAddresses: addresses, consoleOutput: self.consoleTail(name), error: error,
+                reason: reported.reason)
             try await self.store.enqueue(report, at: now)
             self.state.withLock { $0.reported[name] = reported }
             self.logger.info("\(name): \(poolState)\(error.map { " (\($0))" } ?? "")")

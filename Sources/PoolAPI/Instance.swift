@@ -75,17 +75,21 @@ public struct InstanceReport: Codable, Sendable, Equatable {
     /// Why the instance failed (a build step, the boot, a power action);
     /// nil when nothing is wrong. The pool keeps the newest.
     public var error: String?
+    /// The hypervisor's word for the state, e.g. `shut off (shutdown)` or
+    /// `paused (user)`, when the state alone does not say it.
+    public var reason: String?
 
     enum CodingKeys: String, CodingKey {
         case name, state, flavor, ask, expires, address
         case ipAddresses = "ip_addresses"
         case consoleOutput = "console_output"
-        case error
+        case error, reason
     }
 
     public init(
         name: String, state: InstanceState, flavor: InstanceFlavor? = nil, ask: Int? = nil, expires: Int? = nil,
-        address: String? = nil, ipAddresses: [IPAddress]? = nil, consoleOutput: [String]? = nil, error: String? = nil
+        address: String? = nil, ipAddresses: [IPAddress]? = nil, consoleOutput: [String]? = nil, error: String? = nil,
+        reason: String? = nil
     ) {
         self.name = name
         self.state = state
@@ -96,6 +100,7 @@ public struct InstanceReport: Codable, Sendable, Equatable {
         self.ipAddresses = ipAddresses
         self.consoleOutput = consoleOutput
         self.error = error
+        self.reason = reason
     }
 }
 

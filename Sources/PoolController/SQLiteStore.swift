@@ -134,9 +134,12 @@ public final class SQLiteStore: PoolStore {
                 table.column("expiresAt", .datetime).notNull()
             }
         }
-        migrator.registerMigration("4-image-kernel-boot") { db in
+        migrator.registerMigration("4-image-kernel-boot-state-reason") { db in
             try db.alter(table: "image") { table in
                 table.add(column: "kernelBoot", .jsonText)
+            }
+            try db.alter(table: "instance") { table in
+                table.add(column: "stateReason", .text)
             }
         }
         return migrator
@@ -331,21 +334,21 @@ public final class SQLiteStore: PoolStore {
                 try db.execute(
                     sql: """
                         UPDATE instance SET state = ?, flavor = COALESCE(?, flavor), ask = ?, expires = ?, address = ?,
-                        ipAddresses = ?, consoleTail = ?, lastError = ?, reportedAt = ?, updatedAt = ? WHERE id = ?
+                        ipAddresses = ?, consoleTail = ?, lastError = ?, stateReason = ?, reportedAt = ?, updatedAt = ? WHERE id = ?
                         """,
                     arguments: [
                         report.state.rawValue, flavor, report.ask, expires, report.address, addresses, tail, report.error,
-                        date, date, previous.id,
+                        report.reason, date, date, previous.id,
                     ])
             } else {
                 try db.execute(
                     sql: """
                         INSERT INTO instance (name, applianceID, ownerID, state, flavor, ask, expires, address, ipAddresses,
-                        consoleTail, lastError, createdAt, reportedAt, updatedAt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                        consoleTail, lastError, stateReason, createdAt, reportedAt, updatedAt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                         """,
                     arguments: [
                         report.name, applianceID, ownerID, report.state.rawValue, flavor, report.ask, expires,
-                        report.address, addresses, tail, report.error, date, date, date,
+                        report.address, addresses, tail, report.error, report.reason, date, date, date,
                     ])
             }
             try Self.claimReservation(db, instance: report.name, at: date)
@@ -783,7 +786,8 @@ public final class SQLiteStore: PoolStore {
             ask: row["ask"], expires: row["expires"], address: row["address"],
             ipAddresses: decode("ipAddresses", as: [IPAddress].self) ?? [],
             consoleTail: decode("consoleTail", as: [String].self) ?? [], callbackURL: row["callbackURL"],
-            lastError: row["lastError"], reportedAt: row["reportedAt"], updatedAt: row["updatedAt"])
+            lastError: row["lastError"], stateReason: row["stateReason"], reportedAt: row["reportedAt"],
+            updatedAt: row["updatedAt"])
     }
 
     private static func instance(_ db: Database, named name: String) throws -> Instance {

@@ -109,8 +109,11 @@ public struct Instance: Sendable, Equatable, Codable {
     public var consoleTail: [String]
     /// Where the pool fetches its start parameters (from a reservation).
     public var callbackURL: String?
-    /// Why the pool could not give it start parameters, when it could not.
+    /// Why it failed, as its appliance reported (a build step, the boot),
+    /// or why the pool could not give it start parameters.
     public var lastError: String?
+    /// The hypervisor's reason for its state, e.g. `shut off (shutdown)`.
+    public var stateReason: String?
     /// When its appliance last reported it (nil: placed, not yet reported).
     public var reportedAt: Date?
     public var updatedAt: Date

@@ -489,7 +489,8 @@ extension Corral.Pool {
                 var table = Table(header: ["NAME", "APPLIANCE", "OWNER", "STATE", "ADDRESSES", "UPDATED", "ERROR"])
                 for instance in instances {
                     table.rows.append([
-                        instance.name, instance.appliance, instance.owner, "\(instance.state.rawValue) \(instance.state)",
+                        instance.name, instance.appliance, instance.owner,
+                        "\(instance.state.rawValue) \(instance.state)" + (instance.stateReason.map { ": \($0)" } ?? ""),
                         instance.ipAddresses.isEmpty ? "-" : instance.ipAddresses.map(\.address).joined(separator: ","),
                         instance.updatedAt.formatted(.iso8601), instance.lastError ?? "-",
                     ])

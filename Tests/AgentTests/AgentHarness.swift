@@ -74,6 +74,7 @@ final class Harness: @unchecked Sendable {
     var poolURL = ""
     var port = 0
     var userToken = ""
+    var applianceToken = ""
     let http = HTTPClient(eventLoopGroup: HTTPClient.defaultEventLoopGroup)
 
     init(_ label: String) throws {
@@ -100,7 +101,7 @@ final class Harness: @unchecked Sendable {
     func setUp(imageBase: String, files: GuestFiles, imageSHA256: String? = nil, leaseGrace: Int = 3600) async throws {
         try await poolCommand(["init"])
         userToken = try await poolCommand(["user", "add", "alice", "--max-instances", "10"])
-        let applianceToken = try await poolCommand(["appliance", "add", "rack", "--owner", "alice"])
+        applianceToken = try await poolCommand(["appliance", "add", "rack", "--owner", "alice"])
         try await poolCommand(["flavor", "add", "small", "--vcpus", "1", "--memory-mib", "128", "--disk-gib", "1"])
         self.files = files
         self.imageBase = imageBase

@@ -35,8 +35,16 @@ struct AgentLifecycleTests {
             let domainsList = try await runCorral(["domains", "list"])
             #expect(domainsList.stdout.contains(name))
 
+            // SIGTERM stops the agent, not the VM; the next run adopts it as it is.
+            #expect(await harness.stopAgent() == 0)
+            #expect(try await domain.state().isActive)
+            try await harness.startAgent()
+            #expect(try await harness.agentStatus(name)?["phase"] as? String == "active")
+            #expect(try await harness.domains(named: name).map(\.uuid) == [domain.uuid])
+
             try await harness.poolCommand(["instance", "action", "power-off", name])
-            try await harness.waitForPoolState(name, 5)
+            let off = try await harness.waitForPoolState(name, 5)
+            #expect(off["state_reason"] as? String == "shut off (shutdown)")
             #expect(try await domain.state().isActive == false)
 
             try await harness.poolCommand(["instance", "action", "power-on", name])
@@ -54,6 +62,8 @@ struct AgentLifecycleTests {
             #expect(try await harness.domains(named: name).isEmpty)
             #expect(harness.instanceFiles().isEmpty)
             #expect(try await harness.agentStatus(name) == nil)
+            // The token is a secret: not even the debug log shows it.
+            #expect(!(harness.agent?.stderr.contains(harness.applianceToken) ?? true))
         }
     }
 
@@ -65,7 +75,8 @@ struct AgentLifecycleTests {
             try await harness.waitForPoolState(name, 4)
             let domain = try #require(try await harness.domains(named: name).first)
             try await harness.poolCommand(["instance", "lease", name, "--seconds", "2"])
-            try await harness.waitForPoolState(name, 5, timeout: .seconds(30))
+            let suspended = try await harness.waitForPoolState(name, 5, timeout: .seconds(30))
+            #expect(suspended["state_reason"] as? String == "paused (user)")
             if case .paused = try await domain.state() {} else {
                 Issue.record("expected a paused domain, got \(try await domain.state())")
             }

@@ -121,4 +121,24 @@ struct SeedTests {
         let refused = try await runCommand(URL(fileURLWithPath: "/usr/bin/cloud-init"), ["schema", "--config-file", broken.path])
         #expect(refused.status != 0)
     }
+
+    @Test("the seed is written as a cidata ISO holding exactly the rendered files")
+    func image() async throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("corral-seed-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let path = directory.appendingPathComponent("seed.iso").path
+        try await Self.seed.writeImage(to: path)
+        let header = try await runProgram("isoinfo", ["-d", "-i", path])
+        #expect(header.stdout.contains("Volume id: cidata"))
+        #expect(header.stdout.contains("Rock Ridge signatures version"))
+        let listing = try await runProgram("isoinfo", ["-f", "-R", "-i", path])
+        #expect(Set(listing.stdout.split(separator: "\n").map(String.init)) == ["/meta-data", "/network-config", "/user-data"])
+        // The user-data inside is the one Seed renders (its boundary aside).
+        let userData = try await runProgram("isoinfo", ["-R", "-i", path, "-x", "/user-data"])
+        #expect(userData.stdout.contains(try Self.seed.cloudConfig()))
+        let metaData = try await runProgram("isoinfo", ["-R", "-i", path, "-x", "/meta-data"])
+        #expect(metaData.stdout == (try Self.seed.metaData()))
+        #expect(!FileManager.default.fileExists(atPath: path + ".part"))
+    }
 }

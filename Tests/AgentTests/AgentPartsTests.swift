@@ -1,0 +1,192 @@
+import Foundation
+import Libvirt
+import Logging
+import PoolAPI
+import Support
+import Testing
+import TestSupport
+
+@testable import Agent
+
+@Suite("Agent configuration")
+struct AgentConfigurationTests {
+    @Test("etc/corral/agent.toml lists every key at its default")
+    func exampleFile() throws {
+        let example = try AgentConfiguration.load(path: Paths.packageRoot.appendingPathComponent("etc/corral/agent.toml").path)
+        #expect(example == AgentConfiguration())
+    }
+
+    @Test("what register writes reads back the same")
+    func roundTrip() throws {
+        var configuration = AgentConfiguration(poolURL: "https://pool.example.org", tokenFile: "/etc/corral/\"odd\".token")
+        configuration.network = .user(sshForwardPorts: 22000...22099)
+        configuration.virtualization = .qemu
+        #expect(try AgentConfiguration.parse(configuration.rendered()) == configuration)
+        configuration.network = .bridge("br0")
+        #expect(try AgentConfiguration.parse(configuration.rendered()) == configuration)
+    }
+
+    @Test("mistakes name the key and the fix", arguments: [
+        ("[pool]\nurl = \"ftp://x\"", "agent.toml: pool.url: must be an http or https URL such as \"http://127.0.0.1:8080\" (it is \"ftp://x\")"),
+        ("[libvirt]\nvirt_type = \"xen\"", "agent.toml: libvirt.virt_type: must be one of \"auto\", \"kvm\", \"qemu\" (it is \"xen\")"),
+        ("[network]\nmode = \"bridge\"", "agent.toml: network.name: is required for mode \"bridge\": the libvirt bridge's name"),
+        ("[network]\nssh_forward_ports = \"80-90\"", "agent.toml: network.ssh_forward_ports: must be a port range such as \"22000-22999\" within 1024-65535 (it is \"80-90\")"),
+        ("[builds]\nmax_concurrent = 0", "agent.toml: builds.max_concurrent: must be between 1 and 64 (it is 0)"),
+        ("[paths]\nstate_dir = \"state\"", "agent.toml: paths.state_dir: must be an absolute path (it is \"state\")"),
+        ("[check_in]\nperiod = 5", "agent.toml: check_in.period: unknown key; [check_in] takes jitter_seconds, period_seconds"),
+    ])
+    func mistakes(text: String, message: String) {
+        #expect(throws: ConfigurationError.self) { try AgentConfiguration.parse(text) }
+        do {
+            _ = try AgentConfiguration.parse(text)
+        } catch {
+            #expect("\(error)" == message)
+        }
+    }
+
+    @Test("the token file must be private and hold one line")
+    func tokenFile() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("corral-token-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let path = directory.appendingPathComponent("token").path
+        let configuration = AgentConfiguration(tokenFile: path)
+        #expect(throws: ConfigurationError.self) { try configuration.readToken() }
+        FileManager.default.createFile(atPath: path, contents: Data("secret\n".utf8), attributes: [.posixPermissions: 0o644])
+        do {
+            _ = try configuration.readToken()
+            Issue.record("a world-readable token file was accepted")
+        } catch let error as ConfigurationError {
+            #expect(error.reason.contains("run `chmod 600 \(path)`"))
+        }
+        try FileManager.default.setAttributes([.posixPermissions: 0o600], ofItemAtPath: path)
+        #expect(try configuration.readToken() == "secret")
+    }
+}
+
+@Suite("Agent parts")
+struct AgentPartsTests {
+    static func scratch() throws -> URL {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("corral-parts-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        return directory
+    }
+
+    @Test("images that point at other files, or are not what they claim, are refused")
+    func imageChecks() async throws {
+        let directory = try Self.scratch()
+        defer { try? FileManager.default.removeItem(at: directory) }
+        func qemuImg(_ arguments: [String]) async throws {
+            let result = try await runProgram("qemu-img", arguments)
+            #expect(result.status == 0, "\(result.stderr)")
+        }
+        let base = directory.appendingPathComponent("base.qcow2").path
+        let backed = directory.appendingPathComponent("backed.qcow2").path
+        let external = directory.appendingPathComponent("external.qcow2").path
+        let raw = directory.appendingPathComponent("plain.raw").path
+        try await qemuImg(["create", "-q", "-f", "qcow2", base, "16M"])
+        try await qemuImg(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base, backed])
+        try await qemuImg(["create", "-q", "-f", "qcow2", "-o", "data_file=\(directory.path)/data.raw", external, "16M"])
+        try await qemuImg(["create", "-q", "-f", "raw", raw, "16M"])
+
+        try await ImageCache.checkFormat(base, format: "qcow2", what: "image 'base'")
+        try await ImageCache.checkFormat(raw, format: "raw", what: "image 'plain'")
+        await #expect(throws: ImageError.self) { try await ImageCache.checkFormat(backed, format: "qcow2", what: "image 'backed'") }
+        do {
+            try await ImageCache.checkFormat(backed, format: "qcow2", what: "image 'backed'")
+        } catch let error as ImageError {
+            #expect(error.description == "image 'backed' is refused: it names a backing file (\(base)); upload a self-contained image (qemu-img convert)")
+        }
+        do {
+            try await ImageCache.checkFormat(external, format: "qcow2", what: "image 'external'")
+            Issue.record("an image with an external data file was accepted")
+        } catch let error as ImageError {
+            #expect(error.description.hasPrefix("image 'external' is refused: it names an external data file"))
+        }
+        do {
+            try await ImageCache.checkFormat(raw, format: "qcow2", what: "image 'plain'")
+            Issue.record("a raw file was accepted as qcow2")
+        } catch let error as ImageError {
+            #expect(error.description.hasPrefix("image 'plain' is not a valid qcow2 image"))
+        }
+    }
+
+    @Test("the domain made from a flavor is one libvirt accepts, with Corral's metadata")
+    func domainTemplate() async throws {
+        let connection = try await Connection.open("test:///default", keepAlive: nil)
+        let expires = Date(timeIntervalSince1970: 1_900_000_000)
+        for network: AgentConfiguration.Network in [.user(sshForwardPorts: nil), .network("default"), .bridge("br0")] {
+            let uuid = UUID()
+            let name = "i-\(uuid.uuidString.prefix(8).lowercased())"
+            let template = DomainTemplate(
+                name: name, uuid: uuid.uuidString.lowercased(), virtType: "test",
+                flavor: InstanceFlavor(name: "small", vcpus: 2, memory: 256, disk: 1), disk: "/var/lib/x/\(name).qcow2",
+                seed: "/var/lib/x/\(name).seed.iso", consoleLog: "/var/lib/x/\(name).log", macAddress: macAddress(for: uuid),
+                network: network, sshPort: nil, kernel: ("/k/vmlinuz", "/k/initrd.img", "console=ttyS0 <&>"),
+                metadata: InstanceMetadata(instance: name, appliance: "rack & co", pool: "http://127.0.0.1:1", leaseExpires: expires))
+            let domain = try await connection.defineDomain(xml: template.xml())
+            let description = try await domain.describe()
+            #expect(description.vcpus == 2)
+            #expect(description.memoryKiB == 256 * 1024)
+            #expect(description.consoleLogPath == "/var/lib/x/\(name).log")
+            #expect(description.disks.map(\.source) == ["/var/lib/x/\(name).qcow2", "/var/lib/x/\(name).seed.iso"])
+            #expect(description.interfaces.first?.macAddress == macAddress(for: uuid))
+            #expect(
+                try await domain.instanceMetadata()
+                    == InstanceMetadata(instance: name, appliance: "rack & co", pool: "http://127.0.0.1:1", leaseExpires: expires))
+            #expect(try await domain.xml().contains("<cmdline>console=ttyS0 &lt;&amp;&gt;</cmdline>"))
+            try await domain.undefine()
+        }
+        await connection.close()
+    }
+
+    @Test("the SSH port forward is QEMU's own NIC bound to loopback")
+    func sshForward() {
+        let uuid = UUID()
+        let template = DomainTemplate(
+            name: "i-1", uuid: uuid.uuidString, virtType: "qemu", flavor: InstanceFlavor(vcpus: 1, memory: 128, disk: 1),
+            disk: "/d", seed: "/s", consoleLog: "/c", macAddress: "52:54:00:00:00:01", network: .user(sshForwardPorts: 22000...22010),
+            sshPort: 22003, kernel: nil, metadata: InstanceMetadata(instance: "i-1", appliance: "rack"))
+        let xml = template.xml()
+        #expect(xml.contains("<qemu:arg value='user,id=corral0,hostfwd=tcp:127.0.0.1:22003-:22'/>"))
+        #expect(!xml.contains("<interface"))
+        #expect(xml.contains("<boot dev='hd'/>"))
+    }
+
+    @Test("outbox order, exactly-once action records and acknowledgement survive reopening the store")
+    func store() async throws {
+        let directory = try Self.scratch()
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let path = directory.appendingPathComponent("agent.sqlite").path
+        do {
+            let store = try AgentStore(path: path)
+            for state in [InstanceState.starting, .running, .suspended] {
+                try await store.enqueue(InstanceReport(name: "i-1", state: state), at: Date())
+            }
+            let action = Action(id: "a-1", kind: .reboot, instance: "i-1")
+            #expect(try await store.apply(action, at: Date()) { _ in })
+            #expect(try await !store.apply(action, at: Date()) { _ in Issue.record("applied twice") })
+        }
+        let reopened = try AgentStore(path: path)
+        #expect(try await reopened.pending().map(\.report.state) == [.starting, .running, .suspended])
+        let first = try #require(try await reopened.nextPending())
+        try await reopened.delivered(first, at: Date())
+        #expect(try await reopened.pending().map(\.report.state) == [.running, .suspended])
+        #expect(try await reopened.wasApplied("a-1"))
+        #expect(try await reopened.unacknowledgedActions() == ["a-1"])
+        try await reopened.acknowledge(["a-1"], at: Date())
+        #expect(try await reopened.unacknowledgedActions() == [])
+        #expect(try await reopened.wasApplied("a-1"))
+    }
+
+    @Test("backoff grows, stays under its cap, and is jittered")
+    func backoff() {
+        var backoff = Backoff(base: .seconds(1), cap: .seconds(8))
+        let delays = (0..<8).map { _ in backoff.next() }
+        #expect(delays[0] <= .seconds(1))
+        #expect(delays.allSatisfy { $0 <= .seconds(8) })
+        #expect(delays[5] >= .seconds(4))
+        backoff.reset()
+        #expect(backoff.next() <= .seconds(1))
+    }
+}
