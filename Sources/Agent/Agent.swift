@@ -131,6 +131,8 @@ public final class Agent: Service, Sendable {
                     for await event in events {
                         switch event {
                         case .domain(let event):
+                            // Other domains on the host are none of the agent's business.
+                            guard (try? await self.store.instance(named: event.name)) != nil else { continue }
                             self.logger.debug("libvirt: \(event)")
                             self.reconcileWakeup.signal()
                         case .disconnected(let reason):
@@ -586,11 +588,14 @@ public final class Agent: Service, Sendable {
     /// enforces its lease, and queues a report when what the pool should
     /// know changed.
     func reconcile(_ name: String) async throws {
+        logger.trace("reconciling \(name)")
         let decommission: Bool = try await locks.withLock(name) {
+            self.logger.trace("reconciling \(name): locked")
             var decommission = false
             guard var instance = try await self.store.instance(named: name),
                 ![.building, .deleting].contains(instance.phase)
             else { return false }
+            let original = instance
             let now = Date()
             var domain: Domain? = nil
             do {
@@ -656,7 +661,18 @@ public final class Agent: Service, Sendable {
                 reason: poolState == .suspended ? domainState?.description ?? "no domain" : nil)
             let changed = self.state.withLock { $0.reported[name] != reported }
             instance.state = decommission ? instance.state : poolState
-            try await self.store.save(instance)
+            // Only the fields reconciling owns are written, and only if no
+            // action changed the phase meanwhile (a delete, a lease): a
+            // whole-record save would undo what others wrote since the read.
+            let reconciled = instance
+            let kept = try await self.store.update(name) { stored in
+                guard stored.phase == original.phase else { return }
+                stored.phase = reconciled.phase
+                stored.state = reconciled.state
+                stored.lastError = reconciled.lastError
+                stored.expiredAt = reconciled.expiredAt
+            }
+            guard kept?.phase == reconciled.phase else { return false }
             guard changed, !decommission else { return decommission }
             let report = InstanceReport(
                 name: name, state: poolState, flavor: instance.flavor, expires: instance.expires.map { Int($0.timeIntervalSince1970) },
@@ -725,8 +741,10 @@ public final class Agent: Service, Sendable {
                 continue
             }
             do {
+                logger.debug("delivering report \(next.sequence): \(next.report.name) state \(next.report.state.rawValue)")
                 _ = try await client.report(next.report)
                 try await store.delivered(next, at: Date())
+                logger.debug("delivered report \(next.sequence)")
                 backoff.reset()
             } catch let error as PoolClientError {
                 switch error {

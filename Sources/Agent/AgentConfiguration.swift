@@ -84,12 +84,12 @@ public struct AgentConfiguration: Sendable, Equatable {
     /// Reads a configuration file. Unknown keys, wrong types and
     /// out-of-range values are a ``ConfigurationError`` naming the key.
     public static func load(path: String) throws -> AgentConfiguration {
-        try read(TOMLReader.load(path: path, known: keys, example: example))
+        try read(TOMLReader.load(path: path, known: keys, example: example, mainSection: "pool"))
     }
 
     /// Parses the text of a configuration file named `source` in errors.
     public static func parse(_ text: String, source: String = "agent.toml") throws -> AgentConfiguration {
-        try read(TOMLReader(text, source: source, known: keys, example: example))
+        try read(TOMLReader(text, source: source, known: keys, example: example, mainSection: "pool"))
     }
 
     private static func read(_ reader: TOMLReader) throws -> AgentConfiguration {

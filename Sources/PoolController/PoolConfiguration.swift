@@ -77,12 +77,12 @@ public struct PoolConfiguration: Sendable, Equatable {
     /// Unknown keys, wrong types and out-of-range values are errors naming
     /// the key.
     public static func load(path: String) throws -> PoolConfiguration {
-        try invalidAsPoolError { try read(TOMLReader.load(path: path, known: keys, example: example)) }
+        try invalidAsPoolError { try read(TOMLReader.load(path: path, known: keys, example: example, mainSection: "server")) }
     }
 
     /// Parses the text of a configuration file named `source` in errors.
     public static func parse(_ text: String, source: String = "configuration") throws -> PoolConfiguration {
-        try invalidAsPoolError { try read(TOMLReader(text, source: source, known: keys, example: example)) }
+        try invalidAsPoolError { try read(TOMLReader(text, source: source, known: keys, example: example, mainSection: "server")) }
     }
 
     private static let example = "etc/corral/pool.toml"

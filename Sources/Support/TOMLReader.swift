@@ -24,8 +24,8 @@ public struct TOMLReader {
 
     /// Parses `text` (from `source`, named in errors) and checks that every
     /// section and key is one of `known`; `example` names the example file
-    /// errors point to.
-    public init(_ text: String, source: String, known: [String: Set<String>], example: String) throws {
+    /// errors point to, and `mainSection` the section they suggest.
+    public init(_ text: String, source: String, known: [String: Set<String>], example: String, mainSection: String) throws {
         do {
             table = try TOMLTable(string: text)
         } catch let error as TOMLParseError {
@@ -34,26 +34,26 @@ public struct TOMLReader {
         }
         self.source = source
         self.example = example
-        try checkKeys(known)
+        try checkKeys(known, mainSection: mainSection)
     }
 
     /// Reads the file at `path`.
-    public static func load(path: String, known: [String: Set<String>], example: String) throws -> TOMLReader {
+    public static func load(path: String, known: [String: Set<String>], example: String, mainSection: String) throws -> TOMLReader {
         let text: String
         do {
             text = try String(contentsOfFile: path, encoding: .utf8)
         } catch {
             throw ConfigurationError(field: path, reason: "cannot read the configuration file (\(error.localizedDescription))")
         }
-        return try TOMLReader(text, source: path, known: known, example: example)
+        return try TOMLReader(text, source: path, known: known, example: example, mainSection: mainSection)
     }
 
-    private func checkKeys(_ known: [String: Set<String>]) throws {
+    private func checkKeys(_ known: [String: Set<String>], mainSection: String) throws {
         for section in table.keys {
             guard let inner = table[section]?.table else {
                 throw ConfigurationError(
                     field: "\(source): \(section)",
-                    reason: "keys belong in a section such as [\(known.keys.sorted().first ?? "section")]; see \(example)")
+                    reason: "keys belong in a section such as [\(mainSection)]; see \(example)")
             }
             guard let keys = known[section] else {
                 throw ConfigurationError(

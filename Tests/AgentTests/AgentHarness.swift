@@ -168,14 +168,16 @@ final class Harness: @unchecked Sendable {
     /// need an appliance with fresh stats).
     func startAgent() async throws {
         let started = Date()
-        agent = try BackgroundProcess(Paths.corralBinary, ["agent", "run", "--config", agentConfig.path, "--log-level", "debug"])
+        agent = try BackgroundProcess(Paths.corralBinary, ["agent", "run", "--config", agentConfig.path, "--log-level", "trace"])
         let deadline = ContinuousClock.now + .seconds(60)
         let formatter = ISO8601DateFormatter()
         while ContinuousClock.now < deadline {
             let json = try await poolCommand(["appliance", "list", "--json"])
             let list = try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [[String: Any]] ?? []
-            if let seen = (list.first { $0["name"] as? String == "rack" }?["last_seen"] as? String).flatMap(formatter.date(from:)),
-                seen >= started.addingTimeInterval(-1)
+            let rack = list.first { $0["name"] as? String == "rack" }
+            // Authorization marks it seen; the first check-in brings its capacity.
+            if let seen = (rack?["last_seen"] as? String).flatMap(formatter.date(from:)),
+                seen >= started.addingTimeInterval(-1), rack?["stats"] != nil
             {
                 return
             }
@@ -194,7 +196,7 @@ final class Harness: @unchecked Sendable {
 
     /// Everything the agent and pool printed, for failure messages.
     var logs: String {
-        "--- agent stderr:\n\(agent?.stderr.suffix(6000) ?? "")\n--- pool stderr:\n\(pool?.stderr.suffix(3000) ?? "")"
+        "--- agent stderr:\n\(agent?.stderr.suffix(30000) ?? "")\n--- pool stderr:\n\(pool?.stderr.suffix(3000) ?? "")"
     }
 
     /// Reserves a `small` slot on `rack` for alice; returns the instance's name.

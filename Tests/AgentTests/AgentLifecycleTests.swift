@@ -28,7 +28,11 @@ struct AgentLifecycleTests {
             #expect(description.virtType == "qemu")
             try await waitForText(TestGuest.readyMarker, inFile: harness.consolePath(name), timeout: .seconds(60))
 
-            let status = try #require(try await harness.agentStatus(name))
+            var status = try #require(try await harness.agentStatus(name))
+            for _ in 0..<40 where status["reported_at"] == nil {
+                try await Task.sleep(for: .milliseconds(250))
+                status = try #require(try await harness.agentStatus(name))
+            }
             #expect(status["phase"] as? String == "active")
             #expect(status["libvirt_state"] as? String == "running (booted)")
             #expect(status["reported_at"] != nil)
