@@ -588,9 +588,7 @@ public final class Agent: Service, Sendable {
     /// enforces its lease, and queues a report when what the pool should
     /// know changed.
     func reconcile(_ name: String) async throws {
-        logger.trace("reconciling \(name)")
         let decommission: Bool = try await locks.withLock(name) {
-            self.logger.trace("reconciling \(name): locked")
             var decommission = false
             guard var instance = try await self.store.instance(named: name),
                 ![.building, .deleting].contains(instance.phase)

@@ -100,20 +100,7 @@ struct DomainTemplate: Sendable {
         return String(element[start...].dropLast(2))
     }
 
-    private func escape(_ value: String) -> String {
-        var escaped = ""
-        for character in value {
-            switch character {
-            case "&": escaped += "&amp;"
-            case "<": escaped += "&lt;"
-            case ">": escaped += "&gt;"
-            case "\"": escaped += "&quot;"
-            case "'": escaped += "&apos;"
-            default: escaped.append(character)
-            }
-        }
-        return escaped
-    }
+    private func escape(_ value: String) -> String { escapeXMLAttribute(value) }
 }
 
 /// A locally administered MAC address in QEMU's 52:54:00 range, derived

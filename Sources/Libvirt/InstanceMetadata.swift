@@ -59,7 +59,9 @@ public struct InstanceMetadata: Sendable, Hashable, Codable {
     }
 }
 
-func escapeXMLAttribute(_ value: String) -> String {
+/// `value` with the five XML special characters escaped, for element text
+/// and attribute values in domain, volume and pool XML.
+public func escapeXMLAttribute(_ value: String) -> String {
     var escaped = ""
     for character in value {
         switch character {

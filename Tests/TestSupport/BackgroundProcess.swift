@@ -47,22 +47,21 @@ public final class BackgroundProcess: Sendable {
 
     /// Waits until standard output has a line containing `text`; returns it.
     public func line(containing text: String, timeout: Duration) async throws -> String {
-        let deadline = ContinuousClock.now + timeout
-        while ContinuousClock.now < deadline {
-            if let line = stdout.split(separator: "\n").first(where: { $0.contains(text) }) { return String(line) }
-            try await Task.sleep(for: .milliseconds(50))
-        }
-        throw SetupError("no line with '\(text)' within \(timeout). stdout:\n\(stdout)\nstderr:\n\(stderr)")
+        try await line(containing: text, in: { self.stdout }, timeout: timeout)
     }
 
     /// Waits until standard error has a line containing `text`; returns it.
     public func line(inStderrContaining text: String, timeout: Duration) async throws -> String {
+        try await line(containing: text, in: { self.stderr }, timeout: timeout)
+    }
+
+    private func line(containing text: String, in output: () -> String, timeout: Duration) async throws -> String {
         let deadline = ContinuousClock.now + timeout
         while ContinuousClock.now < deadline {
-            if let line = stderr.split(separator: "\n").first(where: { $0.contains(text) }) { return String(line) }
+            if let line = output().split(separator: "\n").first(where: { $0.contains(text) }) { return String(line) }
             try await Task.sleep(for: .milliseconds(50))
         }
-        throw SetupError("no line with '\(text)' on stderr within \(timeout). stderr:\n\(stderr.suffix(4000))")
+        throw SetupError("no line with '\(text)' within \(timeout). stdout:\n\(stdout.suffix(4000))\nstderr:\n\(stderr.suffix(4000))")
     }
 
     private let exited = Mutex(false)
