@@ -284,10 +284,13 @@ final class Harness: @unchecked Sendable {
 /// Runs `body` with a harness whose pool is up (agent not yet started), on
 /// the shared system libvirtd; tears everything down afterwards.
 func withHarness(
-    _ label: String, imageSHA256: String? = nil, leaseGrace: Int = 3600,
+    _ label: String, imageSHA256: String? = nil, leaseGrace: Int = 3600, restartsLibvirtd: Bool = false,
     _ body: @Sendable @escaping (Harness, String) async throws -> Void
 ) async throws {
-    try await SystemLibvirt.shared {
+    let lock: (@Sendable () async throws -> Void) async throws -> Void = { work in
+        if restartsLibvirtd { try await SystemLibvirt.exclusive(work) } else { try await SystemLibvirt.shared(work) }
+    }
+    try await lock {
         let harness = try Harness(label)
         let files = try await GuestFiles.make(in: harness.directory)
         do {

@@ -72,6 +72,29 @@ struct AgentRecoveryTests {
         }
     }
 
+    @Test("a libvirtd restart is survived: the agent reconnects and its events and actions work again")
+    func libvirtdRestart() async throws {
+        try await withHarness("libvirtd", restartsLibvirtd: true) { harness, _ in
+            try await harness.startAgent()
+            let name = try await harness.reserve()
+            try await harness.waitForPoolState(name, 4)
+            try await waitForText(TestGuest.readyMarker, inFile: harness.consolePath(name), timeout: .seconds(60))
+
+            let killed = try await runProgram("pkill", ["-TERM", "-x", "libvirtd"])
+            try #require(killed.status == 0, "pkill libvirtd: \(killed.stderr)")
+            _ = try await harness.agent!.line(inStderrContaining: "libvirt connection lost", timeout: .seconds(30))
+            let restarted = try await runCommand(Paths.packageRoot.appendingPathComponent("scripts/setup"), [])
+            try #require(restarted.status == 0, "scripts/setup: \(restarted.stderr)")
+            _ = try await harness.agent!.line(inStderrContaining: "libvirt connection restored", timeout: .seconds(60))
+
+            // The guest kept running; a power-off through the pool reaches
+            // it and its stop event comes back as a report.
+            try await harness.poolCommand(["instance", "action", "power-off", name])
+            let off = try await harness.waitForPoolState(name, 5, timeout: .seconds(90))
+            #expect(off["state_reason"] as? String == "shut off (shutdown)")
+        }
+    }
+
     /// Waits until `corral agent status` shows the pool state `word` for the instance.
     func waitForStatus(_ harness: Harness, _ name: String, _ word: String) async throws {
         let deadline = ContinuousClock.now + .seconds(60)
