@@ -531,9 +531,9 @@ public final class Agent: Service, Sendable {
     // MARK: Decommissioning
 
     private func startDecommission(_ name: String) {
-        let build = state.withLock { $0.builds[name] }
         state.withLock { state in
             guard state.decommissions[name] == nil else { return }
+            let build = state.builds[name]
             state.decommissions[name] = Task {
                 // A build in progress stops first; its leftovers go with the rest.
                 build?.cancel()

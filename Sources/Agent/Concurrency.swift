@@ -81,8 +81,8 @@ actor KeyedLocks {
 /// Capped exponential backoff with full jitter: attempt n waits a random
 /// time up to min(cap, base * 2^n).
 struct Backoff {
-    var base: Duration = .seconds(1)
-    var cap: Duration = .seconds(60)
+    let base: Duration
+    let cap: Duration
     private(set) var attempt = 0
 
     init(base: Duration = .seconds(1), cap: Duration = .seconds(60)) {

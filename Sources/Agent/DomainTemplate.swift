@@ -60,7 +60,7 @@ struct DomainTemplate: Sendable {
               <name>\(escape(name))</name>
               <uuid>\(escape(uuid))</uuid>
               <metadata>
-                <corral:instance xmlns:corral='\(InstanceMetadata.namespace)'\(metadataAttributes())/>
+                \(metadata.renderForDomainXML())
               </metadata>
               <memory unit='MiB'>\(flavor.memory)</memory>
               <vcpu>\(flavor.vcpus)</vcpu>
@@ -91,13 +91,6 @@ struct DomainTemplate: Sendable {
               </devices>\(qemuArguments)
             </domain>
             """
-    }
-
-    private func metadataAttributes() -> String {
-        // The same attributes InstanceMetadata.render() writes.
-        let element = metadata.render()
-        let start = element.index(element.startIndex, offsetBy: "<instance".count)
-        return String(element[start...].dropLast(2))
     }
 
     private func escape(_ value: String) -> String { escapeXMLAttribute(value) }

@@ -24,7 +24,8 @@ public enum PoolClientError: Error, CustomStringConvertible, Equatable {
     public var isTransient: Bool {
         switch self {
         case .unreachable: true
-        case .refused(let status, _): status >= 500 && status != 502 && status != 503 || status == 429
+        // 502 and 503 are answers about this request (no start parameters).
+        case .refused(let status, _): status == 429 || (status >= 500 && status != 502 && status != 503)
         }
     }
 }

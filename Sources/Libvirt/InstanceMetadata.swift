@@ -29,14 +29,21 @@ public struct InstanceMetadata: Sendable, Hashable, Codable {
     }
 
     /// The element as libvirt stores it (the namespace is added by libvirt).
-    public func render() -> String {
+    public func render() -> String { "<instance \(attributes)/>" }
+
+    /// The element as it stands inside a domain definition's `<metadata>`:
+    /// prefixed, with its namespace declared.
+    public func renderForDomainXML() -> String {
+        "<\(Self.prefix):instance xmlns:\(Self.prefix)='\(Self.namespace)' \(attributes)/>"
+    }
+
+    private var attributes: String {
         var attributes = [("instance", instance), ("appliance", appliance)]
         if let pool { attributes.append(("pool", pool)) }
         if let leaseExpires {
             attributes.append(("lease-expires", leaseExpires.formatted(.iso8601)))
         }
-        let text = attributes.map { "\($0.0)=\"\(escapeXMLAttribute($0.1))\"" }.joined(separator: " ")
-        return "<instance \(text)/>"
+        return attributes.map { "\($0.0)=\"\(escapeXMLAttribute($0.1))\"" }.joined(separator: " ")
     }
 
     /// Parses the element libvirt returns; nil when it is not Corral's.

@@ -44,20 +44,11 @@ extension Corral.AgentCommand {
             abstract: "Run the agent until SIGTERM or SIGINT (running VMs are left running).")
 
         @OptionGroup var config: AgentConfigOption
-
-        @Option(help: "trace, debug, info, notice, warning, error or critical.")
-        var logLevel: String = "info"
-
-        func validate() throws {
-            guard Logger.Level(rawValue: logLevel) != nil else {
-                throw ValidationError("--log-level must be trace, debug, info, notice, warning, error or critical (it was '\(logLevel)').")
-            }
-        }
+        @OptionGroup var log: LogOptions
 
         func run() async throws {
             let configuration = config.load()
-            var logger = Logger(label: "corral.agent")
-            logger.logLevel = Logger.Level(rawValue: logLevel) ?? .info
+            let logger = log.logger("corral.agent")
             let token: String
             do {
                 token = try configuration.readToken()

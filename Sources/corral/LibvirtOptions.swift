@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import Libvirt
+import Logging
 
 /// Options shared by every command that talks to libvirt.
 struct LibvirtOptions: ParsableArguments {
@@ -26,6 +27,25 @@ struct LibvirtOptions: ParsableArguments {
             fail("\(error) (libvirt at \(uri))")
         }
         await connection.close()
+    }
+}
+
+/// `--log-level`, shared by the commands that run a server or daemon.
+struct LogOptions: ParsableArguments {
+    @Option(help: "trace, debug, info, notice, warning, error or critical.")
+    var logLevel: String = "info"
+
+    func validate() throws {
+        guard Logger.Level(rawValue: logLevel) != nil else {
+            throw ValidationError("--log-level must be trace, debug, info, notice, warning, error or critical (it was '\(logLevel)').")
+        }
+    }
+
+    /// A logger labelled `label` at the chosen level.
+    func logger(_ label: String) -> Logger {
+        var logger = Logger(label: label)
+        logger.logLevel = Logger.Level(rawValue: logLevel) ?? .info
+        return logger
     }
 }
 

@@ -98,15 +98,11 @@ extension Corral.Pool {
         @Option(help: "The URL agents reach the pool at (overrides the configuration file).")
         var publicURL: String?
 
-        @Option(help: "trace, debug, info, notice, warning, error or critical.")
-        var logLevel: String = "info"
+        @OptionGroup var log: LogOptions
 
         func validate() throws {
             if let port, !(0...65535).contains(port) { throw ValidationError("--port must be 0-65535 (it was \(port)).") }
             if let publicURL { try validateHTTPURL(publicURL, option: "--public-url") }
-            guard Logger.Level(rawValue: logLevel) != nil else {
-                throw ValidationError("--log-level must be trace, debug, info, notice, warning, error or critical (it was '\(logLevel)').")
-            }
         }
 
         func run() async throws {
@@ -114,8 +110,7 @@ extension Corral.Pool {
             if let host { configuration.host = host }
             if let port { configuration.port = port }
             if let publicURL { configuration.publicURL = publicURL }
-            var logger = Logger(label: "corral.pool")
-            logger.logLevel = Logger.Level(rawValue: logLevel) ?? .info
+            let logger = log.logger("corral.pool")
             logger.info("pool database at \(configuration.database)")
             let app = buildPoolApplication(
                 configuration: configuration, store: try store.open(configuration.database), logger: logger

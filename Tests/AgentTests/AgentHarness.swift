@@ -254,7 +254,7 @@ final class Harness: @unchecked Sendable {
         }.sorted()
     }
 
-    var consolePath: (String) -> String { { "\(self.stateDirectory)/consoles/\($0).log" } }
+    func consolePath(_ name: String) -> String { "\(stateDirectory)/consoles/\(name).log" }
 
     /// The libvirt domains named `name` (0 or 1).
     func domains(named name: String) async throws -> [Domain] {
