@@ -210,21 +210,6 @@ public struct AgentConfiguration: Sendable, Equatable {
     /// Reads the API token: the file must exist, hold one non-empty line,
     /// and be readable by its owner only.
     public func readToken() throws -> String {
-        let attributes: [FileAttributeKey: Any]
-        do {
-            attributes = try FileManager.default.attributesOfItem(atPath: tokenFile)
-        } catch {
-            throw ConfigurationError(field: "pool.token_file", reason: "cannot read \(tokenFile): write the appliance's token there (mode 0600)")
-        }
-        if let mode = (attributes[.posixPermissions] as? NSNumber)?.intValue, mode & 0o077 != 0 {
-            throw ConfigurationError(
-                field: "pool.token_file",
-                reason: "\(tokenFile) is readable by others (mode \(String(mode, radix: 8))); run `chmod 600 \(tokenFile)`")
-        }
-        let token = (try? String(contentsOfFile: tokenFile, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? ""
-        guard !token.isEmpty, !token.contains("\n") else {
-            throw ConfigurationError(field: "pool.token_file", reason: "\(tokenFile) must hold the appliance's token on one line")
-        }
-        return token
+        try readTokenFile(tokenFile, field: "pool.token_file", holder: "appliance")
     }
 }

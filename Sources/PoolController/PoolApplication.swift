@@ -15,12 +15,15 @@ public func buildPoolApplication(
     onListening: @escaping @Sendable (_ host: String, _ port: Int) async -> Void = { _, _ in }
 ) -> some ApplicationProtocol {
     let fetcher = CallbackFetcher(limits: configuration.callbacks)
+    let warmPools = WarmPoolService(store: store, configuration: configuration, events: events, logger: logger)
     return Application(
-        router: buildPoolRouter(store: store, configuration: configuration, events: events, fetcher: fetcher, logger: logger),
+        router: buildPoolRouter(
+            store: store, configuration: configuration, events: events, fetcher: fetcher, warmPools: warmPools, logger: logger),
         configuration: .init(address: .hostname(configuration.host, port: configuration.port), serverName: "corral-pool"),
         services: [
             HousekeepingService(store: store, settings: configuration.housekeeping, events: events, logger: logger),
             HeartbeatService(events: events, interval: .seconds(15)),
+            warmPools,
             ShutdownAction { await fetcher.shutdown() },
         ],
         onServerRunning: { channel in
@@ -29,13 +32,13 @@ public func buildPoolApplication(
         logger: logger)
 }
 
-/// The routes of the appliance API.
-public func buildPoolRouter(
+/// The routes of the appliance API, the user-facing API and the token launch API.
+func buildPoolRouter(
     store: any PoolStore, configuration: PoolConfiguration = .init(), events: InstanceEvents = InstanceEvents(),
-    fetcher: CallbackFetcher? = nil, logger: Logger = Logger(label: "corral.pool")
+    fetcher: CallbackFetcher? = nil, warmPools: WarmPoolService? = nil, logger: Logger = Logger(label: "corral.pool")
 ) -> Router<BasicRequestContext> {
     let router = Router(context: BasicRequestContext.self)
-    router.add(middleware: LogRequestsMiddleware(.info))
+    router.add(middleware: RedactingLogRequestsMiddleware(level: .info))
     router.add(middleware: EnvelopeErrorMiddleware())
     let appliances = ApplianceRoutes(
         store: store, configuration: configuration, events: events,
@@ -47,6 +50,11 @@ public func buildPoolRouter(
     let reservations = ReservationRoutes(store: store, configuration: configuration, events: events)
     router.post("api/v1/bids", use: reservations.reserve)
     router.get("api/v1/bids", use: reservations.list)
+    ServerInstanceRoutes(store: store, configuration: configuration, events: events).register(in: router)
+    let templates = TemplateRoutes(
+        store: store, configuration: configuration, events: events,
+        warmPools: warmPools ?? WarmPoolService(store: store, configuration: configuration, events: events, logger: logger))
+    router.post("api/stream/:template", use: templates.launch)
     let watchers = EventRoutes(store: store, events: events)
     router.get("api/v1/events", use: watchers.stream)
     let document = openAPIDocument(publicURL: configuration.publicURL)

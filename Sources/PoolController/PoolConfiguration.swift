@@ -19,6 +19,26 @@ public struct PoolConfiguration: Sendable, Equatable {
     /// How long a reservation waits to be claimed.
     public var reservationSeconds: Int
     public var housekeeping: Housekeeping
+    public var leases: Leases
+    public var warmPools: WarmPools
+
+    /// How long instances created through the user-facing API are leased.
+    public struct Leases: Sendable, Equatable {
+        /// For users without a lease of their own (`corral pool user add --lease-seconds`).
+        public var defaultSeconds: Int = 7 * 86_400
+
+        public init() {}
+    }
+
+    /// How the pool keeps templates' warm instances.
+    public struct WarmPools: Sendable, Equatable {
+        /// How often it retires, drops and replaces warm instances.
+        public var intervalSeconds: Int = 15
+        /// Warm instances older than this are retired (decommissioned).
+        public var maxAgeSeconds: Int = 4 * 3600
+
+        public init() {}
+    }
 
     /// How the pool fetches callback URLs.
     public struct CallbackLimits: Sendable, Equatable {
@@ -51,7 +71,8 @@ public struct PoolConfiguration: Sendable, Equatable {
     public init(
         host: String = "127.0.0.1", port: Int = 8080, publicURL: String? = nil,
         database: String = "/var/lib/corral/pool.sqlite", consoleTailLines: Int = 1000,
-        callbacks: CallbackLimits = .init(), reservationSeconds: Int = 600, housekeeping: Housekeeping = .init()
+        callbacks: CallbackLimits = .init(), reservationSeconds: Int = 600, housekeeping: Housekeeping = .init(),
+        leases: Leases = .init(), warmPools: WarmPools = .init()
     ) {
         self.host = host
         self.port = port
@@ -61,6 +82,8 @@ public struct PoolConfiguration: Sendable, Equatable {
         self.callbacks = callbacks
         self.reservationSeconds = reservationSeconds
         self.housekeeping = housekeeping
+        self.leases = leases
+        self.warmPools = warmPools
     }
 
     /// Every key a pool configuration file may hold, by section.
@@ -71,6 +94,8 @@ public struct PoolConfiguration: Sendable, Equatable {
         "callbacks": ["timeout_seconds", "max_bytes", "max_hops", "allow"],
         "reservations": ["expire_seconds"],
         "housekeeping": ["interval_seconds", "appliance_stale_seconds", "offer_stale_seconds", "purge_after_seconds"],
+        "leases": ["default_seconds"],
+        "warm_pools": ["interval_seconds", "max_age_seconds"],
     ]
 
     /// Reads a configuration file; keys it leaves out keep their defaults.
@@ -124,6 +149,12 @@ public struct PoolConfiguration: Sendable, Equatable {
         housekeeping.purgeAfterSeconds =
             try reader.int("housekeeping", "purge_after_seconds", in: 1...31_536_000) ?? housekeeping.purgeAfterSeconds
         configuration.housekeeping = housekeeping
+        configuration.leases.defaultSeconds =
+            try reader.int("leases", "default_seconds", in: 60...31_536_000) ?? configuration.leases.defaultSeconds
+        configuration.warmPools.intervalSeconds =
+            try reader.int("warm_pools", "interval_seconds", in: 1...86_400) ?? configuration.warmPools.intervalSeconds
+        configuration.warmPools.maxAgeSeconds =
+            try reader.int("warm_pools", "max_age_seconds", in: 60...31_536_000) ?? configuration.warmPools.maxAgeSeconds
         return configuration
     }
 }

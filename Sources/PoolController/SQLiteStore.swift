@@ -6,7 +6,7 @@ import PoolAPI
 /// wait for the writer). Migrations run when it opens. Every change is one
 /// transaction, so a request that fails leaves nothing half-written.
 public final class SQLiteStore: PoolStore {
-    private let database: DatabasePool
+    let database: DatabasePool
 
     /// Opens (creating when missing) the database at `path`.
     public init(path: String) throws {
@@ -142,30 +142,84 @@ public final class SQLiteStore: PoolStore {
                 table.add(column: "stateReason", .text)
             }
         }
+        migrator.registerMigration("5-user-api-templates") { db in
+            try db.alter(table: "user") { table in
+                table.add(column: "uuid", .text)
+                table.add(column: "managerID", .integer).references("user")
+                table.add(column: "leaseSeconds", .integer)
+            }
+            try db.execute(sql: "UPDATE user SET uuid = lower(hex(randomblob(16)))")
+            try db.create(index: "user_uuid", on: "user", columns: ["uuid"], unique: true)
+            try db.alter(table: "appliance") { table in
+                table.add(column: "region", .text)
+            }
+            try db.create(table: "template") { table in
+                table.autoIncrementedPrimaryKey("id")
+                table.column("name", .text).notNull().unique()
+                table.column("wispID", .integer).notNull().references("wisp")
+                table.column("flavorID", .integer).notNull().references("flavor")
+                table.column("hotStarts", .integer).notNull()
+                table.column("createdAt", .datetime).notNull()
+            }
+            try db.alter(table: "instance") { table in
+                table.add(column: "uuid", .text)
+                table.add(column: "imageID", .integer).references("image")
+                table.add(column: "templateID", .integer).references("template", onDelete: .setNull)
+                table.add(column: "warm", .boolean).notNull().defaults(to: false)
+                table.add(column: "preemptible", .boolean).notNull().defaults(to: true)
+                table.add(column: "topic", .text)
+            }
+            try db.execute(sql: "UPDATE instance SET uuid = lower(hex(randomblob(16)))")
+            try db.create(index: "instance_uuid", on: "instance", columns: ["uuid"], unique: true)
+            // Users given access to an instance besides its owner.
+            try db.create(table: "instanceUser") { table in
+                table.column("instanceID", .integer).notNull().references("instance", onDelete: .cascade)
+                table.column("userID", .integer).notNull().references("user", onDelete: .cascade)
+                table.column("addedAt", .datetime).notNull()
+                table.primaryKey(["instanceID", "userID"])
+            }
+        }
         return migrator
+    }
+
+    /// A new id for the user-facing API: 32 hex digits, like the API document's.
+    static func newID() -> String {
+        UUID().uuidString.lowercased().replacingOccurrences(of: "-", with: "")
     }
 
     // MARK: Users
 
-    public func addUser(name: String, superuser: Bool, maxInstances: Int, tokenDigest: String) async throws -> User {
-        let user = User(name: name, superuser: superuser, maxInstances: maxInstances, createdAt: Date())
+    public func addUser(
+        name: String, superuser: Bool, maxInstances: Int, tokenDigest: String, manager: String?, leaseSeconds: Int?
+    ) async throws -> User {
         try await write(what: "user", name: name) { db in
+            let managerID = try manager.map { try Self.userID(db, named: $0) }
             try db.execute(
-                sql: "INSERT INTO user (name, superuser, maxInstances, tokenDigest, createdAt) VALUES (?, ?, ?, ?, ?)",
-                arguments: [name, superuser, maxInstances, tokenDigest, user.createdAt])
+                sql: """
+                    INSERT INTO user (name, uuid, superuser, maxInstances, tokenDigest, managerID, leaseSeconds, createdAt)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                    """,
+                arguments: [name, Self.newID(), superuser, maxInstances, tokenDigest, managerID, leaseSeconds, Date()])
+            guard let row = try Row.fetchOne(db, sql: Self.userQuery + " WHERE user.name = ?", arguments: [name]) else {
+                throw PoolError.storage("user \(name) vanished")
+            }
+            return Self.user(row)
         }
-        return user
     }
+
+    static let userQuery = """
+        SELECT user.*, manager.name AS manager FROM user LEFT JOIN user AS manager ON manager.id = user.managerID
+        """
 
     public func users() async throws -> [User] {
         try await database.read { db in
-            try Row.fetchAll(db, sql: "SELECT * FROM user ORDER BY name").map(Self.user)
+            try Row.fetchAll(db, sql: Self.userQuery + " ORDER BY user.name").map(Self.user)
         }
     }
 
     // MARK: Appliances
 
-    private static let applianceQuery = """
+    static let applianceQuery = """
         SELECT appliance.*, user.name AS owner FROM appliance JOIN user ON user.id = appliance.ownerID
         """
 
@@ -188,6 +242,14 @@ public final class SQLiteStore: PoolStore {
     public func setAppliance(_ name: String, enabled: Bool) async throws -> Appliance {
         try await database.write { db in
             try db.execute(sql: "UPDATE appliance SET enabled = ? WHERE name = ?", arguments: [enabled, name])
+            guard db.changesCount == 1 else { throw PoolError.notFound(what: "appliance", name: name) }
+            return try Self.appliance(db, named: name)
+        }
+    }
+
+    public func setAppliance(_ name: String, region: String?) async throws -> Appliance {
+        try await database.write { db in
+            try db.execute(sql: "UPDATE appliance SET region = ? WHERE name = ?", arguments: [region, name])
             guard db.changesCount == 1 else { throw PoolError.notFound(what: "appliance", name: name) }
             return try Self.appliance(db, named: name)
         }
@@ -300,7 +362,7 @@ public final class SQLiteStore: PoolStore {
         }
     }
 
-    private static let wispQuery = """
+    static let wispQuery = """
         SELECT wisp.*, user.name AS owner, image.name AS image FROM wisp
         JOIN user ON user.id = wisp.ownerID LEFT JOIN image ON image.id = wisp.imageID
         """
@@ -313,10 +375,16 @@ public final class SQLiteStore: PoolStore {
 
     // MARK: Instances
 
-    private static let instanceQuery = """
-        SELECT instance.*, appliance.name AS appliance, user.name AS owner, wisp.name AS wisp FROM instance
+    static let instanceQuery = """
+        SELECT instance.*, appliance.name AS appliance, user.name AS owner, user.uuid AS ownerUUID, wisp.name AS wisp,
+        COALESCE(image.name, wispImage.name) AS image, template.name AS template,
+        (SELECT json_group_array(uuid) FROM (SELECT granted.uuid FROM instanceUser
+         JOIN user AS granted ON granted.id = instanceUser.userID WHERE instanceUser.instanceID = instance.id
+         ORDER BY instanceUser.addedAt, granted.name)) AS grantedUsers
+        FROM instance
         JOIN appliance ON appliance.id = instance.applianceID JOIN user ON user.id = instance.ownerID
-        LEFT JOIN wisp ON wisp.id = instance.wispID
+        LEFT JOIN wisp ON wisp.id = instance.wispID LEFT JOIN image ON image.id = instance.imageID
+        LEFT JOIN image AS wispImage ON wispImage.id = wisp.imageID LEFT JOIN template ON template.id = instance.templateID
         """
 
     public func recordReport(_ report: InstanceReport, appliance: String, consoleLimit: Int, at date: Date) async throws
@@ -343,11 +411,11 @@ public final class SQLiteStore: PoolStore {
             } else {
                 try db.execute(
                     sql: """
-                        INSERT INTO instance (name, applianceID, ownerID, state, flavor, ask, expires, address, ipAddresses,
-                        consoleTail, lastError, stateReason, createdAt, reportedAt, updatedAt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                        INSERT INTO instance (name, uuid, applianceID, ownerID, state, flavor, ask, expires, address, ipAddresses,
+                        consoleTail, lastError, stateReason, createdAt, reportedAt, updatedAt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                         """,
                     arguments: [
-                        report.name, applianceID, ownerID, report.state.rawValue, flavor, report.ask, expires,
+                        report.name, Self.newID(), applianceID, ownerID, report.state.rawValue, flavor, report.ask, expires,
                         report.address, addresses, tail, report.error, report.reason, date, date, date,
                     ])
             }
@@ -361,7 +429,7 @@ public final class SQLiteStore: PoolStore {
         try await database.read { db in
             guard
                 let instance = try Row.fetchOne(
-                    db, sql: "SELECT wispID, ownerID, callbackURL FROM instance WHERE name = ?", arguments: [name])
+                    db, sql: "SELECT wispID, ownerID, callbackURL, imageID FROM instance WHERE name = ?", arguments: [name])
             else { throw PoolError.notFound(what: "instance", name: name) }
             if let callback: String = instance["callbackURL"], !callback.isEmpty { return .callback(callback) }
             let wispID: Int64? = instance["wispID"]
@@ -370,6 +438,20 @@ public final class SQLiteStore: PoolStore {
                 try wispID.flatMap { try Row.fetchOne(db, sql: Self.wispQuery + " WHERE wisp.id = ?", arguments: [$0]) }
                 ?? Row.fetchOne(db, sql: Self.wispQuery + " WHERE wisp.ownerID = ? AND wisp.isDefault", arguments: [ownerID])
                 ?? Row.fetchOne(db, sql: Self.wispQuery + " WHERE wisp.isSystemDefault")
+            // An instance created with its own image (the user-facing API)
+            // boots that image with the SSH keys and script of the wisp
+            // found above, if any.
+            if let imageID: Int64 = instance["imageID"] {
+                guard let imageRow = try Row.fetchOne(db, sql: "SELECT * FROM image WHERE id = ?", arguments: [imageID]) else {
+                    throw PoolError.storage("image \(imageID) of instance '\(name)' vanished")
+                }
+                let wisp = row.map(Self.wisp)
+                let usable = wisp.map { $0.callbackURL?.isEmpty ?? true } ?? false
+                return .parameters(
+                    StartParameters(
+                        image: Self.imageReference(Self.image(imageRow)), sshKeys: usable ? wisp?.sshKeys ?? [] : [],
+                        postCreate: usable ? Self.scriptLines(wisp?.postCreate ?? "") : []))
+            }
             guard let row else {
                 throw PoolError.unavailable(
                     "instance '\(name)' has no wisp to boot from: neither its own, nor its owner's default, nor a system default (add one with `corral pool wisp add NAME --owner USER --image IMAGE --system-default`)")
@@ -380,10 +462,7 @@ public final class SQLiteStore: PoolStore {
             if let imageName = wisp.image,
                 let imageRow = try Row.fetchOne(db, sql: "SELECT * FROM image WHERE name = ?", arguments: [imageName])
             {
-                let stored = Self.image(imageRow)
-                image = ImageReference(
-                    name: stored.name, url: stored.url, sha256: stored.sha256, diskFormat: stored.diskFormat,
-                    kernelBoot: stored.kernelBoot)
+                image = Self.imageReference(Self.image(imageRow))
             } else if let url = wisp.dynamicImageURL {
                 // The appliance checks the real format with qemu-img before use.
                 image = ImageReference(name: "dynamic", url: url, diskFormat: url.hasSuffix(".raw") ? "raw" : "qcow2")
@@ -391,11 +470,17 @@ public final class SQLiteStore: PoolStore {
                 throw PoolError.unavailable(
                     "wisp '\(wisp.name)' names image '\(wisp.image ?? "")', which is not in the catalogue; add it with `corral pool image add`")
             }
-            return .parameters(
-                StartParameters(
-                    image: image, sshKeys: wisp.sshKeys,
-                    postCreate: wisp.postCreate.isEmpty ? [] : wisp.postCreate.components(separatedBy: "\n")))
+            return .parameters(StartParameters(image: image, sshKeys: wisp.sshKeys, postCreate: Self.scriptLines(wisp.postCreate)))
         }
+    }
+
+    static func imageReference(_ image: Image) -> ImageReference {
+        ImageReference(
+            name: image.name, url: image.url, sha256: image.sha256, diskFormat: image.diskFormat, kernelBoot: image.kernelBoot)
+    }
+
+    static func scriptLines(_ script: String) -> [String] {
+        script.isEmpty ? [] : script.components(separatedBy: "\n")
     }
 
     public func setLastError(_ message: String?, forInstance name: String) async throws {
@@ -413,7 +498,7 @@ public final class SQLiteStore: PoolStore {
 
     public func user(tokenDigest: String) async throws -> User? {
         try await database.read { db in
-            try Row.fetchOne(db, sql: "SELECT * FROM user WHERE tokenDigest = ?", arguments: [tokenDigest]).map(Self.user)
+            try Row.fetchOne(db, sql: Self.userQuery + " WHERE user.tokenDigest = ?", arguments: [tokenDigest]).map(Self.user)
         }
     }
 
@@ -449,10 +534,10 @@ public final class SQLiteStore: PoolStore {
                 } else {
                     try db.execute(
                         sql: """
-                            INSERT INTO instance (name, applianceID, ownerID, state, ipAddresses, consoleTail, createdAt,
-                            reportedAt, updatedAt) VALUES (?, ?, ?, ?, '[]', '[]', ?, ?, ?)
+                            INSERT INTO instance (name, uuid, applianceID, ownerID, state, ipAddresses, consoleTail, createdAt,
+                            reportedAt, updatedAt) VALUES (?, ?, ?, ?, ?, '[]', '[]', ?, ?, ?)
                             """,
-                        arguments: [summary.name, applianceID, ownerID, summary.state.rawValue, date, date, date])
+                        arguments: [summary.name, Self.newID(), applianceID, ownerID, summary.state.rawValue, date, date, date])
                 }
                 try Self.claimReservation(db, instance: summary.name, at: date)
                 changes.append(try Self.instance(db, named: summary.name).event)
@@ -504,23 +589,8 @@ public final class SQLiteStore: PoolStore {
                 }
                 wispID = row["id"]
             }
-            /// Refuses a user at their limit: what they hold are their
-            /// instances (not withdrawn, on offer or decommissioned), and
-            /// the offered instances they reserved.
             func checkLimit() throws {
-                let held =
-                    try Int.fetchOne(
-                        db,
-                        sql: """
-                            SELECT (SELECT COUNT(*) FROM instance WHERE ownerID = ?1 AND state NOT IN (0, 1, 7))
-                            + (SELECT COUNT(*) FROM reservation JOIN instance ON instance.id = reservation.instanceID
-                               WHERE reservation.userID = ?1 AND instance.state = 1 AND reservation.expiresAt > ?2)
-                            """,
-                        arguments: [userID, date]) ?? 0
-                let limit: Int = userRow["maxInstances"]
-                guard held < limit else {
-                    throw PoolError.conflict("user '\(user)' holds \(held) of their \(limit) instances; delete one first")
-                }
+                try Self.checkLimit(db, userID: userID, name: user, limit: userRow["maxInstances"], at: date)
             }
             let instanceID: Int64
             if let name = request.instance {
@@ -560,11 +630,11 @@ public final class SQLiteStore: PoolStore {
                 let flavorJSON = String(decoding: try JSONEncoder().encode(size), as: UTF8.self)
                 try db.execute(
                     sql: """
-                        INSERT INTO instance (name, applianceID, ownerID, wispID, state, flavor, ipAddresses, consoleTail,
-                        callbackURL, createdAt, updatedAt) VALUES (?, ?, ?, ?, ?, ?, '[]', '[]', ?, ?, ?)
+                        INSERT INTO instance (name, uuid, applianceID, ownerID, wispID, state, flavor, ipAddresses, consoleTail,
+                        callbackURL, createdAt, updatedAt) VALUES (?, ?, ?, ?, ?, ?, ?, '[]', '[]', ?, ?, ?)
                         """,
                     arguments: [
-                        instanceName, row["id"] as Int64, userID, wispID, InstanceState.leased.rawValue, flavorJSON,
+                        instanceName, Self.newID(), row["id"] as Int64, userID, wispID, InstanceState.leased.rawValue, flavorJSON,
                         request.callbackURL, date, date,
                     ])
                 instanceID = db.lastInsertedRowID
@@ -586,7 +656,7 @@ public final class SQLiteStore: PoolStore {
         }
     }
 
-    private static let reservationQuery = """
+    static let reservationQuery = """
         SELECT reservation.*, user.name AS user, instance.name AS instance, appliance.name AS appliance, wisp.name AS wisp
         FROM reservation JOIN user ON user.id = reservation.userID JOIN instance ON instance.id = reservation.instanceID
         JOIN appliance ON appliance.id = instance.applianceID LEFT JOIN wisp ON wisp.id = reservation.wispID
@@ -636,7 +706,7 @@ public final class SQLiteStore: PoolStore {
 
     /// A write in one transaction, with SQLite's uniqueness failures turned
     /// into ``PoolError/alreadyExists(what:name:)``.
-    private func write<T: Sendable>(
+    func write<T: Sendable>(
         what: String, name: String, _ body: @escaping @Sendable (Database) throws -> T
     ) async throws -> T {
         do {
@@ -647,7 +717,7 @@ public final class SQLiteStore: PoolStore {
     }
 
     /// The id and owner's id of the appliance named `name`.
-    private static func applianceIDs(_ db: Database, named name: String) throws -> (id: Int64, ownerID: Int64) {
+    static func applianceIDs(_ db: Database, named name: String) throws -> (id: Int64, ownerID: Int64) {
         guard let row = try Row.fetchOne(db, sql: "SELECT id, ownerID FROM appliance WHERE name = ?", arguments: [name]) else {
             throw PoolError.notFound(what: "appliance", name: name)
         }
@@ -656,7 +726,7 @@ public final class SQLiteStore: PoolStore {
 
     /// The instance named `name` if it exists and is the appliance's; nil if
     /// it does not exist; ``PoolError/forbidden(_:)`` if it is another's.
-    private static func ownedInstance(_ db: Database, named name: String, applianceID: Int64) throws -> (id: Int64, state: Int)? {
+    static func ownedInstance(_ db: Database, named name: String, applianceID: Int64) throws -> (id: Int64, state: Int)? {
         guard let row = try Row.fetchOne(db, sql: "SELECT id, applianceID, state FROM instance WHERE name = ?", arguments: [name])
         else { return nil }
         guard row["applianceID"] as Int64 == applianceID else {
@@ -666,7 +736,7 @@ public final class SQLiteStore: PoolStore {
     }
 
     /// Turns a pending reservation of the instance into its owner, wisp and callback.
-    private static func claimReservation(_ db: Database, instance name: String, at date: Date) throws {
+    static func claimReservation(_ db: Database, instance name: String, at date: Date) throws {
         guard
             let reservation = try Row.fetchOne(
                 db,
@@ -686,7 +756,7 @@ public final class SQLiteStore: PoolStore {
     }
 
     /// Refuses an appliance that is disabled or stale.
-    private static func checkPlaceable(_ row: Row, name: String, staleAfter: Int, at date: Date) throws {
+    static func checkPlaceable(_ row: Row, name: String, staleAfter: Int, at date: Date) throws {
         guard row["enabled"] as Bool else { throw PoolError.conflict("appliance '\(name)' is disabled") }
         let lastSeen: Date? = row["lastSeen"]
         guard let lastSeen, date.timeIntervalSince(lastSeen) <= TimeInterval(staleAfter) else {
@@ -694,30 +764,41 @@ public final class SQLiteStore: PoolStore {
         }
     }
 
-    /// Refuses a placement the appliance has no room for: its free
-    /// resources at its last check-in, less the instances placed on it
-    /// since that it has not reported yet.
-    private static func checkRoom(_ db: Database, applianceID: Int64, stats: String?, for size: InstanceFlavor, appliance: String)
-        throws
-    {
-        guard let stats, let free = try? JSONDecoder().decode(HypervisorStats.self, from: Data(stats.utf8)) else {
-            throw PoolError.conflict("appliance '\(appliance)' has not reported its capacity yet")
-        }
+    /// What an appliance has free: its free resources at its last
+    /// check-in, less the instances placed on it whose start it has not
+    /// acknowledged yet (its stats count an instance from the check-in
+    /// that acknowledges the start). Nil before its first check-in.
+    static func freeRoom(_ db: Database, applianceID: Int64, stats: String?) throws -> InstanceFlavor? {
+        guard let stats, let free = try? JSONDecoder().decode(HypervisorStats.self, from: Data(stats.utf8)) else { return nil }
         let pending = try String.fetchAll(
-            db, sql: "SELECT flavor FROM instance WHERE applianceID = ? AND reportedAt IS NULL AND flavor IS NOT NULL",
+            db,
+            sql: """
+                SELECT instance.flavor FROM action JOIN instance ON instance.id = action.instanceID
+                WHERE action.applianceID = ? AND action.kind = 'start' AND action.doneAt IS NULL AND instance.flavor IS NOT NULL
+                """,
             arguments: [applianceID]
         ).compactMap { try? JSONDecoder().decode(InstanceFlavor.self, from: Data($0.utf8)) }
-        let vcpus = free.vcpus.free - pending.reduce(0) { $0 + $1.vcpus }
-        let memory = free.memoryMiB.free - pending.reduce(0) { $0 + $1.memory }
-        let disk = free.diskGiB.free - pending.reduce(0) { $0 + $1.disk }
-        guard size.vcpus <= vcpus, size.memory <= memory, size.disk <= disk else {
+        return InstanceFlavor(
+            vcpus: free.vcpus.free - pending.reduce(0) { $0 + $1.vcpus },
+            memory: free.memoryMiB.free - pending.reduce(0) { $0 + $1.memory },
+            disk: free.diskGiB.free - pending.reduce(0) { $0 + $1.disk })
+    }
+
+    /// Refuses a placement the appliance has no room for (see ``freeRoom(_:applianceID:stats:)``).
+    static func checkRoom(_ db: Database, applianceID: Int64, stats: String?, for size: InstanceFlavor, appliance: String)
+        throws
+    {
+        guard let free = try freeRoom(db, applianceID: applianceID, stats: stats) else {
+            throw PoolError.conflict("appliance '\(appliance)' has not reported its capacity yet")
+        }
+        guard size.fits(in: free) else {
             throw PoolError.conflict(
-                "appliance '\(appliance)' has no room for \(size.vcpus) vCPUs, \(size.memory) MiB and \(size.disk) GiB (free: \(vcpus) vCPUs, \(memory) MiB, \(disk) GiB)"
+                "appliance '\(appliance)' has no room for \(size.vcpus) vCPUs, \(size.memory) MiB and \(size.disk) GiB (free: \(free.vcpus) vCPUs, \(free.memory) MiB, \(free.disk) GiB)"
             )
         }
     }
 
-    private static func insertAction(
+    static func insertAction(
         _ db: Database, kind: Action.Kind, instanceID: Int64, applianceID: Int64, flavor: String?, expires: Date?, at date: Date
     ) throws -> Action {
         let id = UUID().uuidString.lowercased()
@@ -733,7 +814,7 @@ public final class SQLiteStore: PoolStore {
         return action(row)
     }
 
-    private static func action(_ row: Row) -> Action {
+    static func action(_ row: Row) -> Action {
         let flavor = (row["flavor"] as String?).flatMap { try? JSONDecoder().decode(InstanceFlavor.self, from: Data($0.utf8)) }
         let expires: Date? = row["expires"]
         return Action(
@@ -741,33 +822,33 @@ public final class SQLiteStore: PoolStore {
             expires: expires.map { Int($0.timeIntervalSince1970) })
     }
 
-    private static func reservation(_ row: Row) -> Reservation {
+    static func reservation(_ row: Row) -> Reservation {
         let expires: Date = row["expiresAt"]
         return Reservation(
             id: row["id"], user: row["user"], instance: row["instance"], appliance: row["appliance"], flavor: row["flavor"],
             wisp: row["wisp"], callbackURL: row["callbackURL"], expires: Int(expires.timeIntervalSince1970))
     }
 
-    private static func reservation(_ db: Database, id: String) throws -> Reservation {
+    static func reservation(_ db: Database, id: String) throws -> Reservation {
         guard let row = try Row.fetchOne(db, sql: reservationQuery + " WHERE reservation.id = ?", arguments: [id]) else {
             throw PoolError.storage("reservation \(id) vanished")
         }
         return reservation(row)
     }
 
-    private static func userID(_ db: Database, named name: String) throws -> Int64 {
+    static func userID(_ db: Database, named name: String) throws -> Int64 {
         guard let id = try Int64.fetchOne(db, sql: "SELECT id FROM user WHERE name = ?", arguments: [name]) else {
             throw PoolError.notFound(what: "user", name: name)
         }
         return id
     }
 
-    private static func image(_ row: Row) -> Image {
+    static func image(_ row: Row) -> Image {
         let kernelBoot = (row["kernelBoot"] as String?).flatMap { try? JSONDecoder().decode(KernelBoot.self, from: Data($0.utf8)) }
         return Image(name: row["name"], url: row["url"], sha256: row["sha256"], diskFormat: row["diskFormat"], kernelBoot: kernelBoot)
     }
 
-    private static func wisp(_ row: Row) -> Wisp {
+    static func wisp(_ row: Row) -> Wisp {
         let keys: String = row["sshKeys"]
         return Wisp(
             name: row["name"], owner: row["owner"], image: row["image"], dynamicImageURL: row["dynamicImageURL"],
@@ -775,42 +856,48 @@ public final class SQLiteStore: PoolStore {
             callbackURL: row["callbackURL"], isDefault: row["isDefault"], isSystemDefault: row["isSystemDefault"])
     }
 
-    private static func instance(_ row: Row) -> Instance {
+    static func instance(_ row: Row) -> Instance {
         let decoder = JSONDecoder()
         func decode<T: Decodable>(_ column: String, as type: T.Type) -> T? {
             (row[column] as String?).flatMap { try? decoder.decode(T.self, from: Data($0.utf8)) }
         }
+        let ownerID: String = row["ownerUUID"]
+        let granted = (decode("grantedUsers", as: [String].self) ?? []).filter { $0 != ownerID }
         return Instance(
-            name: row["name"], appliance: row["appliance"], owner: row["owner"], wisp: row["wisp"],
+            id: row["uuid"], name: row["name"], appliance: row["appliance"], owner: row["owner"], ownerID: ownerID,
+            users: [ownerID] + granted, wisp: row["wisp"], image: row["image"], template: row["template"], warm: row["warm"],
+            preemptible: row["preemptible"], topic: row["topic"],
             state: InstanceState(rawValue: row["state"]) ?? .inactive, flavor: decode("flavor", as: InstanceFlavor.self),
             ask: row["ask"], expires: row["expires"], address: row["address"],
             ipAddresses: decode("ipAddresses", as: [IPAddress].self) ?? [],
             consoleTail: decode("consoleTail", as: [String].self) ?? [], callbackURL: row["callbackURL"],
             lastError: row["lastError"], stateReason: row["stateReason"], reportedAt: row["reportedAt"],
-            updatedAt: row["updatedAt"])
+            createdAt: row["createdAt"], updatedAt: row["updatedAt"])
     }
 
-    private static func instance(_ db: Database, named name: String) throws -> Instance {
+    static func instance(_ db: Database, named name: String) throws -> Instance {
         guard let row = try Row.fetchOne(db, sql: instanceQuery + " WHERE instance.name = ?", arguments: [name]) else {
             throw PoolError.notFound(what: "instance", name: name)
         }
         return instance(row)
     }
 
-    private static func user(_ row: Row) -> User {
-        User(name: row["name"], superuser: row["superuser"], maxInstances: row["maxInstances"], createdAt: row["createdAt"])
+    static func user(_ row: Row) -> User {
+        User(
+            id: row["uuid"], name: row["name"], superuser: row["superuser"], maxInstances: row["maxInstances"],
+            manager: row["manager"], leaseSeconds: row["leaseSeconds"], createdAt: row["createdAt"])
     }
 
-    private static func appliance(_ row: Row) -> Appliance {
+    static func appliance(_ row: Row) -> Appliance {
         Appliance(
             name: row["name"], owner: row["owner"], enabled: row["enabled"], version: row["version"],
             latitude: row["latitude"], longitude: row["longitude"], dynamicImages: row["dynamicImages"],
-            lastSeen: row["lastSeen"],
+            region: row["region"], lastSeen: row["lastSeen"],
             stats: (row["stats"] as String?).flatMap { try? JSONDecoder().decode(HypervisorStats.self, from: Data($0.utf8)) },
             createdAt: row["createdAt"])
     }
 
-    private static func appliance(_ db: Database, named name: String) throws -> Appliance {
+    static func appliance(_ db: Database, named name: String) throws -> Appliance {
         guard let row = try Row.fetchOne(db, sql: applianceQuery + " WHERE appliance.name = ?", arguments: [name]) else {
             throw PoolError.notFound(what: "appliance", name: name)
         }

@@ -3,10 +3,16 @@ import PoolAPI
 
 /// A user of the pool.
 public struct User: Sendable, Equatable, Codable {
+    /// The user's id in the user-facing API (`cloudauth-id`): 32 hex digits.
+    public var id: String
     public var name: String
     public var superuser: Bool
     /// How many instances the user may hold at once.
     public var maxInstances: Int
+    /// The user who manages this one (sees and changes their instances).
+    public var manager: String?
+    /// How long this user's new instances are leased for (nil: the pool's default).
+    public var leaseSeconds: Int?
     public var createdAt: Date
 }
 
@@ -21,6 +27,8 @@ public struct Appliance: Sendable, Equatable, Codable {
     public var latitude: Double?
     public var longitude: Double?
     public var dynamicImages: Bool
+    /// Where it is, for placements that ask for a region (nil: no region).
+    public var region: String?
     /// When it last authorized or checked in.
     public var lastSeen: Date?
     /// What its hypervisor had at its last check-in.
@@ -92,13 +100,30 @@ public struct Wisp: Sendable, Equatable, Codable {
 
 /// The pool's record of an instance on an appliance.
 public struct Instance: Sendable, Equatable, Codable {
+    /// Its id in the user-facing API: 32 hex digits.
+    public var id: String
+    /// Its name on the appliance (and its hostname).
     public var name: String
     /// The appliance it runs on (the first to report it).
     public var appliance: String
     /// The user it belongs to.
     public var owner: String
+    /// The id of the user it belongs to.
+    public var ownerID: String
+    /// The ids of the users with access to it, its owner first.
+    public var users: [String]
     /// The wisp it boots from; nil: its owner's default, else the system's.
     public var wisp: String?
+    /// The catalogue image it boots (its own, else its wisp's).
+    public var image: String?
+    /// The template it was started from.
+    public var template: String?
+    /// Kept booted for its template, not yet handed to a user.
+    public var warm: Bool
+    /// Whether it may be reclaimed (the token launch API's `preemptible`).
+    public var preemptible: Bool
+    /// A label from the token launch API.
+    public var topic: String?
     public var state: InstanceState
     public var flavor: InstanceFlavor?
     public var ask: Int?
@@ -116,10 +141,73 @@ public struct Instance: Sendable, Equatable, Codable {
     public var stateReason: String?
     /// When its appliance last reported it (nil: placed, not yet reported).
     public var reportedAt: Date?
+    public var createdAt: Date
     public var updatedAt: Date
 
     /// The event announcing its current state.
     public var event: InstanceEvent { InstanceEvent(name: name, state: state, appliance: appliance, owner: owner) }
+}
+
+/// A template (the seed's "stream"): a wisp and a flavor, with a warm
+/// pool of `hotStarts` booted instances waiting to be handed out.
+public struct Template: Sendable, Equatable, Codable {
+    public var name: String
+    public var wisp: String
+    public var flavor: String
+    public var hotStarts: Int
+    /// The wisp's owner, who owns the warm instances until they are handed out.
+    public var owner: String
+
+    public init(name: String, wisp: String, flavor: String, hotStarts: Int = 0, owner: String = "") {
+        self.name = name
+        self.wisp = wisp
+        self.flavor = flavor
+        self.hotStarts = hotStarts
+        self.owner = owner
+    }
+}
+
+/// A user's request for a new instance: a flavor with an image, or a
+/// template (its wisp and flavor, a warm instance when one is ready).
+public struct InstanceRequest: Sendable, Equatable {
+    /// The user who will own it.
+    public var owner: String
+    public var flavor: String?
+    public var image: String?
+    public var template: String?
+    /// More users given access (ids or names); the owner always has it.
+    public var users: [String] = []
+    /// Only appliances in this region (nil: any).
+    public var region: String?
+    public var preemptible: Bool = true
+    public var topic: String?
+
+    public init(owner: String, flavor: String? = nil, image: String? = nil, template: String? = nil, users: [String] = []) {
+        self.owner = owner
+        self.flavor = flavor
+        self.image = image
+        self.template = template
+        self.users = users
+    }
+}
+
+/// How a change to an instance's users applies its list.
+public enum UsersChange: String, Sendable, CaseIterable {
+    case add, replace, delete
+}
+
+/// What one warm-pool pass did.
+public struct WarmPoolPass: Sendable, Equatable {
+    /// Warm instances placed to fill their templates' pools.
+    public var started: [Instance] = []
+    /// Warm instances past their age, now being decommissioned.
+    public var retired: [String] = []
+    /// Warm instances that failed or stopped, now being decommissioned.
+    public var dropped: [String] = []
+    /// Templates that could not be filled, and why.
+    public var shortfalls: [String] = []
+
+    public init() {}
 }
 
 /// Where an instance's start parameters come from.
@@ -160,13 +248,18 @@ public struct HousekeepingResult: Sendable, Equatable {
 /// The pool's storage. One implementation per backend (SQLite now); the
 /// HTTP routes and the admin commands see only this protocol.
 public protocol PoolStore: Sendable {
-    /// Creates a user whose token has the given digest.
-    func addUser(name: String, superuser: Bool, maxInstances: Int, tokenDigest: String) async throws -> User
+    /// Creates a user whose token has the given digest, managed by
+    /// `manager` (an existing user) when given.
+    func addUser(
+        name: String, superuser: Bool, maxInstances: Int, tokenDigest: String, manager: String?, leaseSeconds: Int?
+    ) async throws -> User
     func users() async throws -> [User]
 
     /// Creates an appliance owned by an existing user.
     func addAppliance(name: String, owner: String, tokenDigest: String) async throws -> Appliance
     func appliances() async throws -> [Appliance]
+    /// Sets the region an appliance is in (nil: none).
+    func setAppliance(_ name: String, region: String?) async throws -> Appliance
     /// Enables or disables an appliance.
     func setAppliance(_ name: String, enabled: Bool) async throws -> Appliance
     /// Replaces an appliance's token; the old one stops working at once.
@@ -221,6 +314,39 @@ public protocol PoolStore: Sendable {
         async throws -> Reservation
     func reservations() async throws -> [Reservation]
 
+    /// Creates an instance for a user in one transaction: checks the user's
+    /// limit, hands over a ready warm instance of the template if there is
+    /// one, else places a new instance on the appliance with the most room
+    /// (queuing its start). Leased for the user's lease, else
+    /// `defaultLeaseSeconds`. ``PoolError/conflict(_:)`` at the limit,
+    /// ``PoolError/unavailable(_:)`` when no appliance has room.
+    func createInstance(_ request: InstanceRequest, defaultLeaseSeconds: Int, applianceStaleAfter: Int, at date: Date)
+        async throws -> Instance
+    /// The instance with this id (or name).
+    func instance(id: String) async throws -> Instance?
+    /// Adds, replaces or deletes the users with access (ids or names); the
+    /// owner keeps access.
+    func changeUsers(ofInstance id: String, _ change: UsersChange, users: [String], at date: Date) async throws -> Instance
+    /// Moves the lease's end `seconds` on (from now if it has passed) and
+    /// queues the lease change for the appliance.
+    func extendLease(ofInstance id: String, bySeconds seconds: Int, at date: Date) async throws -> Instance
+
+    /// Adds a template; its wisp and flavor must exist.
+    func addTemplate(_ template: Template) async throws
+    func templates() async throws -> [Template]
+    /// Retires warm instances older than `maxAgeSeconds`, drops failed or
+    /// stopped ones, and places new ones until each template has
+    /// `hotStarts` warm instances.
+    func maintainWarmPools(maxAgeSeconds: Int, applianceStaleAfter: Int, at date: Date) async throws -> WarmPoolPass
+
     /// Lapses unclaimed reservations, withdraws silent offers, purges dead records.
     func housekeep(at date: Date, offerStaleAfter: Int, purgeAfter: Int) async throws -> HousekeepingResult
+}
+
+extension PoolStore {
+    /// Creates a user with no manager and the pool's default lease.
+    public func addUser(name: String, superuser: Bool, maxInstances: Int, tokenDigest: String) async throws -> User {
+        try await addUser(
+            name: name, superuser: superuser, maxInstances: maxInstances, tokenDigest: tokenDigest, manager: nil, leaseSeconds: nil)
+    }
 }

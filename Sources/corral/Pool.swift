@@ -10,8 +10,8 @@ extension Corral {
         static let configuration = CommandConfiguration(
             abstract: "Run and administer the pool controller.",
             subcommands: [
-                Serve.self, Init.self, Users.self, Appliances.self, Flavors.self, Images.self, Wisps.self, Instances.self,
-                Reservations.self,
+                Serve.self, Init.self, Users.self, Appliances.self, Flavors.self, Images.self, Wisps.self, Templates.self,
+                Instances.self, Reservations.self,
             ]
         )
     }
@@ -146,6 +146,9 @@ extension Corral.Pool {
             @Argument(help: "The user's name.") var name: String
             @Flag(help: "May see and manage every instance.") var superuser = false
             @Option(help: "How many instances the user may hold at once.") var maxInstances = 10
+            @Option(help: "An existing user who manages this one: sees and changes their instances.") var manager: String?
+            @Option(help: "How long the user's new instances are leased for (default: the pool's leases.default_seconds).")
+            var leaseSeconds: Int?
             @Flag(help: "Print JSON.") var json = false
 
             func validate() throws {
@@ -153,15 +156,19 @@ extension Corral.Pool {
                 guard maxInstances >= 0 else {
                     throw ValidationError("--max-instances must be 0 or more (it was \(maxInstances)).")
                 }
+                if let leaseSeconds, !(60...31_536_000).contains(leaseSeconds) {
+                    throw ValidationError("--lease-seconds must be from 60 to 31536000 (it was \(leaseSeconds)).")
+                }
             }
 
             func run() async throws {
                 let token = Token.generate()
                 let user = try await administer {
                     try await store.openExisting().addUser(
-                        name: name, superuser: superuser, maxInstances: maxInstances, tokenDigest: Token.digest(token))
+                        name: name, superuser: superuser, maxInstances: maxInstances, tokenDigest: Token.digest(token),
+                        manager: manager, leaseSeconds: leaseSeconds)
                 }
-                if json { return try printJSON(["name": user.name, "token": token]) }
+                if json { return try printJSON(["name": user.name, "id": user.id, "token": token]) }
                 print(token)
             }
         }
@@ -174,10 +181,11 @@ extension Corral.Pool {
             func run() async throws {
                 let users = try await administer { try await store.openExisting().users() }
                 if json { return try printJSON(users) }
-                var table = Table(header: ["NAME", "SUPERUSER", "MAX INSTANCES", "CREATED"])
+                var table = Table(header: ["NAME", "ID", "SUPERUSER", "MANAGER", "MAX INSTANCES", "LEASE", "CREATED"])
                 for user in users {
                     table.rows.append([
-                        user.name, user.superuser ? "yes" : "no", "\(user.maxInstances)", user.createdAt.formatted(.iso8601),
+                        user.name, user.id, user.superuser ? "yes" : "no", user.manager ?? "-", "\(user.maxInstances)",
+                        user.leaseSeconds.map { "\($0) s" } ?? "default", user.createdAt.formatted(.iso8601),
                     ])
                 }
                 print(table.render())
@@ -188,7 +196,7 @@ extension Corral.Pool {
     struct Appliances: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "appliance", abstract: "Manage the appliances (agents) that may check in.",
-            subcommands: [Add.self, List.self, Disable.self, Enable.self, RotateToken.self])
+            subcommands: [Add.self, List.self, Disable.self, Enable.self, Region.self, RotateToken.self])
 
         struct Add: AsyncParsableCommand {
             static let configuration = CommandConfiguration(
@@ -197,6 +205,7 @@ extension Corral.Pool {
             @OptionGroup var store: PoolDatabaseOptions
             @Argument(help: "The appliance's name.") var name: String
             @Option(help: "The user who owns it.") var owner: String
+            @Option(help: "The region it is in, for launches that ask for one.") var region: String?
             @Flag(help: "Print JSON.") var json = false
 
             func validate() throws { try validateName(name, field: "NAME") }
@@ -204,7 +213,9 @@ extension Corral.Pool {
             func run() async throws {
                 let token = Token.generate()
                 let appliance = try await administer {
-                    try await store.openExisting().addAppliance(name: name, owner: owner, tokenDigest: Token.digest(token))
+                    let pool = try store.openExisting()
+                    _ = try await pool.addAppliance(name: name, owner: owner, tokenDigest: Token.digest(token))
+                    return try await pool.setAppliance(name, region: region)
                 }
                 if json { return try printJSON(["name": appliance.name, "owner": appliance.owner, "token": token]) }
                 print(token)
@@ -220,18 +231,31 @@ extension Corral.Pool {
                 let appliances = try await administer { try await store.openExisting().appliances() }
                 if json { return try printJSON(appliances) }
                 let staleAfter = store.configuration().housekeeping.applianceStaleSeconds
-                var table = Table(header: ["NAME", "OWNER", "STATUS", "VERSION", "FREE VCPUS", "FREE MEMORY", "LAST SEEN"])
+                var table = Table(header: ["NAME", "OWNER", "REGION", "STATUS", "VERSION", "FREE VCPUS", "FREE MEMORY", "LAST SEEN"])
                 for appliance in appliances {
                     let status =
                         !appliance.enabled ? "disabled" : appliance.isStale(at: Date(), after: staleAfter) ? "stale" : "active"
                     table.rows.append([
-                        appliance.name, appliance.owner, status, appliance.version ?? "-",
+                        appliance.name, appliance.owner, appliance.region ?? "-", status, appliance.version ?? "-",
                         appliance.stats.map { "\($0.vcpus.free)/\($0.vcpus.total)" } ?? "-",
                         appliance.stats.map { "\($0.memoryMiB.free)/\($0.memoryMiB.total) MiB" } ?? "-",
                         appliance.lastSeen?.formatted(.iso8601) ?? "never",
                     ])
                 }
                 print(table.render())
+            }
+        }
+
+        struct Region: AsyncParsableCommand {
+            static let configuration = CommandConfiguration(
+                abstract: "Set the region an appliance is in (none when REGION is left out).")
+            @OptionGroup var store: PoolDatabaseOptions
+            @Argument(help: "The appliance's name.") var name: String
+            @Argument(help: "The region.") var region: String?
+
+            func run() async throws {
+                let appliance = try await administer { try await store.openExisting().setAppliance(name, region: region) }
+                print("appliance \(appliance.name) is in region \(appliance.region ?? "(none)")")
             }
         }
 
@@ -462,6 +486,57 @@ extension Corral.Pool {
                 for wisp in wisps {
                     let scope = wisp.isSystemDefault ? "system" : wisp.isDefault ? "owner" : "-"
                     table.rows.append([wisp.name, wisp.owner, wisp.image ?? wisp.dynamicImageURL ?? "-", "\(wisp.sshKeys.count)", scope])
+                }
+                print(table.render())
+            }
+        }
+    }
+
+    struct Templates: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "template",
+            abstract: "Manage templates: a wisp and a flavor users launch by name, with a pool of warm instances.",
+            subcommands: [Add.self, List.self])
+
+        struct Add: AsyncParsableCommand {
+            static let configuration = CommandConfiguration(abstract: "Add a template.")
+            @OptionGroup var store: PoolDatabaseOptions
+            @Argument(help: "The template's name (as in POST /api/stream/NAME).") var name: String
+            @Option(help: "The wisp its instances boot from; its owner owns the warm instances.") var wisp: String
+            @Option(help: "The flavor its instances run with.") var flavor: String
+            @Option(help: "How many booted instances to keep warm for it.") var hotStarts = 0
+
+            func validate() throws {
+                try validateName(name, field: "NAME")
+                guard hotStarts >= 0 else { throw ValidationError("--hot-starts must be 0 or more (it was \(hotStarts)).") }
+            }
+
+            func run() async throws {
+                try await administer {
+                    try await store.openExisting().addTemplate(Template(name: name, wisp: wisp, flavor: flavor, hotStarts: hotStarts))
+                }
+                print("template \(name) added: wisp \(wisp), flavor \(flavor), \(hotStarts) kept warm")
+            }
+        }
+
+        struct List: AsyncParsableCommand {
+            static let configuration = CommandConfiguration(abstract: "List the templates with their warm instances.")
+            @OptionGroup var store: PoolDatabaseOptions
+            @Flag(help: "Print JSON.") var json = false
+
+            func run() async throws {
+                let (templates, instances) = try await administer {
+                    let pool = try store.openExisting()
+                    return (try await pool.templates(), try await pool.instances())
+                }
+                if json { return try printJSON(templates) }
+                var table = Table(header: ["NAME", "WISP", "FLAVOR", "HOT STARTS", "WARM", "READY"])
+                for template in templates {
+                    let warm = instances.filter { $0.warm && $0.template == template.name && $0.state != .decommissioned }
+                    let ready = warm.filter { $0.state == .running && $0.lastError == nil }
+                    table.rows.append([
+                        template.name, template.wisp, template.flavor, "\(template.hotStarts)", "\(warm.count)", "\(ready.count)",
+                    ])
                 }
                 print(table.render())
             }

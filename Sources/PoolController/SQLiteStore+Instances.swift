@@ -1,0 +1,349 @@
+import Foundation
+import GRDB
+import PoolAPI
+
+extension InstanceFlavor {
+    /// Whether an instance of this size fits in `free`.
+    func fits(in free: InstanceFlavor) -> Bool {
+        vcpus <= free.vcpus && memory <= free.memory && disk <= free.disk
+    }
+}
+
+/// The user-facing side of the store: creating instances (placement,
+/// limits, leases, warm instances), their users, and the warm pools.
+extension SQLiteStore {
+    public func createInstance(_ request: InstanceRequest, defaultLeaseSeconds: Int, applianceStaleAfter: Int, at date: Date)
+        async throws -> Instance
+    {
+        try await database.write { db in
+            guard let owner = try Row.fetchOne(db, sql: "SELECT * FROM user WHERE name = ?", arguments: [request.owner]) else {
+                throw PoolError.notFound(what: "user", name: request.owner)
+            }
+            let ownerID: Int64 = owner["id"]
+            let granted = try Self.userIDs(db, request.users, field: "users")
+            try Self.checkLimit(db, userID: ownerID, name: request.owner, limit: owner["maxInstances"], at: date)
+            let leaseSeconds = (owner["leaseSeconds"] as Int?) ?? defaultLeaseSeconds
+            let expires = date.addingTimeInterval(TimeInterval(leaseSeconds))
+
+            var wispID: Int64?
+            var templateID: Int64?
+            var flavorName = request.flavor
+            if let name = request.template {
+                guard let template = try Row.fetchOne(db, sql: Self.templateQuery + " WHERE template.name = ?", arguments: [name])
+                else { throw PoolError.notFound(what: "template", name: name) }
+                wispID = template["wispID"]
+                templateID = template["id"]
+                flavorName = template["flavor"]
+                if let warm = try Self.claimWarm(db, templateID: template["id"], region: request.region) {
+                    try db.execute(
+                        sql: """
+                            UPDATE instance SET warm = 0, ownerID = ?, expires = ?, preemptible = ?, topic = ?, updatedAt = ?
+                            WHERE id = ? AND warm = 1
+                            """,
+                        arguments: [ownerID, expires, request.preemptible, request.topic, date, warm.id])
+                    // The claim above picked it in this transaction; a
+                    // second writer cannot have taken it meanwhile.
+                    guard db.changesCount == 1 else { throw PoolError.storage("warm instance \(warm.id) was taken twice") }
+                    try Self.grant(db, instanceID: warm.id, users: granted, ownerID: ownerID, at: date)
+                    _ = try Self.insertAction(
+                        db, kind: .lease, instanceID: warm.id, applianceID: warm.applianceID, flavor: nil, expires: expires, at: date)
+                    return try Self.instance(db, id: warm.id)
+                }
+            }
+            guard let flavorName else { throw PoolError.invalid(field: "server-flavor", reason: "give a flavor") }
+            var imageID: Int64?
+            if let image = request.image {
+                guard let id = try Int64.fetchOne(db, sql: "SELECT id FROM image WHERE name = ?", arguments: [image]) else {
+                    throw PoolError.invalid(
+                        field: "server-image", reason: "there is no image '\(image)'; GET /v1/server-image lists them")
+                }
+                imageID = id
+            }
+            let id = try Self.place(
+                db,
+                PlacementRequest(
+                    flavor: flavorName, region: request.region, ownerID: ownerID, wispID: wispID, imageID: imageID,
+                    templateID: templateID, warm: false, preemptible: request.preemptible, topic: request.topic,
+                    expires: expires),
+                staleAfter: applianceStaleAfter, at: date)
+            try Self.grant(db, instanceID: id, users: granted, ownerID: ownerID, at: date)
+            return try Self.instance(db, id: id)
+        }
+    }
+
+    public func instance(id: String) async throws -> Instance? {
+        try await database.read { db in
+            try Row.fetchOne(
+                db, sql: Self.instanceQuery + " WHERE instance.uuid = ? OR instance.name = ? LIMIT 1", arguments: [id, id]
+            ).map(Self.instance)
+        }
+    }
+
+    public func changeUsers(ofInstance id: String, _ change: UsersChange, users: [String], at date: Date) async throws -> Instance {
+        try await database.write { db in
+            let (instanceID, ownerID) = try Self.instanceIDs(db, id)
+            let userIDs = try Self.userIDs(db, users, field: "task.users")
+            switch change {
+            case .add:
+                try Self.grant(db, instanceID: instanceID, users: userIDs, ownerID: ownerID, at: date)
+            case .replace:
+                try db.execute(sql: "DELETE FROM instanceUser WHERE instanceID = ?", arguments: [instanceID])
+                try Self.grant(db, instanceID: instanceID, users: userIDs, ownerID: ownerID, at: date)
+            case .delete:
+                for userID in userIDs {
+                    try db.execute(
+                        sql: "DELETE FROM instanceUser WHERE instanceID = ? AND userID = ?", arguments: [instanceID, userID])
+                }
+            }
+            try db.execute(sql: "UPDATE instance SET updatedAt = ? WHERE id = ?", arguments: [date, instanceID])
+            return try Self.instance(db, id: instanceID)
+        }
+    }
+
+    public func extendLease(ofInstance id: String, bySeconds seconds: Int, at date: Date) async throws -> Instance {
+        try await database.write { db in
+            let (instanceID, _) = try Self.instanceIDs(db, id)
+            guard let row = try Row.fetchOne(db, sql: "SELECT * FROM instance WHERE id = ?", arguments: [instanceID]) else {
+                throw PoolError.notFound(what: "instance", name: id)
+            }
+            guard row["state"] as Int != InstanceState.decommissioned.rawValue else {
+                throw PoolError.conflict("instance '\(id)' is decommissioned")
+            }
+            let current: Date? = row["expires"]
+            let expires = max(current ?? date, date).addingTimeInterval(TimeInterval(seconds))
+            try db.execute(
+                sql: "UPDATE instance SET expires = ?, updatedAt = ? WHERE id = ?", arguments: [expires, date, instanceID])
+            _ = try Self.insertAction(
+                db, kind: .lease, instanceID: instanceID, applianceID: row["applianceID"], flavor: nil, expires: expires, at: date)
+            return try Self.instance(db, id: instanceID)
+        }
+    }
+
+    // MARK: Templates and warm pools
+
+    static let templateQuery = """
+        SELECT template.*, wisp.name AS wisp, flavor.name AS flavor, user.name AS owner FROM template
+        JOIN wisp ON wisp.id = template.wispID JOIN flavor ON flavor.id = template.flavorID JOIN user ON user.id = wisp.ownerID
+        """
+
+    public func addTemplate(_ template: Template) async throws {
+        guard template.hotStarts >= 0 else { throw PoolError.invalid(field: "hot_starts", reason: "must be 0 or more") }
+        try await write(what: "template", name: template.name) { db in
+            guard let wispID = try Int64.fetchOne(db, sql: "SELECT id FROM wisp WHERE name = ?", arguments: [template.wisp]) else {
+                throw PoolError.notFound(what: "wisp", name: template.wisp)
+            }
+            guard
+                let flavorID = try Int64.fetchOne(
+                    db, sql: "SELECT id FROM flavor WHERE name = ? AND active", arguments: [template.flavor])
+            else { throw PoolError.notFound(what: "flavor", name: template.flavor) }
+            try db.execute(
+                sql: "INSERT INTO template (name, wispID, flavorID, hotStarts, createdAt) VALUES (?, ?, ?, ?, ?)",
+                arguments: [template.name, wispID, flavorID, template.hotStarts, Date()])
+        }
+    }
+
+    public func templates() async throws -> [Template] {
+        try await database.read { db in
+            try Row.fetchAll(db, sql: Self.templateQuery + " ORDER BY template.name").map { row in
+                Template(name: row["name"], wisp: row["wisp"], flavor: row["flavor"], hotStarts: row["hotStarts"], owner: row["owner"])
+            }
+        }
+    }
+
+    public func maintainWarmPools(maxAgeSeconds: Int, applianceStaleAfter: Int, at date: Date) async throws -> WarmPoolPass {
+        try await database.write { db in
+            var pass = WarmPoolPass()
+            let oldest = date.addingTimeInterval(-TimeInterval(maxAgeSeconds))
+            let candidates = try Row.fetchAll(
+                db,
+                sql: """
+                    SELECT instance.id, instance.name, instance.applianceID, instance.state, instance.lastError, instance.createdAt
+                    FROM instance WHERE warm AND state != ? AND NOT \(Self.deletePending)
+                    """,
+                arguments: [InstanceState.decommissioned.rawValue])
+            for row in candidates {
+                let created: Date = row["createdAt"]
+                let failed = (row["lastError"] as String?) != nil || row["state"] as Int == InstanceState.inactive.rawValue
+                guard created < oldest || failed else { continue }
+                _ = try Self.insertAction(
+                    db, kind: .delete, instanceID: row["id"], applianceID: row["applianceID"], flavor: nil, expires: nil, at: date)
+                if created < oldest { pass.retired.append(row["name"]) } else { pass.dropped.append(row["name"]) }
+            }
+            for template in try Row.fetchAll(db, sql: Self.templateQuery + " WHERE template.hotStarts > 0 ORDER BY template.name") {
+                let live =
+                    try Int.fetchOne(
+                        db,
+                        sql: """
+                            SELECT COUNT(*) FROM instance WHERE warm AND templateID = ? AND state NOT IN (?, ?)
+                            AND lastError IS NULL AND NOT \(Self.deletePending)
+                            """,
+                        arguments: [template["id"], InstanceState.inactive.rawValue, InstanceState.decommissioned.rawValue]) ?? 0
+                let hotStarts: Int = template["hotStarts"]
+                let ownerID = try Self.userID(db, named: template["owner"])
+                for _ in live..<max(live, hotStarts) {
+                    do {
+                        // Each placement in its own savepoint: a template that
+                        // cannot be filled leaves the others' work intact.
+                        var id: Int64 = 0
+                        try db.inSavepoint {
+                            id = try Self.place(
+                                db,
+                                PlacementRequest(
+                                    flavor: template["flavor"], region: nil, ownerID: ownerID, wispID: template["wispID"],
+                                    imageID: nil, templateID: template["id"], warm: true, preemptible: true, topic: nil,
+                                    expires: nil),
+                                staleAfter: applianceStaleAfter, at: date)
+                            return .commit
+                        }
+                        pass.started.append(try Self.instance(db, id: id))
+                    } catch let error as PoolError {
+                        pass.shortfalls.append("template '\(template["name"] as String)': \(error)")
+                        break
+                    }
+                }
+            }
+            return pass
+        }
+    }
+
+    // MARK: Helpers
+
+    /// SQL: the instance has a delete queued that its appliance has not done.
+    static let deletePending = """
+        EXISTS (SELECT 1 FROM action WHERE action.instanceID = instance.id AND action.kind = 'delete' AND action.doneAt IS NULL)
+        """
+
+    /// Refuses a user at their limit. They hold their instances that are
+    /// not withdrawn, on offer, decommissioned or being deleted, plus the
+    /// offered instances they reserved. Run inside the transaction that
+    /// adds the instance, so concurrent requests cannot overshoot.
+    static func checkLimit(_ db: Database, userID: Int64, name: String, limit: Int, at date: Date) throws {
+        let held =
+            try Int.fetchOne(
+                db,
+                sql: """
+                    SELECT (SELECT COUNT(*) FROM instance WHERE ownerID = ?1 AND NOT warm AND state NOT IN (0, 1, 7)
+                            AND NOT \(deletePending))
+                    + (SELECT COUNT(*) FROM reservation JOIN instance ON instance.id = reservation.instanceID
+                       WHERE reservation.userID = ?1 AND instance.state = 1 AND reservation.expiresAt > ?2)
+                    """,
+                arguments: [userID, date]) ?? 0
+        guard held < limit else {
+            throw PoolError.conflict("user '\(name)' holds \(held) of their \(limit) instances; delete one first")
+        }
+    }
+
+    struct PlacementRequest {
+        var flavor: String
+        var region: String?
+        var ownerID: Int64
+        var wispID: Int64?
+        var imageID: Int64?
+        var templateID: Int64?
+        var warm: Bool
+        var preemptible: Bool
+        var topic: String?
+        var expires: Date?
+    }
+
+    /// Places a new instance on the enabled, fresh appliance (in the
+    /// region, when given) with the most memory left after it, then the
+    /// most vCPUs (which spreads instances across equal appliances), and
+    /// queues its start. Returns the new row's id.
+    static func place(_ db: Database, _ request: PlacementRequest, staleAfter: Int, at date: Date) throws -> Int64 {
+        guard let flavor = try Row.fetchOne(db, sql: "SELECT * FROM flavor WHERE name = ? AND active", arguments: [request.flavor])
+        else {
+            throw PoolError.invalid(
+                field: "server-flavor", reason: "there is no flavor '\(request.flavor)'; GET /v1/server-flavor lists them")
+        }
+        let size = InstanceFlavor(name: request.flavor, vcpus: flavor["vcpus"], memory: flavor["memory"], disk: flavor["disk"])
+        var sql = "SELECT id, name, stats FROM appliance WHERE enabled AND lastSeen >= ?"
+        var arguments: StatementArguments = [date.addingTimeInterval(-TimeInterval(staleAfter))]
+        if let region = request.region {
+            sql += " AND region = ?"
+            _ = arguments.append(contentsOf: [region])
+        }
+        var best: (id: Int64, left: InstanceFlavor, name: String)?
+        for row in try Row.fetchAll(db, sql: sql + " ORDER BY name", arguments: arguments) {
+            guard let free = try freeRoom(db, applianceID: row["id"], stats: row["stats"]), size.fits(in: free) else { continue }
+            let left = InstanceFlavor(vcpus: free.vcpus - size.vcpus, memory: free.memory - size.memory, disk: free.disk - size.disk)
+            if let current = best, (current.left.memory, current.left.vcpus) >= (left.memory, left.vcpus) { continue }
+            best = (row["id"], left, row["name"])
+        }
+        guard let best else {
+            let where_ = request.region.map { " in region '\($0)'" } ?? ""
+            throw PoolError.unavailable(
+                "no appliance\(where_) has room for flavor '\(request.flavor)' (\(size.vcpus) vCPUs, \(size.memory) MiB, \(size.disk) GiB); try again later or a smaller flavor"
+            )
+        }
+        let flavorJSON = String(decoding: try JSONEncoder().encode(size), as: UTF8.self)
+        try db.execute(
+            sql: """
+                INSERT INTO instance (name, uuid, applianceID, ownerID, wispID, imageID, templateID, warm, preemptible, topic,
+                state, flavor, expires, ipAddresses, consoleTail, createdAt, updatedAt)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '[]', '[]', ?, ?)
+                """,
+            arguments: [
+                "i-" + Token.generate().prefix(12), newID(), best.id, request.ownerID, request.wispID, request.imageID,
+                request.templateID, request.warm, request.preemptible, request.topic, InstanceState.leased.rawValue, flavorJSON,
+                request.expires, date, date,
+            ])
+        let id = db.lastInsertedRowID
+        _ = try insertAction(
+            db, kind: .start, instanceID: id, applianceID: best.id, flavor: flavorJSON, expires: request.expires, at: date)
+        return id
+    }
+
+    /// The oldest warm instance of the template that its agent reported
+    /// running, on an enabled appliance (in the region, when given).
+    static func claimWarm(_ db: Database, templateID: Int64, region: String?) throws -> (id: Int64, applianceID: Int64)? {
+        var sql = """
+            SELECT instance.id, instance.applianceID FROM instance JOIN appliance ON appliance.id = instance.applianceID
+            WHERE instance.warm AND instance.templateID = ? AND instance.state = ? AND instance.lastError IS NULL
+            AND appliance.enabled AND NOT \(deletePending)
+            """
+        var arguments: StatementArguments = [templateID, InstanceState.running.rawValue]
+        if let region {
+            sql += " AND appliance.region = ?"
+            _ = arguments.append(contentsOf: [region])
+        }
+        guard let row = try Row.fetchOne(db, sql: sql + " ORDER BY instance.createdAt, instance.id LIMIT 1", arguments: arguments)
+        else { return nil }
+        return (row["id"], row["applianceID"])
+    }
+
+    /// Row ids of users named by id (32 hex digits) or name; an unknown one
+    /// is an invalid `field`.
+    static func userIDs(_ db: Database, _ users: [String], field: String) throws -> [Int64] {
+        try users.map { user in
+            guard let id = try Int64.fetchOne(db, sql: "SELECT id FROM user WHERE uuid = ? OR name = ?", arguments: [user, user])
+            else { throw PoolError.invalid(field: field, reason: "there is no user '\(user)'") }
+            return id
+        }
+    }
+
+    /// Gives users access to an instance (the owner has it already).
+    static func grant(_ db: Database, instanceID: Int64, users: [Int64], ownerID: Int64, at date: Date) throws {
+        for userID in users where userID != ownerID {
+            try db.execute(
+                sql: "INSERT OR IGNORE INTO instanceUser (instanceID, userID, addedAt) VALUES (?, ?, ?)",
+                arguments: [instanceID, userID, date])
+        }
+    }
+
+    /// The row id and owner's row id of the instance with this id or name.
+    static func instanceIDs(_ db: Database, _ id: String) throws -> (id: Int64, ownerID: Int64) {
+        guard
+            let row = try Row.fetchOne(
+                db, sql: "SELECT id, ownerID FROM instance WHERE uuid = ? OR name = ? LIMIT 1", arguments: [id, id])
+        else { throw PoolError.notFound(what: "instance", name: id) }
+        return (row["id"], row["ownerID"])
+    }
+
+    static func instance(_ db: Database, id: Int64) throws -> Instance {
+        guard let row = try Row.fetchOne(db, sql: instanceQuery + " WHERE instance.id = ?", arguments: [id]) else {
+            throw PoolError.storage("instance \(id) vanished")
+        }
+        return instance(row)
+    }
+}

@@ -1,0 +1,141 @@
+import Foundation
+import PoolAPI
+
+/// The reply envelope of the user-facing API (`/v1/...`), as the
+/// server-instance API document gives it: `{"data": ..., "msg": "",
+/// "success": true}`. A refusal has `data: null`, the reason in `msg`.
+public struct ServerEnvelope<Data: Codable & Sendable>: Codable, Sendable {
+    public var data: Data?
+    public var msg: String
+    public var success: Bool
+
+    public init(data: Data?, msg: String = "", success: Bool = true) {
+        self.data = data
+        self.msg = msg
+        self.success = success
+    }
+
+    enum CodingKeys: String, CodingKey { case data, msg, success }
+
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.container(keyedBy: CodingKeys.self)
+        try container.encode(data, forKey: .data)  // null on refusals, as written
+        try container.encode(msg, forKey: .msg)
+        try container.encode(success, forKey: .success)
+    }
+}
+
+/// A server-instance as the user-facing API shows it. Optional fields
+/// are left out when empty.
+public struct ServerInstance: Codable, Sendable, Equatable {
+    public var id: String
+    public var cloudauthID: String
+    public var users: [String]
+    public var serverImage: String
+    public var serverFlavor: String
+    public var creationDate: String
+    public var status: String
+    public var hostname: String?
+    public var publicIP: String?
+    public var privateIP: String?
+
+    enum CodingKeys: String, CodingKey {
+        case id, users, status, hostname
+        case cloudauthID = "cloudauth-id"
+        case serverImage = "server-image"
+        case serverFlavor = "server-flavor"
+        case creationDate = "creation-date"
+        case publicIP = "public-ip"
+        case privateIP = "private-ip"
+    }
+
+    public init(_ instance: Instance) {
+        id = instance.id
+        cloudauthID = instance.ownerID
+        users = instance.users
+        serverImage = instance.image ?? ""
+        serverFlavor = instance.flavor?.name ?? ""
+        creationDate = Self.timestamp(instance.createdAt)
+        status = Self.status(of: instance)
+        hostname = instance.name
+        func address(_ scope: String) -> String? {
+            let matching = instance.ipAddresses.filter { $0.scope == scope }
+            return (matching.first { $0.version == 4 } ?? matching.first)?.address
+        }
+        publicIP = address("public")
+        privateIP = address("private")
+    }
+
+    /// RFC 3339 in UTC to the second, as in the API document's examples.
+    static func timestamp(_ date: Date) -> String {
+        let formatter = ISO8601DateFormatter()
+        formatter.formatOptions = [.withInternetDateTime]
+        return formatter.string(from: date)
+    }
+
+    /// The API document's word for an instance's state:
+    ///
+    /// | Corral                                      | status      |
+    /// |---------------------------------------------|-------------|
+    /// | 7 decommissioned                            | `DELETED`   |
+    /// | an error reported (build, boot, power)      | `ERROR`     |
+    /// | 2 leased, 3 starting                        | `BUILD`     |
+    /// | 1 on offer, 4 running                       | `ACTIVE`    |
+    /// | 5 or 6 with reason "shut off ...", 0 inactive | `SHUTOFF` |
+    /// | 5 or 6 otherwise (paused: lease ended, ...)  | `SUSPENDED` |
+    public static func status(of instance: Instance) -> String {
+        if instance.state == .decommissioned { return "DELETED" }
+        if instance.lastError != nil { return "ERROR" }
+        switch instance.state {
+        case .leased, .starting: return "BUILD"
+        case .onOffer, .running: return "ACTIVE"
+        case .inactive: return "SHUTOFF"
+        case .suspended, .leasedWhileSuspended:
+            return instance.stateReason?.hasPrefix("shut off") == true ? "SHUTOFF" : "SUSPENDED"
+        case .decommissioned: return "DELETED"
+        }
+    }
+}
+
+/// A flavor as `GET /v1/server-flavor` shows it; its id is its name.
+public struct ServerFlavor: Codable, Sendable, Equatable {
+    public var id: String
+    public var name: String
+    public var description: String
+    public var vcpus: Int
+    public var memoryMiB: Int
+    public var diskGiB: Int
+
+    enum CodingKeys: String, CodingKey {
+        case id, name, description, vcpus
+        case memoryMiB = "memory-mib"
+        case diskGiB = "disk-gib"
+    }
+
+    init(_ flavor: Flavor) {
+        id = flavor.name
+        name = flavor.name
+        description = flavor.description
+        vcpus = flavor.vcpus
+        memoryMiB = flavor.memory
+        diskGiB = flavor.disk
+    }
+}
+
+/// An image as `GET /v1/server-image` shows it; its id is its name.
+public struct ServerImage: Codable, Sendable, Equatable {
+    public var id: String
+    public var name: String
+    public var diskFormat: String
+
+    enum CodingKeys: String, CodingKey {
+        case id, name
+        case diskFormat = "disk-format"
+    }
+
+    init(_ image: Image) {
+        id = image.name
+        name = image.name
+        diskFormat = image.diskFormat
+    }
+}

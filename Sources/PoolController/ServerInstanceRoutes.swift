@@ -1,0 +1,256 @@
+import Foundation
+import Hummingbird
+import PoolAPI
+
+/// The user-facing API (`/v1/...`) of the server-instance API document:
+/// users list, create, change and delete their instances; they never talk
+/// to appliances.
+///
+/// Who sees what: a superuser every instance; a user their own and those
+/// of the users they manage (warm instances only superusers). An instance
+/// the caller cannot see is 404, as if it did not exist.
+struct ServerInstanceRoutes: Sendable {
+    let store: any PoolStore
+    let configuration: PoolConfiguration
+    let events: InstanceEvents
+
+    func register(in router: Router<BasicRequestContext>) {
+        let v1 = router.group("v1").add(middleware: ServerEnvelopeMiddleware())
+        v1.get("server-instance", use: list)
+        v1.post("server-instance", use: create)
+        v1.get("server-instance/:id", use: show)
+        v1.put("server-instance/:id", use: modify)
+        v1.delete("server-instance/:id", use: delete)
+        v1.get("server-flavor", use: flavors)
+        v1.get("server-image", use: images)
+    }
+
+    /// `GET /v1/server-instance[?cloudauth-id=ID]`: 200 with the instances
+    /// the caller sees (owned by that user, when given).
+    @Sendable func list(_ request: Request, context: BasicRequestContext) async throws -> Response {
+        let caller = try await authenticate(request)
+        let managed = try await managedUsers(of: caller)
+        let owner = request.uri.queryParameters["cloudauth-id"].map(String.init)
+        let visible = try await store.instances().filter { instance in
+            Self.sees(caller, instance, managed: managed) && (owner == nil || instance.ownerID == owner)
+        }
+        return try reply(.ok, ServerEnvelope(data: visible.map(ServerInstance.init)))
+    }
+
+    /// `POST /v1/server-instance`: 201 with the new instance; 400 for a
+    /// body outside the schema or an unknown flavor, image or user; 403
+    /// for giving access to a user the caller does not manage; 409 at the
+    /// caller's limit; 503 when no appliance has room.
+    @Sendable func create(_ request: Request, context: BasicRequestContext) async throws -> Response {
+        let caller = try await authenticate(request)
+        let body = try JSONBody(try await collectBody(request))
+        try body.only(["server-image", "server-flavor", "users"], required: ["server-image", "server-flavor"])
+        let image = try body.string("server-image")!
+        let flavor = try body.string("server-flavor")!
+        let users = try body.strings("users") ?? []
+        try await checkMayGrant(users, caller: caller, field: "users")
+        var creation = InstanceRequest(owner: caller.name, flavor: flavor, image: image, users: users)
+        creation.preemptible = true
+        let instance = try await refusingPoolErrors {
+            try await store.createInstance(
+                creation, defaultLeaseSeconds: configuration.leases.defaultSeconds,
+                applianceStaleAfter: configuration.housekeeping.applianceStaleSeconds, at: Date())
+        }
+        events.publish(instance.event)
+        return try reply(.created, ServerEnvelope(data: [ServerInstance(instance)]))
+    }
+
+    /// `GET /v1/server-instance/ID`: 200 with the one instance; 404 if the
+    /// caller does not see it.
+    @Sendable func show(_ request: Request, context: BasicRequestContext) async throws -> Response {
+        let (_, instance) = try await visibleInstance(request, context: context)
+        return try reply(.ok, ServerEnvelope(data: [ServerInstance(instance)]))
+    }
+
+    /// `PUT /v1/server-instance/ID` with a `task`: `modify-users` (`add`,
+    /// `replace` or `delete` the listed users; the owner keeps access),
+    /// `reboot`, `power-on`, `power-off` (queued for its appliance; the
+    /// status follows its reports), or, for superusers, `extend-lease` by
+    /// `seconds`. 200 with the instance; 400 outside the schema; 403 for
+    /// users the caller does not manage or a lease change by a
+    /// non-superuser; 404 if the caller does not see it; 409 if it is
+    /// decommissioned.
+    @Sendable func modify(_ request: Request, context: BasicRequestContext) async throws -> Response {
+        let (caller, instance) = try await visibleInstance(request, context: context)
+        let body = try JSONBody(try await collectBody(request))
+        try body.only(["task"], required: ["task"])
+        let task = try body.object("task")!
+        let what = try task.string("what", choices: ["modify-users", "reboot", "power-on", "power-off", "extend-lease"])
+        let now = Date()
+        var changed = instance
+        switch what {
+        case "modify-users":
+            try task.only(["what", "how", "users"], required: ["what", "how", "users"])
+            let how = UsersChange(rawValue: try task.string("how", choices: UsersChange.allCases.map(\.rawValue))!)!
+            let users = try task.strings("users")!
+            if how != .delete { try await checkMayGrant(users, caller: caller, field: "task.users") }
+            changed = try await refusingPoolErrors { try await store.changeUsers(ofInstance: instance.id, how, users: users, at: now) }
+        case "extend-lease":
+            try task.only(["what", "seconds"], required: ["what", "seconds"])
+            guard caller.superuser else { throw Refusal(.forbidden, "only a superuser may extend a lease") }
+            let seconds = try task.int("seconds", in: 1...31_536_000)!
+            changed = try await refusingPoolErrors { try await store.extendLease(ofInstance: instance.id, bySeconds: seconds, at: now) }
+        default:
+            try task.only(["what"], required: ["what"])
+            let kind: Action.Kind = what == "reboot" ? .reboot : what == "power-on" ? .powerOn : .powerOff
+            _ = try await refusingPoolErrors { try await store.enqueueAction(kind, instance: instance.name, expires: nil, at: now) }
+        }
+        return try reply(.ok, ServerEnvelope(data: [ServerInstance(changed)]))
+    }
+
+    /// `DELETE /v1/server-instance/ID`: 200; its appliance destroys the VM
+    /// and its disks, and the status becomes `DELETED` when it reports
+    /// that. 404 if the caller does not see it; 409 if it is decommissioned.
+    @Sendable func delete(_ request: Request, context: BasicRequestContext) async throws -> Response {
+        let (_, instance) = try await visibleInstance(request, context: context)
+        _ = try await refusingPoolErrors { try await store.enqueueAction(.delete, instance: instance.name, expires: nil, at: Date()) }
+        return try reply(.ok, ServerEnvelope(data: [ServerInstance(instance)]))
+    }
+
+    /// `GET /v1/server-flavor`: the active flavors; an id is a flavor's name.
+    @Sendable func flavors(_ request: Request, context: BasicRequestContext) async throws -> Response {
+        _ = try await authenticate(request)
+        let flavors = try await store.flavors().filter(\.active).map(ServerFlavor.init)
+        return try reply(.ok, ServerEnvelope(data: flavors))
+    }
+
+    /// `GET /v1/server-image`: the catalogue's images; an id is an image's name.
+    @Sendable func images(_ request: Request, context: BasicRequestContext) async throws -> Response {
+        _ = try await authenticate(request)
+        return try reply(.ok, ServerEnvelope(data: try await store.images().map(ServerImage.init)))
+    }
+
+    // MARK: Access
+
+    /// The caller, from `X-Auth-Token` (or a bearer token). When
+    /// `X-Auth-Cloudauth-Id` is sent too, it must be the token's user.
+    func authenticate(_ request: Request) async throws -> User {
+        let user = try await authenticateUser(request, store: store)
+        if let claimed = request.headers[.init("X-Auth-Cloudauth-Id")!], !claimed.isEmpty, claimed != user.id {
+            throw Refusal(.unauthorized, "X-Auth-Cloudauth-Id '\(claimed)' is not the user of this token; send your own id or leave it out")
+        }
+        return user
+    }
+
+    /// The names of the users `caller` manages.
+    func managedUsers(of caller: User) async throws -> Set<String> {
+        Set(try await store.users().filter { $0.manager == caller.name }.map(\.name))
+    }
+
+    static func sees(_ caller: User, _ instance: Instance, managed: Set<String>) -> Bool {
+        if caller.superuser { return true }
+        if instance.warm { return false }
+        return instance.owner == caller.name || managed.contains(instance.owner)
+    }
+
+    /// The caller and the instance the path names, or 404 if they do not see it.
+    func visibleInstance(_ request: Request, context: BasicRequestContext) async throws -> (User, Instance) {
+        let caller = try await authenticate(request)
+        let id = try context.parameters.require("id")
+        guard let instance = try await store.instance(id: id),
+            Self.sees(caller, instance, managed: try await managedUsers(of: caller))
+        else { throw Refusal(.notFound, "there is no server-instance '\(id)'; GET /v1/server-instance lists yours") }
+        return (caller, instance)
+    }
+
+    /// Refuses giving access to users other than the caller and those they
+    /// manage (a superuser may give anyone access). Unknown users are 400.
+    func checkMayGrant(_ users: [String], caller: User, field: String) async throws {
+        let all = try await store.users()
+        for named in users {
+            guard let user = all.first(where: { $0.id == named || $0.name == named }) else {
+                throw Refusal(.badRequest, "\(field): there is no user '\(named)'")
+            }
+            guard caller.superuser || user.name == caller.name || user.manager == caller.name else {
+                throw Refusal(.forbidden, "\(field): you may give access only to yourself and the users you manage, not '\(named)'")
+            }
+        }
+    }
+}
+
+/// Replies to refusals under `/v1` in the API document's envelope.
+struct ServerEnvelopeMiddleware<Context: RequestContext>: RouterMiddleware {
+    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
+        do {
+            return try await next(request, context)
+        } catch let refusal as Refusal {
+            return try reply(refusal.status, ServerEnvelope<[ServerInstance]>(data: nil, msg: refusal.message, success: false))
+        } catch let error as HTTPError {
+            return try reply(
+                error.status, ServerEnvelope<[ServerInstance]>(data: nil, msg: error.body ?? error.status.reasonPhrase, success: false))
+        }
+    }
+}
+
+/// A JSON object from a request body, read field by field so that every
+/// refusal names the field: unknown fields, missing ones and wrong types
+/// are 400s (the schemas' `additionalProperties: false`).
+struct JSONBody {
+    let fields: [String: Any]
+    /// The path of this object in the body, for messages (`task.`).
+    let prefix: String
+
+    init(_ buffer: ByteBuffer) throws {
+        let data = Data(buffer.readableBytesView)
+        guard let object = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any] else {
+            throw Refusal(.badRequest, "the body must be a JSON object")
+        }
+        self.init(object, prefix: "")
+    }
+
+    init(_ fields: [String: Any], prefix: String) {
+        self.fields = fields
+        self.prefix = prefix
+    }
+
+    func only(_ allowed: [String], required: [String]) throws {
+        if let unknown = fields.keys.sorted().first(where: { !allowed.contains($0) }) {
+            throw Refusal(
+                .badRequest,
+                "unknown field '\(prefix)\(unknown)'; allowed: \(allowed.map { "'\(prefix)\($0)'" }.joined(separator: ", "))")
+        }
+        if let missing = required.first(where: { fields[$0] == nil }) {
+            throw Refusal(.badRequest, "missing field '\(prefix)\(missing)'")
+        }
+    }
+
+    func string(_ key: String, choices: [String]? = nil) throws -> String? {
+        guard let value = fields[key] else { return nil }
+        guard let string = value as? String, !string.isEmpty else {
+            throw Refusal(.badRequest, "field '\(prefix)\(key)' must be a non-empty string")
+        }
+        if let choices, !choices.contains(string) {
+            throw Refusal(
+                .badRequest, "field '\(prefix)\(key)' must be one of \(choices.map { "'\($0)'" }.joined(separator: ", ")), not '\(string)'")
+        }
+        return string
+    }
+
+    func strings(_ key: String) throws -> [String]? {
+        guard let value = fields[key] else { return nil }
+        guard let list = value as? [Any], let strings = list as? [String] else {
+            throw Refusal(.badRequest, "field '\(prefix)\(key)' must be a list of user ids (strings)")
+        }
+        return strings
+    }
+
+    func int(_ key: String, in range: ClosedRange<Int>) throws -> Int? {
+        guard let value = fields[key] else { return nil }
+        guard let number = value as? NSNumber, let int = Int(exactly: number.doubleValue), range.contains(int)
+        else { throw Refusal(.badRequest, "field '\(prefix)\(key)' must be a whole number from \(range.lowerBound) to \(range.upperBound)") }
+        return int
+    }
+
+    func object(_ key: String) throws -> JSONBody? {
+        guard let value = fields[key] else { return nil }
+        guard let object = value as? [String: Any] else {
+            throw Refusal(.badRequest, "field '\(prefix)\(key)' must be an object")
+        }
+        return JSONBody(object, prefix: prefix + key + ".")
+    }
+}

@@ -1,0 +1,279 @@
+import ArgumentParser
+import AsyncHTTPClient
+import Foundation
+import NIOCore
+import NIOHTTP1
+import PoolController
+import Support
+
+extension Corral {
+    struct InstancesCommand: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "instances",
+            abstract: "Your instances, through the pool's user-facing API (/v1/server-instance).",
+            discussion: """
+                The pool is --pool, else CORRAL_POOL_URL, else http://127.0.0.1:8080. Your token (from \
+                `corral pool user add`) is CORRAL_TOKEN, else the file --token-file or CORRAL_TOKEN_FILE names (mode 0600).
+                """,
+            subcommands: [
+                List.self, Create.self, Show.self, Reboot.self, PowerOff.self, PowerOn.self, Delete.self, Users.self,
+                ExtendLease.self, Launch.self, Flavors.self, Images.self,
+            ])
+    }
+}
+
+/// Where the pool is and who is asking.
+struct UserAPIOptions: ParsableArguments {
+    @Option(help: "The pool's URL (default: CORRAL_POOL_URL, else http://127.0.0.1:8080).")
+    var pool: String?
+
+    @Option(help: "A file holding your user token, mode 0600 (default: CORRAL_TOKEN_FILE; CORRAL_TOKEN wins over both).")
+    var tokenFile: String?
+
+    @Flag(help: "Print the API's JSON instead of a table.")
+    var json = false
+
+    var poolURL: String {
+        let url = pool ?? ProcessInfo.processInfo.environment["CORRAL_POOL_URL"] ?? "http://127.0.0.1:8080"
+        return url.hasSuffix("/") ? String(url.dropLast()) : url
+    }
+
+    func token() -> String {
+        let environment = ProcessInfo.processInfo.environment
+        if let token = environment["CORRAL_TOKEN"], !token.isEmpty { return token }
+        guard let path = tokenFile ?? environment["CORRAL_TOKEN_FILE"] else {
+            fail("no user token: set CORRAL_TOKEN, or pass --token-file FILE (from `corral pool user add`)")
+        }
+        do {
+            return try readTokenFile(path, field: "--token-file", holder: "user")
+        } catch {
+            fail("\(error)")
+        }
+    }
+
+    /// Sends a request and returns the `data` of the reply's envelope;
+    /// a refusal prints its `msg` and exits 1.
+    func call<T: Codable & Sendable>(
+        _ method: HTTPMethod, _ path: String, body: [String: Any]? = nil, as type: T.Type = [ServerInstance].self
+    ) async throws -> T {
+        var request = HTTPClientRequest(url: poolURL + path)
+        request.method = method
+        request.headers.add(name: "X-Auth-Token", value: token())
+        if let body {
+            request.headers.add(name: "Content-Type", value: "application/json")
+            request.body = .bytes(ByteBuffer(bytes: try JSONSerialization.data(withJSONObject: body)))
+        }
+        let status: Int
+        let bytes: ByteBuffer
+        do {
+            let response = try await HTTPClient.shared.execute(request, timeout: .seconds(30))
+            status = Int(response.status.code)
+            bytes = try await response.body.collect(upTo: 16 << 20)
+        } catch {
+            fail("cannot reach the pool at \(poolURL): \(error)")
+        }
+        let data = Data(bytes.readableBytesView)
+        if let envelope = try? JSONDecoder().decode(ServerEnvelope<T>.self, from: data) {
+            guard envelope.success, let result = envelope.data else { fail("\(envelope.msg) (HTTP \(status))") }
+            return result
+        }
+        // The token launch API answers in the appliance API's envelope.
+        if let envelope = try? JSONDecoder().decode(LaunchEnvelope<T>.self, from: data) {
+            guard envelope.response == "success", let result = envelope.result else {
+                fail("\(envelope.message ?? "refused") (HTTP \(status))")
+            }
+            return result
+        }
+        fail("the pool's reply (HTTP \(status)) is not the API's JSON: \(String(decoding: data.prefix(200), as: UTF8.self))")
+    }
+
+    /// Prints instances as a table, or as the API's JSON.
+    func show(_ instances: [ServerInstance]) throws {
+        if json { return try printJSON(instances) }
+        var table = Table(header: ["ID", "HOSTNAME", "STATUS", "FLAVOR", "IMAGE", "CREATED", "IP", "USERS"])
+        for instance in instances {
+            table.rows.append([
+                instance.id, instance.hostname ?? "-", instance.status, instance.serverFlavor, instance.serverImage,
+                instance.creationDate, instance.publicIP ?? instance.privateIP ?? "-", "\(instance.users.count)",
+            ])
+        }
+        print(table.render())
+    }
+}
+
+/// The appliance API's envelope, which the token launch API uses.
+struct LaunchEnvelope<T: Codable & Sendable>: Codable {
+    var response: String
+    var result: T?
+    var message: String?
+}
+
+/// The path of one instance.
+func instancePath(_ id: String) -> String {
+    "/v1/server-instance/" + (id.addingPercentEncoding(withAllowedCharacters: .urlPathAllowed.subtracting(["/"])) ?? id)
+}
+
+extension Corral.InstancesCommand {
+    struct List: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List the instances you see.")
+        @OptionGroup var api: UserAPIOptions
+        @Option(name: .customLong("cloudauth-id"), help: "Only those owned by this user id.") var cloudauthID: String?
+
+        func run() async throws {
+            let query = cloudauthID.map { "?cloudauth-id=" + ($0.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? $0) }
+            try api.show(try await api.call(.GET, "/v1/server-instance" + (query ?? "")))
+        }
+    }
+
+    struct Create: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Create an instance of a flavor from an image.")
+        @OptionGroup var api: UserAPIOptions
+        @Option(help: "The flavor (see `corral instances flavors`).") var flavor: String
+        @Option(help: "The image (see `corral instances images`).") var image: String
+        @Option(name: .customLong("user"), help: "Also give this user (id or name) access (repeatable).") var users: [String] = []
+
+        func run() async throws {
+            var body: [String: Any] = ["server-flavor": flavor, "server-image": image]
+            if !users.isEmpty { body["users"] = users }
+            try api.show(try await api.call(.POST, "/v1/server-instance", body: body))
+        }
+    }
+
+    struct Show: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Show one instance.")
+        @OptionGroup var api: UserAPIOptions
+        @Argument(help: "The instance's id or hostname.") var id: String
+
+        func run() async throws {
+            let instances = try await api.call(.GET, instancePath(id))
+            if api.json { return try printJSON(instances.first) }
+            for instance in instances {
+                let fields: [(String, String?)] = [
+                    ("id", instance.id), ("hostname", instance.hostname), ("status", instance.status),
+                    ("server-flavor", instance.serverFlavor), ("server-image", instance.serverImage),
+                    ("creation-date", instance.creationDate), ("cloudauth-id", instance.cloudauthID),
+                    ("users", instance.users.joined(separator: ", ")), ("public-ip", instance.publicIP),
+                    ("private-ip", instance.privateIP),
+                ]
+                for (name, value) in fields { print("\(name + ":")\(String(repeating: " ", count: 15 - name.count))\(value ?? "-")") }
+            }
+        }
+    }
+
+    /// Sends one of the power tasks.
+    static func power(_ what: String, _ id: String, _ api: UserAPIOptions) async throws {
+        let instances = try await api.call(.PUT, instancePath(id), body: ["task": ["what": what]])
+        if api.json { return try printJSON(instances.first) }
+        print("\(what) sent to \(id); its status follows when its appliance reports (now \(instances.first?.status ?? "?"))")
+    }
+
+    struct Reboot: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Reboot an instance.")
+        @OptionGroup var api: UserAPIOptions
+        @Argument(help: "The instance's id or hostname.") var id: String
+        func run() async throws { try await power("reboot", id, api) }
+    }
+
+    struct PowerOff: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "power-off", abstract: "Power an instance off.")
+        @OptionGroup var api: UserAPIOptions
+        @Argument(help: "The instance's id or hostname.") var id: String
+        func run() async throws { try await power("power-off", id, api) }
+    }
+
+    struct PowerOn: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "power-on", abstract: "Power an instance on.")
+        @OptionGroup var api: UserAPIOptions
+        @Argument(help: "The instance's id or hostname.") var id: String
+        func run() async throws { try await power("power-on", id, api) }
+    }
+
+    struct Delete: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Delete an instance: its appliance destroys the VM and its disks.")
+        @OptionGroup var api: UserAPIOptions
+        @Argument(help: "The instance's id or hostname.") var id: String
+
+        func run() async throws {
+            let instances = try await api.call(.DELETE, instancePath(id))
+            if api.json { return try printJSON(instances.first) }
+            print("deleting \(id); its status becomes DELETED when its appliance has destroyed it")
+        }
+    }
+
+    struct Users: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Change who has access to an instance (its owner always keeps it).")
+        @OptionGroup var api: UserAPIOptions
+        @Argument(help: "The instance's id or hostname.") var id: String
+        @Flag(help: "What to do with the users listed.") var how: How = .add
+        @Argument(help: "User ids or names.") var users: [String] = []
+
+        enum How: String, EnumerableFlag { case add, replace, delete }
+
+        func run() async throws {
+            let body: [String: Any] = ["task": ["what": "modify-users", "how": how.rawValue, "users": users]]
+            try api.show(try await api.call(.PUT, instancePath(id), body: body))
+        }
+    }
+
+    struct ExtendLease: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "extend-lease", abstract: "Move an instance's lease end on (superusers only).")
+        @OptionGroup var api: UserAPIOptions
+        @Argument(help: "The instance's id or hostname.") var id: String
+        @Option(help: "How many seconds to add.") var seconds: Int
+
+        func run() async throws {
+            try api.show(try await api.call(.PUT, instancePath(id), body: ["task": ["what": "extend-lease", "seconds": seconds]]))
+        }
+    }
+
+    struct Launch: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Launch an instance from a template (a warm one when ready), through the token launch API.")
+        @OptionGroup var api: UserAPIOptions
+        @Argument(help: "The template's name.") var template: String
+        @Option(help: "Only on appliances in this region.") var region: String?
+        @Option(help: "A label kept with the instance.") var topic: String?
+        @Flag(help: "Ask for a non-preemptible instance (superusers only).") var nonPreemptible = false
+
+        func run() async throws {
+            var query = ["preemptible=\(nonPreemptible ? 0 : 1)"]
+            if let region { query.append("region=\(region.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? region)") }
+            if let topic { query.append("topic=\(topic.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? topic)") }
+            let path = "/api/stream/\(template.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? template)?"
+            // The token goes in the X-Auth-Token header, not the query, so no log sees it.
+            let instance = try await api.call(.POST, path + query.joined(separator: "&"), as: ServerInstance.self)
+            try api.show([instance])
+        }
+    }
+
+    struct Flavors: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List the flavors you can create instances of.")
+        @OptionGroup var api: UserAPIOptions
+
+        func run() async throws {
+            let flavors = try await api.call(.GET, "/v1/server-flavor", as: [ServerFlavor].self)
+            if api.json { return try printJSON(flavors) }
+            var table = Table(header: ["ID", "VCPUS", "MEMORY", "DISK", "DESCRIPTION"])
+            for flavor in flavors {
+                table.rows.append([flavor.id, "\(flavor.vcpus)", "\(flavor.memoryMiB) MiB", "\(flavor.diskGiB) GiB", flavor.description])
+            }
+            print(table.render())
+        }
+    }
+
+    struct Images: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List the images you can create instances from.")
+        @OptionGroup var api: UserAPIOptions
+
+        func run() async throws {
+            let images = try await api.call(.GET, "/v1/server-image", as: [ServerImage].self)
+            if api.json { return try printJSON(images) }
+            var table = Table(header: ["ID", "FORMAT"])
+            for image in images { table.rows.append([image.id, image.diskFormat]) }
+            print(table.render())
+        }
+    }
+}
