@@ -167,7 +167,7 @@ extension SQLiteStore {
                 guard created < oldest || failed else { continue }
                 _ = try Self.insertAction(
                     db, kind: .delete, instanceID: row["id"], applianceID: row["applianceID"], flavor: nil, expires: nil, at: date)
-                if created < oldest { pass.retired.append(row["name"]) } else { pass.dropped.append(row["name"]) }
+                if failed { pass.dropped.append(row["name"]) } else { pass.retired.append(row["name"]) }
             }
             for template in try Row.fetchAll(db, sql: Self.templateQuery + " WHERE template.hotStarts > 0 ORDER BY template.name") {
                 let live =
@@ -247,9 +247,10 @@ extension SQLiteStore {
     }
 
     /// Places a new instance on the enabled, fresh appliance (in the
-    /// region, when given) with the most memory left after it, then the
-    /// most vCPUs (which spreads instances across equal appliances), and
-    /// queues its start. Returns the new row's id.
+    /// region, when given) with the most room left after it: first how
+    /// many more of the same size would still fit there, then the memory
+    /// left. This spreads instances across appliances in proportion to
+    /// their room. Queues its start and returns the new row's id.
     static func place(_ db: Database, _ request: PlacementRequest, staleAfter: Int, at date: Date) throws -> Int64 {
         guard let flavor = try Row.fetchOne(db, sql: "SELECT * FROM flavor WHERE name = ? AND active", arguments: [request.flavor])
         else {
@@ -263,12 +264,17 @@ extension SQLiteStore {
             sql += " AND region = ?"
             _ = arguments.append(contentsOf: [region])
         }
-        var best: (id: Int64, left: InstanceFlavor, name: String)?
+        var best: (id: Int64, score: (Int, Int))?
         for row in try Row.fetchAll(db, sql: sql + " ORDER BY name", arguments: arguments) {
             guard let free = try freeRoom(db, applianceID: row["id"], stats: row["stats"]), size.fits(in: free) else { continue }
             let left = InstanceFlavor(vcpus: free.vcpus - size.vcpus, memory: free.memory - size.memory, disk: free.disk - size.disk)
-            if let current = best, (current.left.memory, current.left.vcpus) >= (left.memory, left.vcpus) { continue }
-            best = (row["id"], left, row["name"])
+            let more = [
+                size.vcpus > 0 ? left.vcpus / size.vcpus : Int.max, size.memory > 0 ? left.memory / size.memory : Int.max,
+                size.disk > 0 ? left.disk / size.disk : Int.max,
+            ].min()!
+            let score = (more, left.memory)
+            if let current = best, current.score >= score { continue }
+            best = (row["id"], score)
         }
         guard let best else {
             let where_ = request.region.map { " in region '\($0)'" } ?? ""
