@@ -653,6 +653,9 @@ public final class Agent: Service, Sendable {
             var addresses: [IPAddress] = []
             if poolState == .running, let domain {
                 addresses = ((try? await domain.interfaceAddresses()) ?? []).flatMap(\.addresses).map(Self.ipAddress)
+                if addresses.isEmpty, case .user = self.configuration.network {
+                    addresses = [IPAddress(version: 4, scope: "private", address: userGuestAddress)]
+                }
             }
             let reported = Reported(
                 state: poolState, error: error, addresses: addresses,

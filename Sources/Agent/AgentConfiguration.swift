@@ -120,12 +120,11 @@ public struct AgentConfiguration: Sendable, Equatable {
             guard name == nil else { throw reader.invalid("network", "name", "is only for mode \"network\" or \"bridge\"") }
             var range: ClosedRange<Int>?
             if let ports {
-                let bounds = ports.split(separator: "-").compactMap { Int($0) }
-                guard bounds.count == 2, 1024 <= bounds[0], bounds[0] <= bounds[1], bounds[1] <= 65535 else {
+                guard let bounds = Self.portRange(ports) else {
                     throw reader.invalid(
                         "network", "ssh_forward_ports", "must be a port range such as \"22000-22999\" within 1024-65535 (it is \"\(ports)\")")
                 }
-                range = bounds[0]...bounds[1]
+                range = bounds
             }
             configuration.network = .user(sshForwardPorts: range)
         default:
@@ -209,6 +208,13 @@ public struct AgentConfiguration: Sendable, Equatable {
 
     /// Reads the API token: the file must exist, hold one non-empty line,
     /// and be readable by its owner only.
+    /// A port range `FIRST-LAST` within 1024-65535, or nil.
+    public static func portRange(_ text: String) -> ClosedRange<Int>? {
+        let bounds = text.split(separator: "-").compactMap { Int($0) }
+        guard bounds.count == 2, 1024 <= bounds[0], bounds[0] <= bounds[1], bounds[1] <= 65535 else { return nil }
+        return bounds[0]...bounds[1]
+    }
+
     public func readToken() throws -> String {
         try readTokenFile(tokenFile, field: "pool.token_file", holder: "appliance")
     }

@@ -35,7 +35,8 @@ struct DomainTemplate: Sendable {
         case .user(let ports) where ports != nil && sshPort != nil:
             // libvirt 9 offers no port forward on a user-mode <interface>, so
             // the NIC is QEMU's own, with the forward bound to loopback.
-            let netdev = "user,id=corral0,hostfwd=tcp:127.0.0.1:\(sshPort!)-:22"
+            let netdev =
+                "user,id=corral0,net=\(userNetwork),dhcpstart=\(userGuestAddress),hostfwd=tcp:127.0.0.1:\(sshPort!)-:22"
             let device = "virtio-net-pci,netdev=corral0,mac=\(macAddress),bus=pci.0,addr=0x10"
             qemuArguments = """
 
@@ -95,6 +96,13 @@ struct DomainTemplate: Sendable {
 
     private func escape(_ value: String) -> String { escapeXMLAttribute(value) }
 }
+
+/// The network QEMU's user-mode NAT gives its guest (QEMU's default, and
+/// set explicitly on the netdev with an SSH forward).
+let userNetwork = "10.0.2.0/24"
+/// The address user-mode NAT's DHCP gives the guest (its only client).
+/// libvirt cannot see it, so the agent reports this one.
+let userGuestAddress = "10.0.2.15"
 
 /// A locally administered MAC address in QEMU's 52:54:00 range, derived
 /// from the instance's UUID so it stays the same across rebuilds.

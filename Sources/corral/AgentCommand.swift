@@ -104,6 +104,9 @@ extension Corral.AgentCommand {
         @Option(help: "Where the agent caches images.")
         var imageDir: String?
 
+        @Option(help: "With user-mode networking: host ports (on 127.0.0.1) forwarded to guests' SSH, e.g. 22000-22999.")
+        var sshForwardPorts: String?
+
         func validate() throws {
             try validateHTTPURL(pool, option: "--pool")
             if let virtType, VirtualizationType(rawValue: virtType) == nil {
@@ -123,6 +126,13 @@ extension Corral.AgentCommand {
             if let virtType { configuration.virtualization = VirtualizationType(rawValue: virtType)! }
             if let stateDir { configuration.stateDirectory = stateDir }
             if let imageDir { configuration.imageDirectory = imageDir }
+            if let sshForwardPorts {
+                guard let ports = AgentConfiguration.portRange(sshForwardPorts) else {
+                    fail("--ssh-forward-ports must be a range such as 22000-22999 within 1024-65535 (it was '\(sshForwardPorts)')")
+                }
+                guard case .user = configuration.network else { fail("--ssh-forward-ports needs network mode \"user\"") }
+                configuration.network = .user(sshForwardPorts: ports)
+            }
             let token: String
             do {
                 token = try configuration.readToken()

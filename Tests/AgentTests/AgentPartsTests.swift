@@ -148,7 +148,7 @@ struct AgentPartsTests {
             disk: "/d", seed: "/s", consoleLog: "/c", macAddress: "52:54:00:00:00:01", network: .user(sshForwardPorts: 22000...22010),
             sshPort: 22003, kernel: nil, metadata: InstanceMetadata(instance: "i-1", appliance: "rack"))
         let xml = template.xml()
-        #expect(xml.contains("<qemu:arg value='user,id=corral0,hostfwd=tcp:127.0.0.1:22003-:22'/>"))
+        #expect(xml.contains("<qemu:arg value='user,id=corral0,net=10.0.2.0/24,dhcpstart=10.0.2.15,hostfwd=tcp:127.0.0.1:22003-:22'/>"))
         #expect(!xml.contains("<interface"))
         #expect(xml.contains("<boot dev='hd'/>"))
     }
