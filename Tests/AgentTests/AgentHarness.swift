@@ -4,17 +4,45 @@ import Hummingbird
 import HummingbirdTesting
 import Libvirt
 import NIOCore
+import Synchronization
 import Testing
 import TestSupport
 
+/// What guests posted to the file server's `/report/NAME`, with when.
+final class GuestReports: Sendable {
+    private let reports = Mutex<[(name: String, at: Date)]>([])
+
+    func record(_ name: String) { reports.withLock { $0.append((name, Date())) } }
+
+    /// When `name` first reported, if it did.
+    func first(_ name: String) -> Date? { reports.withLock { $0.first { $0.name == name }?.at } }
+}
+
 /// Serves files over loopback HTTP, as an image server would: `/NAME` is
-/// the file, `/slow/NAME` the same file trickled out over several seconds
-/// (to catch an agent in the middle of a download).
-func withFileServer(_ files: [String: URL], _ body: @Sendable @escaping (String) async throws -> Void) async throws {
+/// the file (streamed), `/slow/NAME` the same file trickled out over several
+/// seconds (to catch an agent in the middle of a download). Guests may
+/// `POST /report/NAME` to say they are done (recorded in `reports`).
+func withFileServer(
+    _ files: [String: URL], reports: GuestReports = GuestReports(), _ body: @Sendable @escaping (String) async throws -> Void
+) async throws {
     let router = Router()
     router.get("/:name") { _, context -> Response in
         guard let file = files[context.parameters.get("name") ?? ""] else { return Response(status: .notFound) }
-        return Response(status: .ok, body: .init(byteBuffer: ByteBuffer(bytes: try Data(contentsOf: file))))
+        let size = try FileManager.default.attributesOfItem(atPath: file.path)[.size] as? Int ?? 0
+        return Response(
+            status: .ok, headers: [.contentLength: "\(size)"],
+            body: ResponseBody { writer in
+                let handle = try FileHandle(forReadingFrom: file)
+                defer { try? handle.close() }
+                while let chunk = try handle.read(upToCount: 1 << 20), !chunk.isEmpty {
+                    try await writer.write(ByteBuffer(bytes: chunk))
+                }
+                try await writer.finish(nil)
+            })
+    }
+    router.post("/report/:name") { _, context -> Response in
+        reports.record(context.parameters.get("name") ?? "")
+        return Response(status: .noContent)
     }
     router.get("/slow/:name") { _, context -> Response in
         guard let file = files[context.parameters.get("name") ?? ""] else { return Response(status: .notFound) }
@@ -285,6 +313,7 @@ final class Harness: @unchecked Sendable {
 /// the shared system libvirtd; tears everything down afterwards.
 func withHarness(
     _ label: String, imageSHA256: String? = nil, leaseGrace: Int = 3600, restartsLibvirtd: Bool = false,
+    extraFiles: [String: URL] = [:], reports: GuestReports = GuestReports(),
     _ body: @Sendable @escaping (Harness, String) async throws -> Void
 ) async throws {
     let lock: (@Sendable () async throws -> Void) async throws -> Void = { work in
@@ -294,7 +323,7 @@ func withHarness(
         let harness = try Harness(label)
         let files = try await GuestFiles.make(in: harness.directory)
         do {
-            try await withFileServer(files.served) { base in
+            try await withFileServer(files.served.merging(extraFiles) { first, _ in first }, reports: reports) { base in
                 try await harness.setUp(imageBase: base, files: files, imageSHA256: imageSHA256, leaseGrace: leaseGrace)
                 try await body(harness, base)
             }

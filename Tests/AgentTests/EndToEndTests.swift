@@ -1,0 +1,162 @@
+import Foundation
+import Libvirt
+import NIOHTTP1
+import Testing
+import TestSupport
+
+/// The Debian guest `cloud-init/build-debian-image` builds (cached on the
+/// machine by its recipe's hash).
+struct DebianImage: Sendable {
+    var rootfs: URL
+    var rootfsSHA256: String
+    var kernel: URL
+    var kernelSHA256: String
+    var initrd: URL
+    var initrdSHA256: String
+
+    /// Builds it (about 100 s the first time) or finds it in the cache.
+    static func build() async throws -> DebianImage {
+        let script = Paths.packageRoot.appendingPathComponent("cloud-init/build-debian-image")
+        let result = try await runProgram(script.path, [])
+        guard result.status == 0 else { throw SetupError("cloud-init/build-debian-image failed:\n\(result.stderr)") }
+        var found: [String: (URL, String)] = [:]
+        for line in result.stdout.split(separator: "\n") {
+            let words = line.split(separator: " ").map(String.init)
+            guard words.count == 4, words[2] == "sha256" else { continue }
+            found[words[0]] = (URL(fileURLWithPath: words[1]), words[3])
+        }
+        guard let rootfs = found["image"], let kernel = found["kernel"], let initrd = found["initrd"] else {
+            throw SetupError("cloud-init/build-debian-image printed no image, kernel and initrd lines:\n\(result.stdout)")
+        }
+        return DebianImage(
+            rootfs: rootfs.0, rootfsSHA256: rootfs.1, kernel: kernel.0, kernelSHA256: kernel.1, initrd: initrd.0, initrdSHA256: initrd.1)
+    }
+}
+
+/// `ssh` to a guest through its loopback port forward, as the image's
+/// default user, with the generated key; never to any other address.
+struct GuestShell: Sendable {
+    let key: String
+    let port: Int
+
+    func run(_ command: String, timeout: Int = 60) async throws -> CommandResult {
+        try await runProgram(
+            "timeout",
+            [
+                "\(timeout)", "ssh", "-i", key, "-p", "\(port)", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+                "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=5", "-o", "LogLevel=ERROR", "debian@127.0.0.1", command,
+            ])
+    }
+
+    /// Waits until SSH logs in; returns when it did.
+    @discardableResult
+    func waitUntilReachable(timeout: Duration) async throws -> ContinuousClock.Instant {
+        let deadline = ContinuousClock.now + timeout
+        var last = ""
+        while ContinuousClock.now < deadline {
+            let result = try await run("true", timeout: 15)
+            if result.status == 0 { return .now }
+            last = result.stderr
+            try await Task.sleep(for: .seconds(1))
+        }
+        throw SetupError("ssh to 127.0.0.1:\(port) did not succeed within \(timeout): \(last)")
+    }
+}
+
+@Suite("End to end: pool, agent, libvirt and a Debian guest with cloud-init")
+struct EndToEndTests {
+    @Test("a user asks the pool for a VM, logs in with their key through a loopback forward, finds the post-create marker")
+    func debianGuest() async throws {
+        let image = try await DebianImage.build()
+        let reports = GuestReports()
+        let extra = ["debian.qcow2": image.rootfs, "debian-vmlinuz": image.kernel, "debian-initrd.img": image.initrd]
+        try await withHarness("e2e", extraFiles: extra, reports: reports) { harness, base in
+            var name = ""
+            do {
+                let key = harness.directory.appendingPathComponent("id_ed25519").path
+                let keygen = try await runProgram("ssh-keygen", ["-q", "-t", "ed25519", "-N", "", "-C", "corral-e2e", "-f", key])
+                #expect(keygen.status == 0, "\(keygen.stderr)")
+                // The script writes a marker, then reports back to the image server (QEMU's
+                // user-mode NAT takes the guest's 10.0.2.2 to the host's loopback).
+                let port = try #require(URL(string: base)?.port)
+                let script = harness.directory.appendingPathComponent("post-create.sh")
+                try """
+                    #!/bin/sh
+                    set -e
+                    echo "made by corral for $(hostname)" > /var/tmp/corral-marker
+                    curl -fsS -X POST "http://10.0.2.2:\(port)/report/$(hostname)"
+                    """.write(to: script, atomically: true, encoding: .utf8)
+                try await harness.poolCommand(["flavor", "add", "debian", "--vcpus", "1", "--memory-mib", "768", "--disk-gib", "3"])
+                try await harness.poolCommand([
+                    "image", "add", "debian", "--url", "\(base)/debian.qcow2", "--sha256", image.rootfsSHA256,
+                    "--kernel-url", "\(base)/debian-vmlinuz", "--kernel-sha256", image.kernelSHA256,
+                    "--initrd-url", "\(base)/debian-initrd.img", "--initrd-sha256", image.initrdSHA256,
+                ])
+                try await harness.poolCommand([
+                    "wisp", "add", "e2e", "--owner", "alice", "--image", "debian", "--ssh-key-file", key + ".pub",
+                    "--post-create-file", script.path, "--default",
+                ])
+                let first = Int.random(in: 23_000...29_000)
+                let config = try String(contentsOf: harness.agentConfig, encoding: .utf8)
+                try (config + "\n[network]\nmode = \"user\"\nssh_forward_ports = \"\(first)-\(first + 20)\"\n[builds]\nboot_timeout_seconds = 180\n")
+                    .replacingOccurrences(of: "[builds]\nboot_timeout_seconds = 90\n", with: "")
+                    .write(to: harness.agentConfig, atomically: true, encoding: .utf8)
+                try await harness.startAgent()
+
+                let created = try await harness.v1(.POST, "/v1/server-instance", body: ["server-image": "debian", "server-flavor": "debian"])
+                let id = try #require(created["id"] as? String)
+                name = try #require(created["hostname"] as? String)
+                let active = try await harness.waitForStatus(id, "ACTIVE", timeout: .seconds(300))
+                #expect(active["private-ip"] as? String == "10.0.2.15")
+                let record = try #require(try await harness.poolInstance(name))
+                #expect(record["appliance"] as? String == "rack")
+                #expect(record["state"] as? Int == 4)
+
+                let sshPort = try #require(try await harness.agentStatus(name)?["ssh_port"] as? Int)
+                #expect((first...first + 20).contains(sshPort))
+                let shell = GuestShell(key: key, port: sshPort)
+                try await shell.waitUntilReachable(timeout: .seconds(240))
+                let status = try await shell.run("cloud-init status --wait", timeout: 240)
+                #expect(status.stdout.contains("status: done"), "cloud-init: \(status.stdout) \(status.stderr)")
+                let marker = try await shell.run("cat /var/tmp/corral-marker")
+                #expect(marker.stdout == "made by corral for \(name)\n")
+                #expect(reports.first(name) != nil, "the post-create script reported back")
+
+                let domain = try #require(try await harness.domains(named: name).first)
+                // Reboot: the guest boots again (a new boot id), the pool shows it running.
+                let bootID = try await shell.run("cat /proc/sys/kernel/random/boot_id").stdout
+                try await harness.v1(.PUT, "/v1/server-instance/\(id)", body: ["task": ["what": "reboot"]])
+                var rebooted = false
+                let rebootDeadline = ContinuousClock.now + .seconds(240)
+                while !rebooted, ContinuousClock.now < rebootDeadline {
+                    let now = try await shell.run("cat /proc/sys/kernel/random/boot_id", timeout: 15)
+                    rebooted = now.status == 0 && !now.stdout.isEmpty && now.stdout != bootID
+                    if !rebooted { try await Task.sleep(for: .seconds(2)) }
+                }
+                #expect(rebooted, "the guest booted again")
+                #expect(try await domain.state().isActive)
+                try await harness.waitForStatus(id, "ACTIVE")
+
+                try await harness.v1(.PUT, "/v1/server-instance/\(id)", body: ["task": ["what": "power-off"]])
+                try await harness.waitForStatus(id, "SHUTOFF", timeout: .seconds(180))
+                #expect(try await domain.state().isActive == false)
+                #expect(try await harness.poolInstance(name)?["state_reason"] as? String == "shut off (shutdown)")
+
+                try await harness.v1(.PUT, "/v1/server-instance/\(id)", body: ["task": ["what": "power-on"]])
+                try await harness.waitForStatus(id, "ACTIVE")
+                #expect(try await domain.state().isActive)
+                try await shell.waitUntilReachable(timeout: .seconds(240))
+                #expect(try await shell.run("cat /var/tmp/corral-marker").status == 0, "the disk survived the power cycle")
+
+                try await harness.v1(.DELETE, "/v1/server-instance/\(id)")
+                try await harness.waitForStatus(id, "DELETED", timeout: .seconds(120))
+                #expect(try await harness.poolInstance(name)?["state"] as? Int == 7)
+                #expect(try await harness.domains(named: name).isEmpty)
+                #expect(harness.instanceFiles().filter { $0.hasPrefix("disks/") && $0.contains(name) }.isEmpty, "no overlay, no seed")
+            } catch {
+                let console = (try? String(contentsOfFile: harness.consolePath(name), encoding: .utf8)) ?? "(no console log)"
+                throw SetupError("\(error)\n--- console tail of \(name) ---\n\(console.split(separator: "\n").suffix(60).joined(separator: "\n"))")
+            }
+        }
+    }
+}
