@@ -172,3 +172,24 @@ func bearerToken(_ request: Request) -> String? {
     }
     return nil
 }
+
+/// Logs each request's method and path, with the query's `token` value
+/// redacted (Hummingbird's own request log prints the whole URI).
+struct RedactingLogRequestsMiddleware<Context: RequestContext>: RouterMiddleware {
+    let level: Logger.Level
+
+    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
+        context.logger.log(
+            level: level, "Request",
+            metadata: ["hb.request.path": .string(Self.redacted(path: request.uri.path, query: request.uri.query)), "hb.request.method": .string(request.method.rawValue)])
+        return try await next(request, context)
+    }
+
+    static func redacted(path: String, query: String?) -> String {
+        guard let query, !query.isEmpty else { return path }
+        let parts = query.split(separator: "&", omittingEmptySubsequences: false).map { part in
+            part.lowercased().hasPrefix("token=") ? "token=REDACTED" : String(part)
+        }
+        return path + "?" + parts.joined(separator: "&")
+    }
+}

@@ -102,10 +102,11 @@ extension SQLiteStore {
 
     public func extendLease(ofInstance id: String, bySeconds seconds: Int, at date: Date) async throws -> Instance {
         try await database.write { db in
-            let (instanceID, _) = try Self.instanceIDs(db, id)
-            guard let row = try Row.fetchOne(db, sql: "SELECT * FROM instance WHERE id = ?", arguments: [instanceID]) else {
-                throw PoolError.notFound(what: "instance", name: id)
-            }
+            guard
+                let row = try Row.fetchOne(
+                    db, sql: "SELECT * FROM instance WHERE uuid = ? OR name = ? LIMIT 1", arguments: [id, id])
+            else { throw PoolError.notFound(what: "instance", name: id) }
+            let instanceID: Int64 = row["id"]
             guard row["state"] as Int != InstanceState.decommissioned.rawValue else {
                 throw PoolError.conflict("instance '\(id)' is decommissioned")
             }
@@ -277,9 +278,9 @@ extension SQLiteStore {
             best = (row["id"], score)
         }
         guard let best else {
-            let where_ = request.region.map { " in region '\($0)'" } ?? ""
+            let scope = request.region.map { " in region '\($0)'" } ?? ""
             throw PoolError.unavailable(
-                "no appliance\(where_) has room for flavor '\(request.flavor)' (\(size.vcpus) vCPUs, \(size.memory) MiB, \(size.disk) GiB); try again later or a smaller flavor"
+                "no appliance\(scope) has room for flavor '\(request.flavor)' (\(size.vcpus) vCPUs, \(size.memory) MiB, \(size.disk) GiB); try again later or a smaller flavor"
             )
         }
         let flavorJSON = String(decoding: try JSONEncoder().encode(size), as: UTF8.self)
@@ -290,7 +291,7 @@ extension SQLiteStore {
                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '[]', '[]', ?, ?)
                 """,
             arguments: [
-                "i-" + Token.generate().prefix(12), newID(), best.id, request.ownerID, request.wispID, request.imageID,
+                newInstanceName(), newID(), best.id, request.ownerID, request.wispID, request.imageID,
                 request.templateID, request.warm, request.preemptible, request.topic, InstanceState.leased.rawValue, flavorJSON,
                 request.expires, date, date,
             ])

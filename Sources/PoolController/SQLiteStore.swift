@@ -182,6 +182,9 @@ public final class SQLiteStore: PoolStore {
         return migrator
     }
 
+    /// A new instance's name (and hostname): `i-` and 12 hex digits.
+    static func newInstanceName() -> String { "i-" + Token.generate().prefix(12) }
+
     /// A new id for the user-facing API: 32 hex digits, like the API document's.
     static func newID() -> String {
         UUID().uuidString.lowercased().replacingOccurrences(of: "-", with: "")
@@ -626,7 +629,7 @@ public final class SQLiteStore: PoolStore {
                 let size = InstanceFlavor(name: flavorName, vcpus: flavor["vcpus"], memory: flavor["memory"], disk: flavor["disk"])
                 try Self.checkRoom(db, applianceID: row["id"], stats: row["stats"], for: size, appliance: appliance)
                 try checkLimit()
-                let instanceName = "i-" + Token.generate().prefix(12)
+                let instanceName = Self.newInstanceName()
                 let flavorJSON = String(decoding: try JSONEncoder().encode(size), as: UTF8.self)
                 try db.execute(
                     sql: """

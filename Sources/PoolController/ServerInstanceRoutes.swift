@@ -49,8 +49,7 @@ struct ServerInstanceRoutes: Sendable {
         let flavor = try body.string("server-flavor")!
         let users = try body.strings("users") ?? []
         try await checkMayGrant(users, caller: caller, field: "users")
-        var creation = InstanceRequest(owner: caller.name, flavor: flavor, image: image, users: users)
-        creation.preemptible = true
+        let creation = InstanceRequest(owner: caller.name, flavor: flavor, image: image, users: users)
         let instance = try await refusingPoolErrors {
             try await store.createInstance(
                 creation, defaultLeaseSeconds: configuration.leases.defaultSeconds,

@@ -148,7 +148,7 @@ public struct Instance: Sendable, Equatable, Codable {
     public var event: InstanceEvent { InstanceEvent(name: name, state: state, appliance: appliance, owner: owner) }
 }
 
-/// A template (the seed's "stream"): a wisp and a flavor, with a warm
+/// A template (the original system's "stream"): a wisp and a flavor, with a warm
 /// pool of `hotStarts` booted instances waiting to be handed out.
 public struct Template: Sendable, Equatable, Codable {
     public var name: String

@@ -3,6 +3,7 @@ import AsyncHTTPClient
 import Foundation
 import NIOCore
 import NIOHTTP1
+import PoolAPI
 import PoolController
 import Support
 
@@ -78,8 +79,8 @@ struct UserAPIOptions: ParsableArguments {
             return result
         }
         // The token launch API answers in the appliance API's envelope.
-        if let envelope = try? JSONDecoder().decode(LaunchEnvelope<T>.self, from: data) {
-            guard envelope.response == "success", let result = envelope.result else {
+        if let envelope = try? JSONDecoder().decode(Envelope<T>.self, from: data) {
+            guard envelope.response == .success, let result = envelope.result else {
                 fail("\(envelope.message ?? "refused") (HTTP \(status))")
             }
             return result
@@ -99,13 +100,6 @@ struct UserAPIOptions: ParsableArguments {
         }
         print(table.render())
     }
-}
-
-/// The appliance API's envelope, which the token launch API uses.
-struct LaunchEnvelope<T: Codable & Sendable>: Codable {
-    var response: String
-    var result: T?
-    var message: String?
 }
 
 /// The path of one instance.

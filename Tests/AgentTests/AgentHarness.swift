@@ -126,7 +126,11 @@ final class Harness: @unchecked Sendable {
 
     /// Creates the pool's catalogue and starts it; writes the agent's
     /// configuration and token file.
-    func setUp(imageBase: String, files: GuestFiles, imageSHA256: String? = nil, leaseGrace: Int = 3600) async throws {
+    /// `sshForwardPorts`: a range for the agent's `network.ssh_forward_ports` (nil: none).
+    func setUp(
+        imageBase: String, files: GuestFiles, imageSHA256: String? = nil, leaseGrace: Int = 3600, bootTimeout: Int = 90,
+        sshForwardPorts: ClosedRange<Int>? = nil
+    ) async throws {
         try await poolCommand(["init"])
         userToken = try await poolCommand(["user", "add", "alice", "--max-instances", "10"])
         applianceToken = try await poolCommand(["appliance", "add", "rack", "--owner", "alice"])
@@ -152,11 +156,13 @@ final class Harness: @unchecked Sendable {
             period_seconds = 1
             jitter_seconds = 0
             [builds]
-            boot_timeout_seconds = 90
+            boot_timeout_seconds = \(bootTimeout)
             [console]
             tail_lines = 20
             [leases]
             grace_seconds = \(leaseGrace)
+            [network]
+            mode = "user"\(sshForwardPorts.map { "\nssh_forward_ports = \"\($0.lowerBound)-\($0.upperBound)\"" } ?? "")
             """.write(to: agentConfig, atomically: true, encoding: .utf8)
     }
 
@@ -313,7 +319,8 @@ final class Harness: @unchecked Sendable {
 /// the shared system libvirtd; tears everything down afterwards.
 func withHarness(
     _ label: String, imageSHA256: String? = nil, leaseGrace: Int = 3600, restartsLibvirtd: Bool = false,
-    extraFiles: [String: URL] = [:], reports: GuestReports = GuestReports(),
+    bootTimeout: Int = 90, sshForwardPorts: ClosedRange<Int>? = nil, extraFiles: [String: URL] = [:],
+    reports: GuestReports = GuestReports(),
     _ body: @Sendable @escaping (Harness, String) async throws -> Void
 ) async throws {
     let lock: (@Sendable () async throws -> Void) async throws -> Void = { work in
@@ -324,7 +331,9 @@ func withHarness(
         let files = try await GuestFiles.make(in: harness.directory)
         do {
             try await withFileServer(files.served.merging(extraFiles) { first, _ in first }, reports: reports) { base in
-                try await harness.setUp(imageBase: base, files: files, imageSHA256: imageSHA256, leaseGrace: leaseGrace)
+                try await harness.setUp(
+                    imageBase: base, files: files, imageSHA256: imageSHA256, leaseGrace: leaseGrace, bootTimeout: bootTimeout,
+                    sshForwardPorts: sshForwardPorts)
                 try await body(harness, base)
             }
         } catch {

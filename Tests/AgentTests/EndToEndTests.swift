@@ -70,7 +70,9 @@ struct EndToEndTests {
         let image = try await DebianImage.build()
         let reports = GuestReports()
         let extra = ["debian.qcow2": image.rootfs, "debian-vmlinuz": image.kernel, "debian-initrd.img": image.initrd]
-        try await withHarness("e2e", extraFiles: extra, reports: reports) { harness, base in
+        let first = Int.random(in: 23_000...29_000)
+        let ports = first...first + 20
+        try await withHarness("e2e", bootTimeout: 180, sshForwardPorts: ports, extraFiles: extra, reports: reports) { harness, base in
             var name = ""
             do {
                 let key = harness.directory.appendingPathComponent("id_ed25519").path
@@ -96,11 +98,6 @@ struct EndToEndTests {
                     "wisp", "add", "e2e", "--owner", "alice", "--image", "debian", "--ssh-key-file", key + ".pub",
                     "--post-create-file", script.path, "--default",
                 ])
-                let first = Int.random(in: 23_000...29_000)
-                let config = try String(contentsOf: harness.agentConfig, encoding: .utf8)
-                try (config + "\n[network]\nmode = \"user\"\nssh_forward_ports = \"\(first)-\(first + 20)\"\n[builds]\nboot_timeout_seconds = 180\n")
-                    .replacingOccurrences(of: "[builds]\nboot_timeout_seconds = 90\n", with: "")
-                    .write(to: harness.agentConfig, atomically: true, encoding: .utf8)
                 try await harness.startAgent()
 
                 let created = try await harness.v1(.POST, "/v1/server-instance", body: ["server-image": "debian", "server-flavor": "debian"])
@@ -113,7 +110,7 @@ struct EndToEndTests {
                 #expect(record["state"] as? Int == 4)
 
                 let sshPort = try #require(try await harness.agentStatus(name)?["ssh_port"] as? Int)
-                #expect((first...first + 20).contains(sshPort))
+                #expect(ports.contains(sshPort))
                 let shell = GuestShell(key: key, port: sshPort)
                 try await shell.waitUntilReachable(timeout: .seconds(240))
                 let status = try await shell.run("cloud-init status --wait", timeout: 240)

@@ -13,7 +13,7 @@ struct InstancesCommandTests {
         let directory = try PoolServerTests.scratch()
         let database = directory.appendingPathComponent("pool.sqlite").path
         func pool(_ arguments: [String]) async throws -> String {
-            let result = try await runCorral(["pool"] + arguments + ["--database", database])
+            let result = try await PoolCommandTests.pool(arguments, database: database)
             #expect(result.status == 0, "\(arguments): \(result.stderr)")
             return result.stdout.trimmingCharacters(in: .newlines)
         }

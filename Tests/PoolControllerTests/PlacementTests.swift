@@ -17,6 +17,14 @@ func stats(vcpus: Int, memory: Int) -> HypervisorStats {
         running: 0)
 }
 
+extension TestPool {
+    /// Records a check-in of `appliance` straight in the store, with room for 8 vCPUs and 16000 MiB.
+    func checkInRoomy(_ appliance: String, at date: Date) async throws -> RecordedCheckIn {
+        try await store.checkIn(
+            appliance, request: CheckInRequest(appliance: .init(apitoken: ""), stats: stats(vcpus: 8, memory: 16000)), at: date)
+    }
+}
+
 /// Loopback HTTP for the concurrency claims: real sockets, real parallel requests.
 struct LoopbackClient {
     let base: String
@@ -58,9 +66,9 @@ struct PlacementTests {
         }
         // rack-3 would have the most room, but is disabled; rack-4 too, but it is stale.
         let old = Date().addingTimeInterval(-3600)
-        _ = try await pool.store.checkIn("rack-3", request: CheckInRequest(appliance: .init(apitoken: ""), stats: stats(vcpus: 8, memory: 16000)), at: Date())
+        _ = try await pool.checkInRoomy("rack-3", at: Date())
         _ = try await pool.store.setAppliance("rack-3", enabled: false)
-        _ = try await pool.store.checkIn("rack-4", request: CheckInRequest(appliance: .init(apitoken: ""), stats: stats(vcpus: 8, memory: 16000)), at: old)
+        _ = try await pool.checkInRoomy("rack-4", at: old)
         try await pool.app.test(.router) { client in
             // rack-1: 2 vCPUs and 2 GiB free; rack-2: 4 vCPUs and 4 GiB free.
             _ = try await client.execute(
@@ -69,16 +77,14 @@ struct PlacementTests {
                 uri: "/api/v1/broker/", method: .post, body: try pool.checkInBody("rack-2", stats: stats(vcpus: 4, memory: 4096))) { _ in }
             var placed: [String] = []
             for _ in 0..<6 {
-                let response = try await client.v1(
-                    .post, "/v1/server-instance", token: pool.token("root"), body: #"{"server-image": "debian", "server-flavor": "small"}"#)
+                let response = try await client.createSmall(token: pool.token("root"))
                 #expect(response.status == .created, "\(String(buffer: response.body))")
                 let name = try #require(try serverInstance(response).hostname)
                 placed.append(try #require(try await pool.store.instance(id: name)).appliance)
             }
             // Most memory left first: rack-2 until it has no more than rack-1, then in turn, until vCPUs run out.
             #expect(placed == ["rack-2", "rack-2", "rack-2", "rack-1", "rack-2", "rack-1"])
-            let full = try await client.v1(
-                .post, "/v1/server-instance", token: pool.token("root"), body: #"{"server-image": "debian", "server-flavor": "small"}"#)
+            let full = try await client.createSmall(token: pool.token("root"))
             let (status, message) = try v1Refusal(full)
             #expect(status == .serviceUnavailable)
             #expect(message.hasPrefix("no appliance has room for flavor 'small' (1 vCPUs, 512 MiB, 5 GiB)"))
@@ -89,8 +95,7 @@ struct PlacementTests {
             _ = try await client.execute(
                 uri: "/api/v1/broker/", method: .post,
                 body: try pool.checkInBody("rack-1", done: actions.map(\.id), stats: stats(vcpus: 1, memory: 1024))) { _ in }
-            let again = try await client.v1(
-                .post, "/v1/server-instance", token: pool.token("root"), body: #"{"server-image": "debian", "server-flavor": "small"}"#)
+            let again = try await client.createSmall(token: pool.token("root"))
             #expect(again.status == .created)
             #expect(try await pool.store.instance(id: try #require(try serverInstance(again).hostname))?.appliance == "rack-1")
         }
@@ -102,8 +107,7 @@ struct PlacementTests {
         let token = Token.generate()
         _ = try await pool.store.addUser(name: "eve", superuser: false, maxInstances: 3, tokenDigest: Token.digest(token))
         for appliance in ["rack-1", "rack-2"] {
-            _ = try await pool.store.checkIn(
-                appliance, request: CheckInRequest(appliance: .init(apitoken: ""), stats: stats(vcpus: 8, memory: 16000)), at: Date())
+            _ = try await pool.checkInRoomy(appliance, at: Date())
         }
         let statuses = try await LoopbackClient.withClient { http in
             try await pool.app.test(.live) { client in
@@ -128,8 +132,7 @@ struct PlacementTests {
         let pool = try await TestPool.make()
         try await pool.store.addTemplate(Template(name: "web", wisp: "bob-web", flavor: "small", hotStarts: 2))
         for appliance in ["rack-1", "rack-2"] {
-            _ = try await pool.store.checkIn(
-                appliance, request: CheckInRequest(appliance: .init(apitoken: ""), stats: stats(vcpus: 8, memory: 16000)), at: Date())
+            _ = try await pool.checkInRoomy(appliance, at: Date())
         }
         let staleAfter = pool.configuration.housekeeping.applianceStaleSeconds
         let first = try await pool.store.maintainWarmPools(maxAgeSeconds: 14_400, applianceStaleAfter: staleAfter, at: Date())
@@ -190,8 +193,8 @@ struct PlacementTests {
             }
         }
         // The handed-out instances get their lease through their appliance.
-        let pending = try await pool.store.checkIn("rack-1", request: CheckInRequest(appliance: .init(apitoken: ""), stats: stats(vcpus: 8, memory: 16000)), at: Date()).actions
-            + pool.store.checkIn("rack-2", request: CheckInRequest(appliance: .init(apitoken: ""), stats: stats(vcpus: 8, memory: 16000)), at: Date()).actions
+        let pending = try await pool.checkInRoomy("rack-1", at: Date()).actions
+            + pool.checkInRoomy("rack-2", at: Date()).actions
         let leases = pending.filter { $0.kind == .lease }
         #expect(Set(leases.map(\.instance)) == warmNames)
         let week = Date().timeIntervalSince1970 + 7 * 86_400
@@ -209,17 +212,14 @@ struct PlacementTests {
             consoleLimit: 10, at: Date())
         let later = Date().addingTimeInterval(5 * 3600)
         for appliance in ["rack-1", "rack-2"] {
-            _ = try await pool.store.checkIn(
-                appliance, request: CheckInRequest(appliance: .init(apitoken: ""), stats: stats(vcpus: 8, memory: 16000)), at: later)
+            _ = try await pool.checkInRoomy(appliance, at: later)
         }
         let aged = try await pool.store.maintainWarmPools(maxAgeSeconds: 14_400, applianceStaleAfter: staleAfter, at: later)
         #expect(Set(aged.retired + aged.dropped) == Set(refilled.map(\.name)))
         #expect(aged.dropped == [failed.name])
         #expect(aged.retired == [refilled[1].name])
         #expect(aged.started.count == 2, "retired ones are replaced")
-        let deletes = try await pool.store.checkIn(
-            failed.appliance, request: CheckInRequest(appliance: .init(apitoken: ""), stats: stats(vcpus: 8, memory: 16000)), at: later
-        ).actions.filter { $0.kind == .delete }
+        let deletes = try await pool.checkInRoomy(failed.appliance, at: later).actions.filter { $0.kind == .delete }
         #expect(deletes.contains { $0.instance == failed.name })
         // Warm instances are the pool's, not their wisp owner's: bob does not see or count them.
         let bob = try #require(try await pool.store.users().first { $0.name == "bob" })

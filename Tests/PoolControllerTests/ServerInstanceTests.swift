@@ -33,6 +33,11 @@ struct AccessUsers {
 }
 
 extension TestClientProtocol {
+    /// `POST /v1/server-instance` of a `small` `debian` instance as `token`'s user.
+    func createSmall(token: String?) async throws -> TestResponse {
+        try await v1(.post, "/v1/server-instance", token: token, body: #"{"server-image": "debian", "server-flavor": "small"}"#)
+    }
+
     /// A user-facing API request as `token`'s user.
     func v1(
         _ method: HTTPRequest.Method, _ path: String, token: String?, body: String? = nil, headers: HTTPFields = [:]
@@ -72,9 +77,7 @@ struct ServerInstanceTests {
             _ = try await client.checkIn(pool, "rack-1")
             _ = try await client.checkIn(pool, "rack-2")
             func create() async throws -> ServerInstance {
-                let response = try await client.v1(
-                    .post, "/v1/server-instance", token: users.tokens["dana"],
-                    body: #"{"server-image": "debian", "server-flavor": "small"}"#)
+                let response = try await client.createSmall(token: users.tokens["dana"])
                 #expect(response.status == .created, "\(String(buffer: response.body))")
                 return try serverInstance(response)
             }
@@ -216,8 +219,7 @@ struct ServerInstanceTests {
                 #expect(envelope.data == nil)
             }
             let instance = try serverInstance(
-                try await client.v1(
-                    .post, "/v1/server-instance", token: token, body: #"{"server-image": "debian", "server-flavor": "small"}"#))
+                try await client.createSmall(token: token))
             let puts: [(String, String)] = [
                 ("{}", "missing field 'task'"),
                 (#"{"task": {"what": "reboot"}, "force": true}"#, "unknown field 'force'; allowed: 'task'"),
@@ -250,9 +252,7 @@ struct ServerInstanceTests {
         try await pool.app.test(.router) { client in
             _ = try await client.checkIn(pool, "rack-1")
             let created = try serverInstance(
-                try await client.v1(
-                    .post, "/v1/server-instance", token: pool.token("bob"),
-                    body: #"{"server-image": "debian", "server-flavor": "small"}"#))
+                try await client.createSmall(token: pool.token("bob")))
             _ = try await client.checkIn(pool, "rack-1")
             let report = InstanceReport(
                 name: try #require(created.hostname), state: .running,
@@ -297,9 +297,7 @@ struct ServerInstanceTests {
         try await pool.app.test(.router) { client in
             _ = try await client.checkIn(pool, "rack-1")
             let created = try serverInstance(
-                try await client.v1(
-                    .post, "/v1/server-instance", token: pool.token("bob"),
-                    body: #"{"server-image": "debian", "server-flavor": "small"}"#))
+                try await client.createSmall(token: pool.token("bob")))
             let name = try #require(created.hostname)
             let steps: [(InstanceReport, String)] = [
                 (InstanceReport(name: name, state: .starting), "BUILD"),
@@ -332,8 +330,7 @@ struct ServerInstanceTests {
             let now = Date().timeIntervalSince1970
             for (token, seconds) in [(pool.token("bob"), 86_400.0), (shortToken, 3600.0)] {
                 let created = try serverInstance(
-                    try await client.v1(
-                        .post, "/v1/server-instance", token: token, body: #"{"server-image": "debian", "server-flavor": "small"}"#))
+                    try await client.createSmall(token: token))
                 let start = try #require(try await client.checkIn(pool, "rack-1").first { $0.instance == created.hostname })
                 let expires = Double(try #require(start.expires))
                 #expect(abs(expires - (now + seconds)) < 5, "lease of \(seconds) s")
