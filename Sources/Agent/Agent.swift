@@ -52,12 +52,15 @@ public final class Agent: Service, Sendable {
         var error: String?
         var addresses: [IPAddress]
         var reason: String?
+        /// How many launch phases the report carried.
+        var phases = 0
     }
 
     private struct State {
         var applianceName: String?
         var builds: [String: Task<Void, Never>] = [:]
         var decommissions: [String: Task<Void, Never>] = [:]
+        var watches: [String: Task<Void, Never>] = [:]
         var reported: [String: Reported] = [:]
     }
 
@@ -65,7 +68,7 @@ public final class Agent: Service, Sendable {
     private let locks = KeyedLocks()
     private let buildSlots: Semaphore
     private let outboxWakeup = Wakeup()
-    private let reconcileWakeup = Wakeup()
+    let reconcileWakeup = Wakeup()
 
     /// Opens the agent's store, image cache and libvirt connection, and
     /// settles the virtualization type.
@@ -148,7 +151,7 @@ public final class Agent: Service, Sendable {
                 try await group.next()
             }
         }
-        let tasks = state.withLock { Array($0.builds.values) + Array($0.decommissions.values) }
+        let tasks = state.withLock { Array($0.builds.values) + Array($0.decommissions.values) + Array($0.watches.values) }
         for task in tasks { task.cancel() }
         for task in tasks { await task.value }
         logger.info("agent stopped; running VMs were left as they are")
@@ -163,6 +166,7 @@ public final class Agent: Service, Sendable {
             switch instance.phase {
             case .building: startBuild(instance.name)
             case .deleting: startDecommission(instance.name)
+            case .booting, .active: startWatch(instance.name)
             default: break
             }
         }
@@ -199,14 +203,23 @@ public final class Agent: Service, Sendable {
                     authorized = true
                 }
                 let done = try await store.unacknowledgedActions()
+                let sent = ContinuousClock.now
+                // The pool holds the check-in up to a period and answers as
+                // soon as it has an action: work arrives at once.
                 let actions = try await client.checkIn(
                     stats: try await stats(), instances: try await store.instances().map { InstanceSummary(name: $0.name, state: $0.state) },
-                    done: done)
+                    done: done, holdSeconds: configuration.checkInSeconds)
                 try await store.acknowledge(done, at: Date())
                 for action in actions { await apply(action) }
                 backoff.reset()
-                let jitter = configuration.checkInJitterSeconds > 0 ? Double.random(in: 0...Double(configuration.checkInJitterSeconds)) : 0
-                try await Task.sleep(for: .seconds(Double(configuration.checkInSeconds) + jitter))
+                // After actions, check in again at once (to tell the pool they
+                // are done). A pool that answered early with nothing (one
+                // that does not hold check-ins) is asked again a period later.
+                let rest = Duration.seconds(configuration.checkInSeconds) - (ContinuousClock.now - sent)
+                if actions.isEmpty, rest > .seconds(1) {
+                    let jitter = configuration.checkInJitterSeconds > 0 ? Double.random(in: 0...Double(configuration.checkInJitterSeconds)) : 0
+                    try await Task.sleep(for: rest + .seconds(jitter))
+                }
             } catch is CancellationError {
                 return
             } catch let error as PoolClientError {
@@ -287,7 +300,13 @@ public final class Agent: Service, Sendable {
                     instance.sshPort = port
                 }
                 let record = instance
-                if try await store.apply(action, at: Date(), { db in try record.insert(db) }) { startBuild(name) }
+                let pickedUp = TimelineEntry(phase: .pickedUp, at: Date())
+                let poolPhases = (action.timeline ?? []).filter { LaunchPhase.recordedByPool.contains($0.phase) }
+                let applied = try await store.apply(action, at: Date()) { db in
+                    try record.insert(db)
+                    for entry in poolPhases + [pickedUp] { try AgentStore.record(db, entry, of: name, replacing: true) }
+                }
+                if applied { startBuild(name) }
             case .delete:
                 guard known != nil else {
                     _ = try await store.apply(action, at: Date()) { _ in }
@@ -430,6 +449,7 @@ public final class Agent: Service, Sendable {
             }
             kernel = (kernelPath, initrdPath, boot.cmdline)
         }
+        try await store.record(.imageReady, of: name, at: Date())
         try Task.checkCancellation()
         try await makeOverlay(for: instance, base: base, format: parameters.image.diskFormat)
         let seed = Seed(
@@ -441,6 +461,7 @@ public final class Agent: Service, Sendable {
         } catch {
             throw BuildError("cannot write the cloud-init seed: \(error)")
         }
+        try await store.record(.seedWritten, of: name, at: Date())
         try Task.checkCancellation()
         let template = DomainTemplate(
             name: name, uuid: instance.uuid, virtType: virtType.rawValue, flavor: instance.flavor, disk: paths.disk(name),
@@ -452,19 +473,35 @@ public final class Agent: Service, Sendable {
         } catch let error as LibvirtError {
             throw BuildError("libvirt refused the domain definition: \(error.message)")
         }
+        try await store.record(.domainDefined, of: name, at: Date())
         try await locks.withLock(name) {
             do {
                 try await domain.start()
             } catch let error as LibvirtError {
                 throw BuildError("libvirt could not start the domain: \(error.message)")
             }
+            let now = Date()
             try await self.store.update(name) {
                 $0.phase = .booting
-                $0.bootedAt = Date()
+                $0.bootedAt = now
             }
+            try await self.store.record(.domainStarted, of: name, at: now)
         }
         logger.info("\(name) started", metadata: ["seconds": "\(ContinuousClock.now - started)"])
+        startWatch(name)
         reconcileWakeup.signal()
+    }
+
+    /// Watches a launch until the guest has finished cloud-init and
+    /// answers on SSH (see LaunchWatch.swift).
+    private func startWatch(_ name: String) {
+        state.withLock { state in
+            guard state.watches[name] == nil else { return }
+            state.watches[name] = Task {
+                await self.watchLaunch(name)
+                _ = self.state.withLock { $0.watches.removeValue(forKey: name) }
+            }
+        }
     }
 
     /// Reports the instance as starting; the reply is its start parameters.
@@ -474,11 +511,14 @@ public final class Agent: Service, Sendable {
         while true {
             try Task.checkCancellation()
             do {
+                let timeline = try await store.timeline(of: instance.name)
                 let report = InstanceReport(
                     name: instance.name, state: .starting, flavor: instance.flavor,
-                    expires: instance.expires.map { Int($0.timeIntervalSince1970) })
+                    expires: instance.expires.map { Int($0.timeIntervalSince1970) }, timeline: timeline)
                 let parameters = try await client.report(report)
-                state.withLock { $0.reported[instance.name] = Reported(state: .starting, error: nil, addresses: []) }
+                state.withLock {
+                    $0.reported[instance.name] = Reported(state: .starting, error: nil, addresses: [], phases: timeline.count)
+                }
                 return parameters
             } catch let error as PoolClientError {
                 if case .refused(let status, let message) = error, status != 401, status != 409, !error.isTransient {
@@ -534,6 +574,7 @@ public final class Agent: Service, Sendable {
         state.withLock { state in
             guard state.decommissions[name] == nil else { return }
             let build = state.builds[name]
+            state.watches[name]?.cancel()
             state.decommissions[name] = Task {
                 // A build in progress stops first; its leftovers go with the rest.
                 build?.cancel()
@@ -657,9 +698,10 @@ public final class Agent: Service, Sendable {
                     addresses = [IPAddress(version: 4, scope: "private", address: userGuestAddress)]
                 }
             }
+            let timeline = try await self.store.timeline(of: name)
             let reported = Reported(
                 state: poolState, error: error, addresses: addresses,
-                reason: poolState == .suspended ? domainState?.description ?? "no domain" : nil)
+                reason: poolState == .suspended ? domainState?.description ?? "no domain" : nil, phases: timeline.count)
             let changed = self.state.withLock { $0.reported[name] != reported }
             instance.state = decommission ? instance.state : poolState
             // Only the fields reconciling owns are written, and only if no
@@ -678,7 +720,7 @@ public final class Agent: Service, Sendable {
             let report = InstanceReport(
                 name: name, state: poolState, flavor: instance.flavor, expires: instance.expires.map { Int($0.timeIntervalSince1970) },
                 ipAddresses: addresses, consoleOutput: self.consoleTail(name), error: error,
-                reason: reported.reason)
+                reason: reported.reason, timeline: timeline)
             try await self.store.enqueue(report, at: now)
             self.state.withLock { $0.reported[name] = reported }
             self.logger.info("\(name): \(poolState)\(error.map { " (\($0))" } ?? "")")

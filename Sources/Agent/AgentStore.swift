@@ -135,6 +135,16 @@ public final class AgentStore: Sendable {
                 table.column("fetchedAt", .datetime).notNull()
             }
         }
+        migrator.registerMigration("2-launch-timeline") { db in
+            // When each instance reached each launch phase (see LaunchPhase).
+            try db.create(table: "timelineEntry") { table in
+                table.column("instance", .text).notNull()
+                table.column("phase", .text).notNull()
+                table.column("at", .double).notNull()
+                table.column("detail", .text)
+                table.primaryKey(["instance", "phase"])
+            }
+        }
         return migrator
     }
 
@@ -166,7 +176,10 @@ public final class AgentStore: Sendable {
     }
 
     public func remove(_ name: String) async throws {
-        _ = try await database.write { db in try LocalInstance.deleteOne(db, key: name) }
+        try await database.write { db in
+            _ = try LocalInstance.deleteOne(db, key: name)
+            try db.execute(sql: "DELETE FROM timelineEntry WHERE instance = ?", arguments: [name])
+        }
     }
 
     /// The lowest port of `range` no instance forwards yet.
@@ -174,6 +187,33 @@ public final class AgentStore: Sendable {
         try await database.read { db in
             let used = Set(try Int.fetchAll(db, sql: "SELECT sshPort FROM instance WHERE sshPort IS NOT NULL"))
             return range.first { !used.contains($0) }
+        }
+    }
+
+    // MARK: Launch timeline
+
+    /// Records when the instance reached a phase; an earlier time for it
+    /// stays unless `replacing` (a build that starts over replaces its own).
+    public func record(_ phase: LaunchPhase, of name: String, at date: Date, detail: String? = nil, replacing: Bool = true)
+        async throws
+    {
+        let entry = TimelineEntry(phase: phase, at: date, detail: detail)
+        try await database.write { db in try Self.record(db, entry, of: name, replacing: replacing) }
+    }
+
+    static func record(_ db: Database, _ entry: TimelineEntry, of name: String, replacing: Bool) throws {
+        try db.execute(
+            sql: "INSERT OR \(replacing ? "REPLACE" : "IGNORE") INTO timelineEntry (instance, phase, at, detail) VALUES (?, ?, ?, ?)",
+            arguments: [name, entry.phase.rawValue, entry.at, entry.detail])
+    }
+
+    /// The instance's launch phases so far, in order.
+    public func timeline(of name: String) async throws -> [TimelineEntry] {
+        try await database.read { db in
+            try Row.fetchAll(db, sql: "SELECT * FROM timelineEntry WHERE instance = ?", arguments: [name]).compactMap { row in
+                LaunchPhase(rawValue: row["phase"]).map { TimelineEntry(phase: $0, at: Date(timeIntervalSince1970: row["at"]), detail: row["detail"]) }
+            }
+            .sorted { ($0.at, $0.phase) < ($1.at, $1.phase) }
         }
     }
 
@@ -248,11 +288,15 @@ public final class AgentStore: Sendable {
         }
     }
 
-    /// Removes a delivered report and notes when its instance was reported.
+    /// Removes a delivered report and notes when its instance was reported
+    /// (the first report of it running is a phase of its launch).
     public func delivered(_ pending: PendingReport, at date: Date) async throws {
         try await database.write { db in
             try db.execute(sql: "DELETE FROM outbox WHERE sequence = ?", arguments: [pending.sequence])
             try db.execute(sql: "UPDATE instance SET reportedAt = ? WHERE name = ?", arguments: [date, pending.report.name])
+            if pending.report.state == .running, db.changesCount > 0 {
+                try Self.record(db, TimelineEntry(phase: .runningReported, at: date), of: pending.report.name, replacing: false)
+            }
         }
     }
 

@@ -65,10 +65,17 @@ public final class PoolClient: Sendable {
         try await send(HTTPClientRequest(url: baseURL + "/api/v1/flavors/"), as: [Flavor].self)
     }
 
-    /// `POST /api/v1/broker/`: the pending actions.
-    public func checkIn(stats: HypervisorStats, instances: [InstanceSummary], done: [String]) async throws -> [Action] {
-        let request = CheckInRequest(appliance: block, stats: stats, instances: instances, done: done)
-        return try await post("/api/v1/broker/", request, as: CheckInResult.self).actions
+    /// `POST /api/v1/broker/`: the pending actions. With `holdSeconds`, a
+    /// pool with nothing pending holds its reply that long, answering as
+    /// soon as an action is queued.
+    public func checkIn(stats: HypervisorStats, instances: [InstanceSummary], done: [String], holdSeconds: Int = 0)
+        async throws -> [Action]
+    {
+        let request = CheckInRequest(
+            appliance: block, stats: stats, instances: instances, done: done, holdSeconds: holdSeconds > 0 ? holdSeconds : nil)
+        return try await post(
+            "/api/v1/broker/", request, as: CheckInResult.self, timeout: timeout + .seconds(Int64(holdSeconds))
+        ).actions
     }
 
     /// `POST /api/v1/instances/<name>/`: the instance's start parameters.
@@ -79,23 +86,25 @@ public final class PoolClient: Sendable {
     }
 
     private func post<Body: Encodable, Result: Codable & Sendable>(
-        _ path: String, _ body: Body, as type: Result.Type
+        _ path: String, _ body: Body, as type: Result.Type, timeout: TimeAmount? = nil
     ) async throws -> Result {
         var request = HTTPClientRequest(url: baseURL + path)
         request.method = .POST
         request.headers.add(name: "Content-Type", value: "application/json")
         request.body = .bytes(ByteBuffer(bytes: try JSONEncoder().encode(body)))
-        return try await send(request, as: type)
+        return try await send(request, as: type, timeout: timeout)
     }
 
-    private func send<Result: Codable & Sendable>(_ request: HTTPClientRequest, as type: Result.Type) async throws -> Result {
+    private func send<Result: Codable & Sendable>(
+        _ request: HTTPClientRequest, as type: Result.Type, timeout: TimeAmount? = nil
+    ) async throws -> Result {
         var request = request
         request.headers.add(name: "Accept", value: "application/json")
         request.headers.add(name: "User-Agent", value: "corral-agent")
         let status: Int
         let body: ByteBuffer
         do {
-            let response = try await client.execute(request, timeout: timeout)
+            let response = try await client.execute(request, timeout: timeout ?? self.timeout)
             status = Int(response.status.code)
             body = try await response.body.collect(upTo: 16 << 20)
         } catch {

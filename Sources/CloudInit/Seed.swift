@@ -41,18 +41,25 @@ public struct Seed: Sendable, Equatable {
     /// Where the guest finds its instance name and pool URL.
     public static let environmentFile = "/etc/corral/instance.env"
 
+    /// How cloud-init's last line on the console starts (our
+    /// `final_message`, printed when its final stage, the post-create part
+    /// included, is over); the agent watches for it.
+    public static let finishedMarker = "corral: cloud-init finished"
+
     /// `meta-data`: the instance id and host name.
     public func metaData() throws -> String {
         try yaml([("instance-id", string(instanceID)), ("local-hostname", string(hostname))])
     }
 
     /// Our cloud-config part: SSH keys for the default user, the host name,
-    /// and the environment file naming the instance and the pool.
+    /// the final console message the agent watches for, and the environment
+    /// file naming the instance and the pool.
     public func cloudConfig() throws -> String {
         let environment = [("CORRAL_INSTANCE", instanceName), ("CORRAL_POOL_URL", poolURL)]
             .map { "\($0.0)=\(shellQuoted($0.1))\n" }.joined()
         var entries: [(String, Node)] = [
             ("hostname", string(hostname)),
+            ("final_message", string(Self.finishedMarker + " after $UPTIME s of uptime")),
             ("ssh_authorized_keys", Node.sequence(.init(sshKeys.map(string)))),
             (
                 "write_files",

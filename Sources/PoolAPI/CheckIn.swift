@@ -54,16 +54,25 @@ public struct CheckInRequest: Codable, Sendable, Equatable {
     /// Ids of actions the appliance has applied (or given up on) since its
     /// last check-in; the pool stops sending them.
     public var done: [String]
+    /// Long polling: while no action is pending, the pool holds its reply
+    /// up to this many seconds and answers as soon as one is queued
+    /// (nil or 0: answer at once).
+    public var holdSeconds: Int?
 
-    public init(appliance: ApplianceBlock, stats: HypervisorStats, instances: [InstanceSummary] = [], done: [String] = []) {
+    public init(
+        appliance: ApplianceBlock, stats: HypervisorStats, instances: [InstanceSummary] = [], done: [String] = [],
+        holdSeconds: Int? = nil
+    ) {
         self.appliance = appliance
         self.stats = stats
         self.instances = instances
         self.done = done
+        self.holdSeconds = holdSeconds
     }
 
     enum CodingKeys: String, CodingKey {
         case appliance, stats, instances, done
+        case holdSeconds = "hold_seconds"
     }
 
     public init(from decoder: any Decoder) throws {
@@ -72,6 +81,7 @@ public struct CheckInRequest: Codable, Sendable, Equatable {
         stats = try container.decode(HypervisorStats.self, forKey: .stats)
         instances = try container.decodeIfPresent([InstanceSummary].self, forKey: .instances) ?? []
         done = try container.decodeIfPresent([String].self, forKey: .done) ?? []
+        holdSeconds = try container.decodeIfPresent(Int.self, forKey: .holdSeconds)
     }
 }
 
@@ -99,13 +109,20 @@ public struct Action: Codable, Sendable, Equatable {
     public var flavor: InstanceFlavor?
     /// For `start` and `lease`: when the lease ends, in Unix seconds (nil: never).
     public var expires: Int?
+    /// For `start`: the launch phases the pool recorded (the request and
+    /// the placement), so the agent's timeline starts where the pool's does.
+    public var timeline: [TimelineEntry]?
 
-    public init(id: String, kind: Kind, instance: String, flavor: InstanceFlavor? = nil, expires: Int? = nil) {
+    public init(
+        id: String, kind: Kind, instance: String, flavor: InstanceFlavor? = nil, expires: Int? = nil,
+        timeline: [TimelineEntry]? = nil
+    ) {
         self.id = id
         self.kind = kind
         self.instance = instance
         self.flavor = flavor
         self.expires = expires
+        self.timeline = timeline
     }
 }
 

@@ -78,18 +78,21 @@ public struct InstanceReport: Codable, Sendable, Equatable {
     /// The hypervisor's word for the state, e.g. `shut off (shutdown)` or
     /// `paused (user)`, when the state alone does not say it.
     public var reason: String?
+    /// When the instance reached each launch phase so far, as the agent
+    /// saw it (the pool keeps the phases it records itself).
+    public var timeline: [TimelineEntry]?
 
     enum CodingKeys: String, CodingKey {
         case name, state, flavor, ask, expires, address
         case ipAddresses = "ip_addresses"
         case consoleOutput = "console_output"
-        case error, reason
+        case error, reason, timeline
     }
 
     public init(
         name: String, state: InstanceState, flavor: InstanceFlavor? = nil, ask: Int? = nil, expires: Int? = nil,
         address: String? = nil, ipAddresses: [IPAddress]? = nil, consoleOutput: [String]? = nil, error: String? = nil,
-        reason: String? = nil
+        reason: String? = nil, timeline: [TimelineEntry]? = nil
     ) {
         self.name = name
         self.state = state
@@ -101,6 +104,7 @@ public struct InstanceReport: Codable, Sendable, Equatable {
         self.consoleOutput = consoleOutput
         self.error = error
         self.reason = reason
+        self.timeline = timeline
     }
 }
 

@@ -2,6 +2,7 @@ import Foundation
 import Hummingbird
 import Logging
 import PoolAPI
+import ServiceLifecycle
 
 /// The appliance-facing half of the pool: what agents call.
 struct ApplianceRoutes: Sendable {
@@ -58,9 +59,40 @@ struct ApplianceRoutes: Sendable {
                 throw Refusal(.badRequest, "field 'stats.\(field)' must have 0 <= free <= total")
             }
         }
+        let hold = checkIn.holdSeconds ?? 0
+        guard (0...Self.maxHoldSeconds).contains(hold) else {
+            throw Refusal(.badRequest, "field 'hold_seconds' must be 0 to \(Self.maxHoldSeconds) (it was \(hold))")
+        }
         let recorded = try await refusingPoolErrors { try await store.checkIn(appliance.name, request: checkIn, at: Date()) }
         for change in recorded.changes { events.publish(change) }
-        return try reply(.ok, Envelope.success(CheckInResult(actions: recorded.actions)))
+        var actions = recorded.actions
+        if actions.isEmpty, hold > 0 {
+            actions = try await heldActions(appliance.name, until: .now + .seconds(hold))
+        }
+        return try reply(.ok, Envelope.success(CheckInResult(actions: actions)))
+    }
+
+    /// The longest a check-in may ask the pool to hold its reply.
+    static let maxHoldSeconds = 120
+
+    /// Long polling: waits until an action for the appliance is pending, the
+    /// deadline passes, or the pool shuts down; returns what is pending then.
+    private func heldActions(_ appliance: String, until deadline: ContinuousClock.Instant) async throws -> [Action] {
+        // Listening starts before the first look, so no change is missed.
+        let changes = store.actionsChanged.changes(until: deadline)
+        let actions = try await store.pendingActions(appliance: appliance)
+        guard actions.isEmpty else { return actions }
+        do {
+            return try await cancelWhenGracefulShutdown {
+                for await _ in changes {
+                    let actions = try await store.pendingActions(appliance: appliance)
+                    if !actions.isEmpty { return actions }
+                }
+                return []
+            }
+        } catch is CancellationError {
+            return []  // the pool is shutting down: the agent asks again
+        }
     }
 
     /// `POST /api/v1/instances/<name>/`: an appliance reports one of its

@@ -12,6 +12,7 @@ extension InstanceFlavor {
 /// The user-facing side of the store: creating instances (placement,
 /// limits, leases, warm instances), their users, and the warm pools.
 extension SQLiteStore {
+    /// Creates an instance for a request that arrived at `date`.
     public func createInstance(_ request: InstanceRequest, defaultLeaseSeconds: Int, applianceStaleAfter: Int, at date: Date)
         async throws -> Instance
     {
@@ -47,6 +48,10 @@ extension SQLiteStore {
                     try Self.grant(db, instanceID: warm.id, users: granted, ownerID: ownerID, at: date)
                     _ = try Self.insertAction(
                         db, kind: .lease, instanceID: warm.id, applianceID: warm.applianceID, flavor: nil, expires: expires, at: date)
+                    // Its build phases predate the request: it was built warm.
+                    try Self.recordPhase(db, .requested, instanceID: warm.id, at: date, replacing: true)
+                    try Self.recordPhase(
+                        db, .placed, instanceID: warm.id, at: Date(), detail: "a warm instance, built before the request", replacing: true)
                     return try Self.instance(db, id: warm.id)
                 }
             }
@@ -66,6 +71,8 @@ extension SQLiteStore {
                     templateID: templateID, warm: false, preemptible: request.preemptible, topic: request.topic,
                     expires: expires),
                 staleAfter: applianceStaleAfter, at: date)
+            try Self.recordPhase(db, .requested, instanceID: id, at: date, replacing: false)
+            try Self.recordPhase(db, .placed, instanceID: id, at: Date(), replacing: false)
             try Self.grant(db, instanceID: id, users: granted, ownerID: ownerID, at: date)
             return try Self.instance(db, id: id)
         }

@@ -7,6 +7,8 @@ import PoolAPI
 /// transaction, so a request that fails leaves nothing half-written.
 public final class SQLiteStore: PoolStore {
     let database: DatabasePool
+    public let actionsChanged: ChangeSignal
+    private let actionObservation: AnyDatabaseCancellable?
 
     /// Opens (creating when missing) the database at `path`.
     public init(path: String) throws {
@@ -20,7 +22,14 @@ public final class SQLiteStore: PoolStore {
         } catch {
             throw PoolError.storage("cannot open the pool database at \(path): \(error)")
         }
+        // Every committed change to the action table wakes held check-ins.
+        let signal = ChangeSignal()
+        actionsChanged = signal
+        actionObservation = DatabaseRegionObservation(tracking: Table("action"))
+            .start(in: database, onError: { _ in }, onChange: { _ in signal.signal() })
     }
+
+    deinit { actionObservation?.cancel() }
 
     static var migrator: DatabaseMigrator {
         var migrator = DatabaseMigrator()
@@ -177,6 +186,16 @@ public final class SQLiteStore: PoolStore {
                 table.column("userID", .integer).notNull().references("user", onDelete: .cascade)
                 table.column("addedAt", .datetime).notNull()
                 table.primaryKey(["instanceID", "userID"])
+            }
+        }
+        migrator.registerMigration("6-launch-timeline") { db in
+            // When each instance reached each launch phase (see LaunchPhase).
+            try db.create(table: "timelineEntry") { table in
+                table.column("instanceID", .integer).notNull().references("instance", onDelete: .cascade)
+                table.column("phase", .text).notNull()
+                table.column("at", .double).notNull()
+                table.column("detail", .text)
+                table.primaryKey(["instanceID", "phase"])
             }
         }
         return migrator
@@ -423,6 +442,11 @@ public final class SQLiteStore: PoolStore {
                     ])
             }
             try Self.claimReservation(db, instance: report.name, at: date)
+            let instanceID = try Self.ownedInstance(db, named: report.name, applianceID: applianceID)!.id
+            try Self.recordTimeline(db, instanceID: instanceID, agentEntries: report.timeline ?? [])
+            if report.state == .running {
+                try Self.recordPhase(db, .runningReported, instanceID: instanceID, at: date, replacing: false)
+            }
             return RecordedReport(
                 instance: try Self.instance(db, named: report.name), stateChanged: previous?.state != report.state.rawValue)
         }
@@ -545,15 +569,7 @@ public final class SQLiteStore: PoolStore {
                 try Self.claimReservation(db, instance: summary.name, at: date)
                 changes.append(try Self.instance(db, named: summary.name).event)
             }
-            let actions = try Row.fetchAll(
-                db,
-                sql: """
-                    SELECT action.*, instance.name AS instance FROM action JOIN instance ON instance.id = action.instanceID
-                    WHERE action.applianceID = ? AND action.doneAt IS NULL ORDER BY action.createdAt, action.rowid
-                    """,
-                arguments: [applianceID]
-            ).map(Self.action)
-            return RecordedCheckIn(actions: actions, changes: changes)
+            return RecordedCheckIn(actions: try Self.pendingActions(db, applianceID: applianceID), changes: changes)
         }
     }
 

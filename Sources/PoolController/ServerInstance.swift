@@ -139,3 +139,34 @@ public struct ServerImage: Codable, Sendable, Equatable {
         diskFormat = image.diskFormat
     }
 }
+
+/// One phase of an instance's launch as the user-facing API shows it
+/// (`GET /v1/server-instance/ID/timeline`, a Corral addition).
+public struct ServerTimelineEntry: Codable, Sendable, Equatable {
+    public var phase: String
+    /// RFC 3339 UTC, to the millisecond.
+    public var at: String
+    /// Seconds since the request (since the first phase recorded, if the
+    /// request was not), to the millisecond.
+    public var seconds: Double
+    public var detail: String?
+
+    public init(phase: String, at: String, seconds: Double, detail: String? = nil) {
+        self.phase = phase
+        self.at = at
+        self.seconds = seconds
+        self.detail = detail
+    }
+
+    /// The entries of a timeline, timed from its request.
+    public static func entries(_ timeline: [TimelineEntry]) -> [ServerTimelineEntry] {
+        let formatter = ISO8601DateFormatter()
+        formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+        let start = (timeline.first { $0.phase == .requested } ?? timeline.first)?.at ?? 0
+        return timeline.map { entry in
+            ServerTimelineEntry(
+                phase: entry.phase.rawValue, at: formatter.string(from: entry.date), seconds: ((entry.at - start) * 1000).rounded() / 1000,
+                detail: entry.detail)
+        }
+    }
+}

@@ -19,6 +19,7 @@ struct ServerInstanceRoutes: Sendable {
         v1.get("server-instance", use: list)
         v1.post("server-instance", use: create)
         v1.get("server-instance/:id", use: show)
+        v1.get("server-instance/:id/timeline", use: timeline)
         v1.put("server-instance/:id", use: modify)
         v1.delete("server-instance/:id", use: delete)
         v1.get("server-flavor", use: flavors)
@@ -42,6 +43,7 @@ struct ServerInstanceRoutes: Sendable {
     /// for giving access to a user the caller does not manage; 409 at the
     /// caller's limit; 503 when no appliance has room.
     @Sendable func create(_ request: Request, context: BasicRequestContext) async throws -> Response {
+        let received = Date()  // the timeline's `requested`
         let caller = try await authenticate(request)
         let body = try JSONBody(try await collectBody(request))
         try body.only(["server-image", "server-flavor", "users"], required: ["server-image", "server-flavor"])
@@ -53,7 +55,7 @@ struct ServerInstanceRoutes: Sendable {
         let instance = try await refusingPoolErrors {
             try await store.createInstance(
                 creation, defaultLeaseSeconds: configuration.leases.defaultSeconds,
-                applianceStaleAfter: configuration.housekeeping.applianceStaleSeconds, at: Date())
+                applianceStaleAfter: configuration.housekeeping.applianceStaleSeconds, at: received)
         }
         events.publish(instance.event)
         return try reply(.created, ServerEnvelope(data: [ServerInstance(instance)]))
@@ -64,6 +66,15 @@ struct ServerInstanceRoutes: Sendable {
     @Sendable func show(_ request: Request, context: BasicRequestContext) async throws -> Response {
         let (_, instance) = try await visibleInstance(request, context: context)
         return try reply(.ok, ServerEnvelope(data: [ServerInstance(instance)]))
+    }
+
+    /// `GET /v1/server-instance/ID/timeline` (a Corral addition): 200 with
+    /// when the instance reached each launch phase, in order; 404 if the
+    /// caller does not see it.
+    @Sendable func timeline(_ request: Request, context: BasicRequestContext) async throws -> Response {
+        let (_, instance) = try await visibleInstance(request, context: context)
+        let timeline = try await refusingPoolErrors { try await store.timeline(ofInstance: instance.id) }
+        return try reply(.ok, ServerEnvelope(data: ServerTimelineEntry.entries(timeline)))
     }
 
     /// `PUT /v1/server-instance/ID` with a `task`: `modify-users` (`add`,

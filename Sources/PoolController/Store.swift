@@ -303,6 +303,12 @@ public protocol PoolStore: Sendable {
     /// instance (new ones are created, other appliances' are left alone),
     /// and the actions now done. Returns the actions still pending.
     func checkIn(_ appliance: String, request: CheckInRequest, at date: Date) async throws -> RecordedCheckIn
+    /// The appliance's actions not yet done, oldest first.
+    func pendingActions(appliance: String) async throws -> [Action]
+    /// Signalled after every change to the actions (a held check-in waits for it).
+    var actionsChanged: ChangeSignal { get }
+    /// The launch phases of the instance with this id or name, in order.
+    func timeline(ofInstance id: String) async throws -> [TimelineEntry]
 
     /// Queues an action for the appliance an instance is on.
     func enqueueAction(_ kind: Action.Kind, instance: String, expires: Date?, at date: Date) async throws -> Action

@@ -17,6 +17,7 @@ struct TemplateRoutes: Sendable {
     /// unknown template; 409 at the user's limit; 503 when no appliance
     /// (in the region) has room.
     @Sendable func launch(_ request: Request, context: BasicRequestContext) async throws -> Response {
+        let received = Date()  // the timeline's `requested`
         let query = request.uri.queryParameters
         let token = query["token"].map(String.init) ?? bearerToken(request)
         guard let token, !token.isEmpty, let user = try await store.user(tokenDigest: Token.digest(token)) else {
@@ -38,7 +39,7 @@ struct TemplateRoutes: Sendable {
         do {
             instance = try await store.createInstance(
                 launch, defaultLeaseSeconds: configuration.leases.defaultSeconds,
-                applianceStaleAfter: configuration.housekeeping.applianceStaleSeconds, at: Date())
+                applianceStaleAfter: configuration.housekeeping.applianceStaleSeconds, at: received)
         } catch PoolError.notFound(what: "template", let name) {
             throw Refusal(.notFound, "template '\(name)' does not exist on this pool")
         } catch PoolError.conflict(let message) {
