@@ -4,6 +4,7 @@ import Foundation
 import Libvirt
 import Logging
 import PoolAPI
+import PoolController
 import ServiceLifecycle
 import Support
 
@@ -174,6 +175,9 @@ extension Corral.AgentCommand {
 
         @Flag(help: "Print JSON.") var json = false
 
+        @Option(help: "Show when this instance reached each phase of its launch, from the request to SSH.")
+        var timeline: String?
+
         struct Row: Encodable {
             var name: String
             var phase: String
@@ -192,6 +196,14 @@ extension Corral.AgentCommand {
                 fail("no agent state at \(path): the agent has not run with this configuration yet.")
             }
             let store = try AgentStore(path: path)
+            if let timeline {
+                guard try await store.instance(named: timeline) != nil else {
+                    fail("this agent has no instance '\(timeline)'; `corral agent status` lists them.")
+                }
+                let entries = ServerTimelineEntry.entries(try await store.timeline(of: timeline))
+                if json { return try printJSON(entries) }
+                return printTimeline(entries)
+            }
             let instances = try await store.instances()
             let pending = try await store.pending()
             var libvirtStates: [String: String] = [:]

@@ -17,7 +17,7 @@ extension Corral {
                 `corral pool user add`) is CORRAL_TOKEN, else the file --token-file or CORRAL_TOKEN_FILE names (mode 0600).
                 """,
             subcommands: [
-                List.self, Create.self, Show.self, Reboot.self, PowerOff.self, PowerOn.self, Delete.self, Users.self,
+                List.self, Create.self, Show.self, Timeline.self, Reboot.self, PowerOff.self, PowerOn.self, Delete.self, Users.self,
                 ExtendLease.self, Launch.self, Flavors.self, Images.self,
             ])
     }
@@ -102,6 +102,21 @@ struct UserAPIOptions: ParsableArguments {
     }
 }
 
+/// A launch timeline as a table: each phase, when, seconds since the
+/// request, and seconds since the phase before.
+func printTimeline(_ entries: [ServerTimelineEntry]) {
+    var table = Table(header: ["PHASE", "AT", "SINCE REQUEST", "STEP", "DETAIL"])
+    var previous: Double?
+    for entry in entries {
+        table.rows.append([
+            entry.phase, entry.at, String(format: "%.3f s", entry.seconds),
+            previous.map { String(format: "+%.3f s", entry.seconds - $0) } ?? "-", entry.detail ?? "",
+        ])
+        previous = entry.seconds
+    }
+    print(table.render())
+}
+
 /// The path of one instance.
 func instancePath(_ id: String) -> String {
     "/v1/server-instance/" + (id.addingPercentEncoding(withAllowedCharacters: .urlPathAllowed.subtracting(["/"])) ?? id)
@@ -130,6 +145,19 @@ extension Corral.InstancesCommand {
             var body: [String: Any] = ["server-flavor": flavor, "server-image": image]
             if !users.isEmpty { body["users"] = users }
             try api.show(try await api.call(.POST, "/v1/server-instance", body: body))
+        }
+    }
+
+    struct Timeline: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Show when an instance reached each phase of its launch, from the request to SSH.")
+        @OptionGroup var api: UserAPIOptions
+        @Argument(help: "The instance's id or hostname.") var id: String
+
+        func run() async throws {
+            let entries = try await api.call(.GET, instancePath(id) + "/timeline", as: [ServerTimelineEntry].self)
+            if api.json { return try printJSON(entries) }
+            printTimeline(entries)
         }
     }
 

@@ -28,6 +28,7 @@ struct SeedTests {
             try Self.seed.cloudConfig() == """
                 #cloud-config
                 hostname: web-1
+                final_message: 'corral: cloud-init finished after $UPTIME s of uptime'
                 ssh_authorized_keys:
                 - ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGx alice@laptop
                 write_files:
@@ -88,7 +89,8 @@ struct SeedTests {
         seed.instanceName = "web'1\nCORRAL_POOL_URL=evil"
         seed.postCreate = "#!/bin/sh\necho --BOUNDARY\necho --BOUNDARY--\n"
         let config = try #require(try Yams.load(yaml: try seed.cloudConfig()) as? [String: Any])
-        #expect(Set(config.keys) == ["hostname", "ssh_authorized_keys", "write_files"])
+        #expect(Set(config.keys) == ["hostname", "final_message", "ssh_authorized_keys", "write_files"])
+        #expect((config["final_message"] as? String)?.hasPrefix(Seed.finishedMarker) == true)
         #expect(config["ssh_authorized_keys"] as? [String] == hostile)
         let files = try #require(config["write_files"] as? [[String: Any]])
         #expect(files.count == 1)

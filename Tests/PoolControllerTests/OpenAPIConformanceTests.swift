@@ -26,6 +26,11 @@ struct OpenAPIConformanceTests {
     func conformance() async throws {
         // No system default: bob (no default wisp) gets 503 for his instances.
         let pool = try await TestPool.make(systemDefault: false)
+        // An instance asked for through the user-facing API: rack-1's start
+        // action carries its timeline.
+        _ = try await pool.checkInRoomy("rack-1", at: Date())
+        _ = try await pool.store.createInstance(
+            InstanceRequest(owner: "root", flavor: "small", image: "debian"), defaultLeaseSeconds: 3600, applianceStaleAfter: 300, at: Date())
         let served = openAPIDocument(publicURL: "https://pool.example.org")
         let spec = try OpenAPISpec(yaml: served)
         #expect((spec.root["servers"] as? [[String: Any]])?.first?["url"] as? String == "https://pool.example.org")
@@ -34,8 +39,8 @@ struct OpenAPIConformanceTests {
         let rack2 = pool.token("rack-2")
         func block(_ token: String) -> String { #"{"apitoken": "\#(token)", "version": "1.0"}"# }
         let stats = #"{"vcpus": {"total": 8, "free": 4}, "memory_mib": {"total": 16384, "free": 8192}, "disk_gib": {"total": 100, "free": 50}, "running": 1}"#
-        func checkIn(_ token: String, _ instances: String = "[]") -> String {
-            #"{"appliance": \#(block(token)), "stats": \#(stats), "instances": \#(instances)}"#
+        func checkIn(_ token: String, _ instances: String = "[]", hold: Int = 0) -> String {
+            #"{"appliance": \#(block(token)), "stats": \#(stats), "instances": \#(instances), "hold_seconds": \#(hold)}"#
         }
         func report(_ token: String, _ name: String, state: Int = 3) -> String {
             #"{"appliance": \#(block(token)), "instance": {"name": "\#(name)", "state": \#(state), "flavor": {"vcpus": 1, "memory": 512, "disk": 5}, "ip_addresses": [{"version": 4, "scope": "private", "address": "10.0.0.5"}], "console_output": ["boot"]}}"#
@@ -51,6 +56,8 @@ struct OpenAPIConformanceTests {
             Call(template: "/api/v1/flavors/", uri: "/api/v1/flavors/", method: .get, status: 200),
             Call(template: "/api/v1/broker/", uri: "/api/v1/broker/", body: checkIn(rack1, #"[{"name": "offer-1", "state": 1}]"#), status: 200),
             Call(template: "/api/v1/broker/", uri: "/api/v1/broker/", body: checkIn(rack2), status: 200),
+            Call(template: "/api/v1/broker/", uri: "/api/v1/broker/", body: checkIn(rack1, hold: 1), status: 200),
+            Call(template: "/api/v1/broker/", uri: "/api/v1/broker/", body: checkIn(rack1, hold: 999), status: 400),
             Call(template: "/api/v1/broker/", uri: "/api/v1/broker/", body: #"{"appliance": \#(block(rack1))}"#, status: 400),
             Call(template: "/api/v1/broker/", uri: "/api/v1/broker/", body: checkIn("nope"), status: 401),
             Call(template: "/api/v1/broker/", uri: "/api/v1/broker/", body: huge, status: 413),
@@ -127,6 +134,9 @@ struct OpenAPIConformanceTests {
         let events = try #require(spec.response(path: "/api/v1/events", method: "GET", status: eventStatus))
         #expect(spec.schema(events, contentType: "text/event-stream") != nil)
         seen.insert("GET /api/v1/events \(eventStatus)")
+        #expect(
+            replies.contains { $0.0.template == "/api/v1/broker/" && String(decoding: $0.3, as: UTF8.self).contains(#""phase":"placed""#) },
+            "a start action with its timeline was checked against the schema")
         #expect(problems == [])
         #expect(spec.operations.subtracting(seen).sorted() == [], "documented but never produced")
         // The 502 is also in the instance's record.
