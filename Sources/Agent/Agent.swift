@@ -86,8 +86,10 @@ public final class Agent: Service, Sendable {
         let connection: Connection
         do {
             connection = try await Connection.open(configuration.libvirtURI)
-        } catch let error as LibvirtError {
-            throw AgentFatalError("cannot connect to libvirt at \(configuration.libvirtURI): \(error.message)")
+        } catch {
+            await images.shutdown()
+            let reason = (error as? LibvirtError)?.message ?? "\(error)"
+            throw AgentFatalError("cannot connect to libvirt at \(configuration.libvirtURI): \(reason)")
         }
         let resolved = await connection.resolveVirtualization(
             configuration.virtualization, workDirectory: URL(fileURLWithPath: state))

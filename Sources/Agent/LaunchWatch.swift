@@ -101,7 +101,8 @@ func sshGreets(host: String, port: Int, timeout: Duration) async -> Bool {
 /// failed post-create script before it.
 struct ConsoleScanner {
     private var offset: UInt64 = 0
-    private var partial = ""
+    /// The start of a line whose end has not been read yet.
+    private var partial: [UInt8] = []
     private var scriptFailed = false
 
     /// What the finished line and the lines before it said.
@@ -125,22 +126,23 @@ struct ConsoleScanner {
         defer { try? handle.close() }
         guard (try? handle.seek(toOffset: offset)) != nil, let data = try? handle.readToEnd(), !data.isEmpty else { return nil }
         offset += UInt64(data.count)
-        return feed(String(decoding: data, as: UTF8.self))
+        return feed(data)
     }
 
-    /// Takes more console text; the finished line, once it appears.
-    mutating func feed(_ text: String) -> Finished? {
-        var lines = (partial + text).split(separator: "\n", omittingEmptySubsequences: false)
-        partial = String(lines.removeLast())
-        for line in lines {
-            let line = line.trimmingCharacters(in: .whitespacesAndNewlines.union(.controlCharacters))
+    /// Takes more console output; the finished line, once it appears.
+    /// Lines end at `\n` (a serial console sends `\r\n`; as Swift sees
+    /// `\r\n` as one character, the split is made on bytes).
+    mutating func feed<Bytes: Sequence<UInt8>>(_ bytes: Bytes) -> Finished? {
+        var lines = (partial + bytes).split(separator: UInt8(ascii: "\n"), omittingEmptySubsequences: false)
+        partial = Array(lines.removeLast())
+        for bytes in lines {
+            let line = String(decoding: bytes, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines.union(.controlCharacters))
             let lowered = line.lowercased()
             if (lowered.contains("scripts-user") || lowered.contains("scripts_user")) && lowered.contains("fail") {
                 scriptFailed = true
             }
             if let range = line.range(of: Seed.finishedMarker) {
-                let rest = line[range.upperBound...]
-                let uptime = rest.split(separator: " ").first { Double($0) != nil }.map(String.init)
+                let uptime = line[range.upperBound...].split(separator: " ").first { Double($0) != nil }.map(String.init)
                 return Finished(uptime: uptime, scriptFailed: scriptFailed)
             }
         }

@@ -11,6 +11,12 @@ extension Harness {
     /// item of the reply's `data`.
     @discardableResult
     func v1(_ method: HTTPMethod, _ path: String, body: [String: Any]? = nil) async throws -> [String: Any] {
+        guard let item = try await v1Data(method, path, body: body).first else { throw SetupError("\(method) \(path) gave no data") }
+        return item
+    }
+
+    /// A user-facing API request as alice; the `data` of the reply.
+    func v1Data(_ method: HTTPMethod, _ path: String, body: [String: Any]? = nil) async throws -> [[String: Any]] {
         var request = HTTPClientRequest(url: poolURL + path)
         request.method = method
         request.headers.add(name: "X-Auth-Token", value: userToken)
@@ -19,9 +25,9 @@ extension Harness {
         let data = Data(try await response.body.collect(upTo: 1 << 20).readableBytesView)
         guard (200..<300).contains(response.status.code),
             let envelope = try JSONSerialization.jsonObject(with: data) as? [String: Any],
-            let item = (envelope["data"] as? [[String: Any]])?.first
+            let items = envelope["data"] as? [[String: Any]]
         else { throw SetupError("\(method) \(path) failed (\(response.status)): \(String(decoding: data, as: UTF8.self))") }
-        return item
+        return items
     }
 
     /// Waits until the user-facing API shows the instance with `status`.

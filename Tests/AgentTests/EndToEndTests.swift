@@ -1,6 +1,7 @@
 import Foundation
 import Libvirt
 import NIOHTTP1
+import PoolAPI
 import Testing
 import TestSupport
 
@@ -119,6 +120,34 @@ struct EndToEndTests {
                 #expect(marker.stdout == "made by corral for \(name)\n")
                 #expect(reports.first(name) != nil, "the post-create script reported back")
 
+                // The launch timeline has every phase, through the API and on the agent.
+                var timeline: [[String: Any]] = []
+                let timelineDeadline = ContinuousClock.now + .seconds(60)
+                while ContinuousClock.now < timelineDeadline {
+                    timeline = try await harness.v1Data(.GET, "/v1/server-instance/\(id)/timeline")
+                    if timeline.count == LaunchPhase.allCases.count { break }
+                    try await Task.sleep(for: .milliseconds(500))
+                }
+                var seconds: [String: Double] = [:]
+                var details: [String: String] = [:]
+                for entry in timeline {
+                    guard let phase = entry["phase"] as? String else { continue }
+                    seconds[phase] = entry["seconds"] as? Double
+                    details[phase] = entry["detail"] as? String
+                }
+                let consoleTail = ((try? String(contentsOfFile: harness.consolePath(name), encoding: .utf8)) ?? "")
+                    .replacingOccurrences(of: "\r", with: "").split(separator: "\n").suffix(40).joined(separator: "\n")
+                #expect(Set(seconds.keys) == Set(LaunchPhase.allCases.map(\.rawValue)), "\(timeline)\n--- console tail ---\n\(consoleTail)")
+                let steps = LaunchPhase.allCases.prefix { $0 != .postCreateDone }.map { seconds[$0.rawValue] ?? -1 }
+                #expect(steps == steps.sorted(), "request to running, in order: \(timeline)")
+                #expect((seconds["post-create-done"] ?? -1) >= (seconds["running-reported"] ?? 0))
+                #expect((seconds["ssh-reachable"] ?? -1) >= (seconds["domain-started"] ?? 0))
+                #expect(details["post-create-done"]?.hasPrefix("guest uptime ") == true, "\(details)")
+                #expect(details["ssh-reachable"] == "127.0.0.1 port \(sshPort)")
+                let onAgent = try await runCorral(["agent", "status", "--timeline", name, "--config", harness.agentConfig.path])
+                #expect(onAgent.status == 0, "\(onAgent.stderr)")
+                for phase in LaunchPhase.allCases { #expect(onAgent.stdout.contains(phase.rawValue), "\(onAgent.stdout)") }
+
                 let domain = try #require(try await harness.domains(named: name).first)
                 // Reboot: the guest boots again (a new boot id), the pool shows it running.
                 let bootID = try await shell.run("cat /proc/sys/kernel/random/boot_id").stdout
@@ -152,7 +181,7 @@ struct EndToEndTests {
                 #expect(harness.instanceFiles().filter { $0.hasPrefix("disks/") && $0.contains(name) }.isEmpty, "no overlay, no seed")
             } catch {
                 let console = (try? String(contentsOfFile: harness.consolePath(name), encoding: .utf8)) ?? "(no console log)"
-                throw SetupError("\(error)\n--- console tail of \(name) ---\n\(console.split(separator: "\n").suffix(60).joined(separator: "\n"))")
+                throw SetupError("\(error)\n--- console tail of \(name) ---\n\(console.replacingOccurrences(of: "\r", with: "").split(separator: "\n").suffix(60).joined(separator: "\n"))")
             }
         }
     }
