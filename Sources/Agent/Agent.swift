@@ -52,8 +52,13 @@ public final class Agent: Service, Sendable {
         var error: String?
         var addresses: [IPAddress]
         var reason: String?
-        /// How many launch phases the report carried.
+        /// How many launch phases of the agent's own the report carried
+        /// (the pool records the others itself, so they are no news).
         var phases = 0
+
+        static func agentPhases(_ timeline: [TimelineEntry]) -> Int {
+            timeline.count { !LaunchPhase.recordedByPool.contains($0.phase) }
+        }
     }
 
     private struct State {
@@ -519,7 +524,8 @@ public final class Agent: Service, Sendable {
                     expires: instance.expires.map { Int($0.timeIntervalSince1970) }, timeline: timeline)
                 let parameters = try await client.report(report)
                 state.withLock {
-                    $0.reported[instance.name] = Reported(state: .starting, error: nil, addresses: [], phases: timeline.count)
+                    $0.reported[instance.name] = Reported(
+                        state: .starting, error: nil, addresses: [], phases: Reported.agentPhases(timeline))
                 }
                 return parameters
             } catch let error as PoolClientError {
@@ -703,7 +709,8 @@ public final class Agent: Service, Sendable {
             let timeline = try await self.store.timeline(of: name)
             let reported = Reported(
                 state: poolState, error: error, addresses: addresses,
-                reason: poolState == .suspended ? domainState?.description ?? "no domain" : nil, phases: timeline.count)
+                reason: poolState == .suspended ? domainState?.description ?? "no domain" : nil,
+                phases: Reported.agentPhases(timeline))
             let changed = self.state.withLock { $0.reported[name] != reported }
             instance.state = decommission ? instance.state : poolState
             // Only the fields reconciling owns are written, and only if no
