@@ -213,7 +213,7 @@ public final class AgentStore: Sendable {
             try Row.fetchAll(db, sql: "SELECT * FROM timelineEntry WHERE instance = ?", arguments: [name]).compactMap { row in
                 LaunchPhase(rawValue: row["phase"]).map { TimelineEntry(phase: $0, at: Date(timeIntervalSince1970: row["at"]), detail: row["detail"]) }
             }
-            .sorted { ($0.at, $0.phase) < ($1.at, $1.phase) }
+            .sorted()
         }
     }
 

@@ -16,23 +16,23 @@ extension Agent {
     /// both are recorded, the instance stops booting or running, or the
     /// watch window ends. Each new phase is reported to the pool.
     func watchLaunch(_ name: String) async {
+        // Only this task records these two phases, so it reads them once.
+        guard let timeline = try? await store.timeline(of: name),
+            let started = timeline.first(where: { $0.phase == .domainStarted })?.date
+        else { return }
+        var phases = Set(timeline.map(\.phase))
         var console = ConsoleScanner()
-        while !Task.isCancelled {
-            guard let instance = try? await store.instance(named: name), [.booting, .active].contains(instance.phase),
-                let timeline = try? await store.timeline(of: name),
-                let started = timeline.first(where: { $0.phase == .domainStarted })?.date,
-                Date().timeIntervalSince(started) < Self.launchWatchSeconds
+        while !Task.isCancelled, Date().timeIntervalSince(started) < Self.launchWatchSeconds {
+            guard let instance = try? await store.instance(named: name), [.booting, .active].contains(instance.phase)
             else { return }
-            var phases = Set(timeline.map(\.phase))
+            let target = phases.contains(.sshReachable) ? nil : await sshTarget(of: instance)
             if !phases.contains(.postCreateDone), let finished = console.scan(paths.console(name)) {
                 try? await store.record(.postCreateDone, of: name, at: Date(), detail: finished.detail, replacing: false)
                 phases.insert(.postCreateDone)
                 logger.info("\(name): cloud-init finished (\(finished.detail))")
                 reconcileWakeup.signal()
             }
-            if !phases.contains(.sshReachable), let target = await sshTarget(of: instance),
-                await sshGreets(host: target.host, port: target.port, timeout: .seconds(1))
-            {
+            if let target, await sshGreets(host: target.host, port: target.port, timeout: .seconds(1)) {
                 try? await store.record(.sshReachable, of: name, at: Date(), detail: "\(target.host) port \(target.port)", replacing: false)
                 phases.insert(.sshReachable)
                 logger.info("\(name): SSH answers at \(target.host) port \(target.port)")
@@ -41,7 +41,7 @@ extension Agent {
             if phases.isSuperset(of: [.postCreateDone, .sshReachable]) { return }
             // SSH cannot be reached from here (user-mode networking without
             // a forward): the console alone ends the watch.
-            if phases.contains(.postCreateDone), await sshTarget(of: instance) == nil { return }
+            if phases.contains(.postCreateDone), target == nil { return }
             try? await Task.sleep(for: .milliseconds(250))
         }
     }

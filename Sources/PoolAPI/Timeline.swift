@@ -32,8 +32,9 @@ public enum LaunchPhase: String, Codable, Sendable, CaseIterable, Comparable {
     }
 }
 
-/// When an instance reached one launch phase.
-public struct TimelineEntry: Codable, Sendable, Equatable {
+/// When an instance reached one launch phase; entries sort by time (then
+/// by phase, for two at the same millisecond).
+public struct TimelineEntry: Codable, Sendable, Equatable, Comparable {
     public var phase: LaunchPhase
     /// Unix seconds, to the millisecond.
     public var at: Double
@@ -47,4 +48,6 @@ public struct TimelineEntry: Codable, Sendable, Equatable {
     }
 
     public var date: Date { Date(timeIntervalSince1970: at) }
+
+    public static func < (lhs: TimelineEntry, rhs: TimelineEntry) -> Bool { (lhs.at, lhs.phase) < (rhs.at, rhs.phase) }
 }

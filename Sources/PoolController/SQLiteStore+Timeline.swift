@@ -40,26 +40,27 @@ extension SQLiteStore {
                 guard let phase = LaunchPhase(rawValue: row["phase"]) else { return nil }
                 return TimelineEntry(phase: phase, at: Date(timeIntervalSince1970: row["at"]), detail: row["detail"])
             }
-            .sorted { ($0.at, $0.phase) < ($1.at, $1.phase) }
+            .sorted()
     }
 
     /// Records a phase; an earlier time for it stays unless `replacing`.
     static func recordPhase(
         _ db: Database, _ phase: LaunchPhase, instanceID: Int64, at date: Date, detail: String? = nil, replacing: Bool
     ) throws {
-        let entry = TimelineEntry(phase: phase, at: date, detail: detail)
-        try db.execute(
-            sql: "INSERT OR \(replacing ? "REPLACE" : "IGNORE") INTO timelineEntry (instanceID, phase, at, detail) VALUES (?, ?, ?, ?)",
-            arguments: [instanceID, phase.rawValue, entry.at, detail])
+        try insert(db, TimelineEntry(phase: phase, at: date, detail: detail), instanceID: instanceID, replacing: replacing)
     }
 
     /// Takes an agent's times for the phases it records (its newest word
     /// wins: a build that started over records them again).
     static func recordTimeline(_ db: Database, instanceID: Int64, agentEntries: [TimelineEntry]) throws {
         for entry in agentEntries where !LaunchPhase.recordedByPool.contains(entry.phase) {
-            try db.execute(
-                sql: "INSERT OR REPLACE INTO timelineEntry (instanceID, phase, at, detail) VALUES (?, ?, ?, ?)",
-                arguments: [instanceID, entry.phase.rawValue, entry.at, entry.detail])
+            try insert(db, entry, instanceID: instanceID, replacing: true)
         }
+    }
+
+    private static func insert(_ db: Database, _ entry: TimelineEntry, instanceID: Int64, replacing: Bool) throws {
+        try db.execute(
+            sql: "INSERT OR \(replacing ? "REPLACE" : "IGNORE") INTO timelineEntry (instanceID, phase, at, detail) VALUES (?, ?, ?, ?)",
+            arguments: [instanceID, entry.phase.rawValue, entry.at, entry.detail])
     }
 }

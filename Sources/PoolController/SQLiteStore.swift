@@ -8,7 +8,7 @@ import PoolAPI
 public final class SQLiteStore: PoolStore {
     let database: DatabasePool
     public let actionsChanged: ChangeSignal
-    private let actionObservation: AnyDatabaseCancellable?
+    private let actionObservation: AnyDatabaseCancellable
 
     /// Opens (creating when missing) the database at `path`.
     public init(path: String) throws {
@@ -29,7 +29,7 @@ public final class SQLiteStore: PoolStore {
             .start(in: database, onError: { _ in }, onChange: { _ in signal.signal() })
     }
 
-    deinit { actionObservation?.cancel() }
+    deinit { actionObservation.cancel() }
 
     static var migrator: DatabaseMigrator {
         var migrator = DatabaseMigrator()
