@@ -33,9 +33,10 @@ extension Agent {
                 reconcileWakeup.signal()
             }
             if let target, await sshGreets(host: target.host, port: target.port, timeout: .seconds(1)) {
-                try? await store.record(.sshReachable, of: name, at: Date(), detail: "\(target.host) port \(target.port)", replacing: false)
+                let endpoint = SSHEndpoint(host: target.host, port: target.port)
+                try? await store.record(.sshReachable, of: name, at: Date(), detail: endpoint.detail, replacing: false)
                 phases.insert(.sshReachable)
-                logger.info("\(name): SSH answers at \(target.host) port \(target.port)")
+                logger.info("\(name): SSH answers at \(endpoint.detail)")
                 reconcileWakeup.signal()
             }
             if phases.isSuperset(of: [.postCreateDone, .sshReachable]) { return }

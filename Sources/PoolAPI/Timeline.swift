@@ -51,3 +51,26 @@ public struct TimelineEntry: Codable, Sendable, Equatable, Comparable {
 
     public static func < (lhs: TimelineEntry, rhs: TimelineEntry) -> Bool { (lhs.at, lhs.phase) < (rhs.at, rhs.phase) }
 }
+
+/// Where the guest's SSH server answered its appliance's probe: the detail
+/// of the `ssh-reachable` phase, written `HOST port PORT`.
+public struct SSHEndpoint: Sendable, Equatable {
+    public var host: String
+    public var port: Int
+
+    public init(host: String, port: Int) {
+        self.host = host
+        self.port = port
+    }
+
+    /// Reads an `ssh-reachable` detail; nil for anything else.
+    public init?(detail: String) {
+        let words = detail.split(separator: " ", omittingEmptySubsequences: false)
+        guard words.count == 3, words[1] == "port", !words[0].isEmpty, let port = Int(words[2]), (1...65535).contains(port)
+        else { return nil }
+        self.init(host: String(words[0]), port: port)
+    }
+
+    /// The `ssh-reachable` detail: `HOST port PORT`.
+    public var detail: String { "\(host) port \(port)" }
+}

@@ -286,9 +286,13 @@ extension SQLiteStore {
         }
         guard let best else {
             let scope = request.region.map { " in region '\($0)'" } ?? ""
-            throw PoolError.unavailable(
-                "no appliance\(scope) has room for flavor '\(request.flavor)' (\(size.vcpus) vCPUs, \(size.memory) MiB, \(size.disk) GiB); try again later or a smaller flavor"
-            )
+            let wanted =
+                "no appliance\(scope) has room for flavor '\(request.flavor)' (\(size.vcpus) vCPUs, \(size.memory) MiB, \(size.disk) GiB)"
+            let waiting = try unseenAppliances(db, region: request.region, staleAfter: staleAfter, at: date)
+            guard waiting.isEmpty else {
+                throw PoolError.unavailable("\(wanted): \(waiting.joined(separator: "; ")); try again once it has checked in")
+            }
+            throw PoolError.unavailable("\(wanted); try again later or a smaller flavor")
         }
         let flavorJSON = String(decoding: try JSONEncoder().encode(size), as: UTF8.self)
         try db.execute(
@@ -306,6 +310,30 @@ extension SQLiteStore {
         _ = try insertAction(
             db, kind: .start, instanceID: id, applianceID: best.id, flavor: flavorJSON, expires: request.expires, at: date)
         return id
+    }
+
+    /// Why each enabled appliance (in the region, when given) that could
+    /// take instances is not counted now: it has not checked in with its
+    /// capacity since it was added, or it is stale. Placement waits for
+    /// these, so the refusal names them ("appliance 'local' has not
+    /// checked in yet").
+    static func unseenAppliances(_ db: Database, region: String?, staleAfter: Int, at date: Date) throws -> [String] {
+        var sql = "SELECT name, lastSeen, stats FROM appliance WHERE enabled"
+        var arguments: StatementArguments = []
+        if let region {
+            sql += " AND region = ?"
+            _ = arguments.append(contentsOf: [region])
+        }
+        return try Row.fetchAll(db, sql: sql + " ORDER BY name", arguments: arguments).compactMap { row in
+            let name: String = row["name"]
+            let stats: String? = row["stats"]
+            guard let lastSeen = row["lastSeen"] as Date?, stats != nil else {
+                return "appliance '\(name)' has not checked in yet"
+            }
+            let seconds = Int(date.timeIntervalSince(lastSeen).rounded())
+            guard seconds > staleAfter else { return nil }
+            return "appliance '\(name)' was last seen \(seconds) s ago (stale after \(staleAfter) s)"
+        }
     }
 
     /// The oldest warm instance of the template that its agent reported

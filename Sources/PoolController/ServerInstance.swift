@@ -38,9 +38,13 @@ public struct ServerInstance: Codable, Sendable, Equatable {
     public var hostname: String?
     public var publicIP: String?
     public var privateIP: String?
+    /// Why the instance is `ERROR` (a Corral addition): the build, boot or
+    /// power failure its appliance reported, or the pool's own refusal.
+    public var lastError: String?
 
     enum CodingKeys: String, CodingKey {
         case id, users, status, hostname
+        case lastError = "last-error"
         case cloudauthID = "cloudauth-id"
         case serverImage = "server-image"
         case serverFlavor = "server-flavor"
@@ -64,6 +68,7 @@ public struct ServerInstance: Codable, Sendable, Equatable {
         }
         publicIP = address("public")
         privateIP = address("private")
+        lastError = instance.lastError
     }
 
     /// RFC 3339 in UTC to the second, as in the API document's examples.

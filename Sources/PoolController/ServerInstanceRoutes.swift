@@ -20,6 +20,7 @@ struct ServerInstanceRoutes: Sendable {
         v1.post("server-instance", use: create)
         v1.get("server-instance/:id", use: show)
         v1.get("server-instance/:id/timeline", use: timeline)
+        v1.get("server-instance/:id/console", use: console)
         v1.put("server-instance/:id", use: modify)
         v1.delete("server-instance/:id", use: delete)
         v1.get("server-flavor", use: flavors)
@@ -75,6 +76,24 @@ struct ServerInstanceRoutes: Sendable {
         let (_, instance) = try await visibleInstance(request, context: context)
         let timeline = try await refusingPoolErrors { try await store.timeline(ofInstance: instance.id) }
         return try reply(.ok, ServerEnvelope(data: ServerTimelineEntry.entries(timeline)))
+    }
+
+    /// `GET /v1/server-instance/ID/console[?lines=N]` (a Corral addition):
+    /// 200 with the newest `lines` (1 to the pool's
+    /// `instances.console_tail_lines`, default 100) of the serial console
+    /// its appliance last reported, oldest first; 400 for another `lines`;
+    /// 404 if the caller does not see it.
+    @Sendable func console(_ request: Request, context: BasicRequestContext) async throws -> Response {
+        let (_, instance) = try await visibleInstance(request, context: context)
+        let most = max(1, configuration.consoleTailLines)
+        var lines = min(100, most)
+        if let value = request.uri.queryParameters["lines"] {
+            guard let number = Int(String(value)), (1...most).contains(number) else {
+                throw Refusal(.badRequest, "query 'lines' must be a whole number from 1 to \(most), not '\(value.prefix(40))'")
+            }
+            lines = number
+        }
+        return try reply(.ok, ServerEnvelope(data: Array(instance.consoleTail.suffix(lines))))
     }
 
     /// `PUT /v1/server-instance/ID` with a `task`: `modify-users` (`add`,

@@ -17,7 +17,7 @@ extension Corral {
                 `corral pool user add`) is CORRAL_TOKEN, else the file --token-file or CORRAL_TOKEN_FILE names (mode 0600).
                 """,
             subcommands: [
-                List.self, Create.self, Show.self, Timeline.self, Reboot.self, PowerOff.self, PowerOn.self, Delete.self, Users.self,
+                List.self, Create.self, Show.self, Timeline.self, Console.self, SSH.self, Reboot.self, PowerOff.self, PowerOn.self, Delete.self, Users.self,
                 ExtendLease.self, Launch.self, Flavors.self, Images.self,
             ])
     }
@@ -140,11 +140,23 @@ extension Corral.InstancesCommand {
         @Option(help: "The flavor (see `corral instances flavors`).") var flavor: String
         @Option(help: "The image (see `corral instances images`).") var image: String
         @Option(name: .customLong("user"), help: "Also give this user (id or name) access (repeatable).") var users: [String] = []
+        @OptionGroup var waiting: WaitOptions
 
         func run() async throws {
             var body: [String: Any] = ["server-flavor": flavor, "server-image": image]
             if !users.isEmpty { body["users"] = users }
-            try api.show(try await api.call(.POST, "/v1/server-instance", body: body))
+            let created = try await api.call(.POST, "/v1/server-instance", body: body)
+            guard waiting.wait, let instance = created.first else { return try api.show(created) }
+            let name = instance.hostname ?? instance.id
+            FileHandle.standardError.write(Data("waiting for \(name) (\(instance.id)) to boot, at most \(waiting.timeout) s:\n".utf8))
+            let outcome = try await api.waitUntilUp(instance.id, timeout: waiting.timeout)
+            try api.show([outcome.instance])
+            if api.json { return }
+            guard let ssh = outcome.ssh else {
+                return print("\(name) is up; cloud-init finished, but its appliance cannot reach the guest's SSH server to check it.")
+            }
+            print("\(name) is up; its SSH server answers at \(ssh.detail). Log in with:")
+            print("    corral instances ssh \(instance.id) --user USER    (USER: the image's login user, e.g. debian)")
         }
     }
 
@@ -175,7 +187,7 @@ extension Corral.InstancesCommand {
                     ("server-flavor", instance.serverFlavor), ("server-image", instance.serverImage),
                     ("creation-date", instance.creationDate), ("cloudauth-id", instance.cloudauthID),
                     ("users", instance.users.joined(separator: ", ")), ("public-ip", instance.publicIP),
-                    ("private-ip", instance.privateIP),
+                    ("private-ip", instance.privateIP), ("last-error", instance.lastError.map(neutralised)),
                 ]
                 for (name, value) in fields { print("\(name + ":")\(String(repeating: " ", count: 15 - name.count))\(value ?? "-")") }
             }
@@ -215,9 +227,15 @@ extension Corral.InstancesCommand {
             abstract: "Delete an instance: its appliance destroys the VM and its disks.")
         @OptionGroup var api: UserAPIOptions
         @Argument(help: "The instance's id or hostname.") var id: String
+        @OptionGroup var waiting: WaitOptions
 
         func run() async throws {
             let instances = try await api.call(.DELETE, instancePath(id))
+            if waiting.wait {
+                try await api.waitUntilDeleted(id, timeout: waiting.timeout)
+                if api.json { return try printJSON(try await api.one(id)) }
+                return print("deleted \(id): its appliance destroyed the VM and its disks")
+            }
             if api.json { return try printJSON(instances.first) }
             print("deleting \(id); its status becomes DELETED when its appliance has destroyed it")
         }

@@ -196,7 +196,7 @@ extension Corral.Pool {
     struct Appliances: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "appliance", abstract: "Manage the appliances (agents) that may check in.",
-            subcommands: [Add.self, List.self, Disable.self, Enable.self, Region.self, RotateToken.self])
+            subcommands: [Add.self, List.self, Wait.self, Disable.self, Enable.self, Region.self, RotateToken.self])
 
         struct Add: AsyncParsableCommand {
             static let configuration = CommandConfiguration(
@@ -243,6 +243,42 @@ extension Corral.Pool {
                     ])
                 }
                 print(table.render())
+            }
+        }
+
+        struct Wait: AsyncParsableCommand {
+            static let configuration = CommandConfiguration(
+                abstract: "Wait until an appliance is enabled, fresh and has reported its capacity: from then on placement counts it.")
+            @OptionGroup var store: PoolDatabaseOptions
+            @Argument(help: "The appliance's name.") var name: String
+            @Option(help: "Give up after this many seconds (1 to 86400).") var timeout = 120
+
+            func validate() throws {
+                guard (1...86_400).contains(timeout) else {
+                    throw ValidationError("--timeout must be from 1 to 86400 seconds (it was \(timeout)).")
+                }
+            }
+
+            func run() async throws {
+                let staleAfter = store.configuration().housekeeping.applianceStaleSeconds
+                let pool = try store.openExisting()
+                let deadline = ContinuousClock.now + .seconds(timeout)
+                while true {
+                    guard let appliance = try await administer({ try await pool.appliances() }).first(where: { $0.name == name }) else {
+                        fail("there is no appliance '\(name)'; `corral pool appliance list` shows them")
+                    }
+                    guard appliance.enabled else { fail("appliance '\(name)' is disabled; `corral pool appliance enable \(name)`") }
+                    if let stats = appliance.stats, !appliance.isStale(at: Date(), after: staleAfter) {
+                        return print(
+                            "appliance '\(name)' is checked in: \(stats.vcpus.free) vCPUs, \(stats.memoryMiB.free) MiB and \(stats.diskGiB.free) GiB free"
+                        )
+                    }
+                    guard ContinuousClock.now < deadline else {
+                        let seen = appliance.lastSeen.map { "last seen \($0.formatted(.iso8601))" } ?? "never seen"
+                        fail("appliance '\(name)' has not checked in within \(timeout) s (\(seen)); see its agent's log and `corral agent status`")
+                    }
+                    try await Task.sleep(for: .milliseconds(250))
+                }
             }
         }
 

@@ -58,6 +58,28 @@ struct LoopbackClient {
 
 @Suite("Placement, limits and warm pools")
 struct PlacementTests {
+    @Test("with no room, the 503 names each enabled appliance not counted: never checked in, or stale since when")
+    func waitingForAppliances() async throws {
+        let pool = try await TestPool.make()
+        _ = try await pool.store.addAppliance(name: "rack-3", owner: "root", tokenDigest: Token.digest(Token.generate()))
+        _ = try await pool.store.setAppliance("rack-3", enabled: false)
+        // rack-1 checked in an hour ago (a pool database left from an earlier run); rack-2 never.
+        _ = try await pool.checkInRoomy("rack-1", at: Date().addingTimeInterval(-3600))
+        try await pool.app.test(.router) { client in
+            let response = try await client.createSmall(token: pool.token("root"))
+            let (status, message) = try v1Refusal(response)
+            #expect(status == .serviceUnavailable)
+            #expect(
+                message
+                    == "no appliance has room for flavor 'small' (1 vCPUs, 512 MiB, 5 GiB): appliance 'rack-1' was last seen 3600 s ago (stale after 300 s); appliance 'rack-2' has not checked in yet; try again once it has checked in"
+            )
+            #expect(try await pool.store.instances().isEmpty, "a refused placement stores nothing")
+            // Once rack-2 has checked in, the same request is placed there.
+            _ = try await client.checkIn(pool, "rack-2")
+            #expect(try await client.createSmall(token: pool.token("root")).status == .created)
+        }
+    }
+
     @Test("placement takes the enabled, fresh appliance with the most room left, spreads, and says 503 when none has room")
     func placement() async throws {
         let pool = try await TestPool.make()

@@ -267,7 +267,7 @@ struct ServerInstanceTests {
             #expect(items.count == 1)
             let item = try #require(items.first)
             let required: Set = ["id", "cloudauth-id", "users", "server-image", "server-flavor", "creation-date", "status"]
-            let optional: Set = ["hostname", "public-ip", "private-ip"]
+            let optional: Set = ["hostname", "public-ip", "private-ip", "last-error"]
             #expect(required.isSubset(of: Set(item.keys)))
             #expect(Set(item.keys).isSubset(of: required.union(optional)), "additionalProperties: false")
             for key in required.subtracting(["users"]) { #expect(item[key] is String, "\(key) is a string") }

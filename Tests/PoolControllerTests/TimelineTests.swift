@@ -107,4 +107,41 @@ struct TimelineTests {
             #expect(nothing.isEmpty)
         }
     }
+
+    @Test("the console route shows the newest reported lines to those who see the instance, `lines` bounded")
+    func console() async throws {
+        let pool = try await TestPool.make()
+        try await pool.app.test(.router) { client in
+            _ = try await client.checkIn(pool, "rack-1")
+            let instance = try serverInstance(try await client.createSmall(token: pool.token("alice")))
+            let name = try #require(instance.hostname)
+            let lines = (1...150).map { "line \($0)" }
+            let report = InstanceReport(name: name, state: .suspended, consoleOutput: lines, error: "boot timed out")
+            #expect(try await client.report(pool, "rack-1", report).status == .ok)
+
+            func console(_ user: String, _ query: String = "") async throws -> (HTTPResponse.Status, ServerEnvelope<[String]>) {
+                let response = try await client.v1(.get, "/v1/server-instance/\(instance.id)/console\(query)", token: pool.token(user))
+                return (response.status, try JSONDecoder().decode(ServerEnvelope<[String]>.self, from: Data(response.body.readableBytesView)))
+            }
+            let (status, standard) = try await console("alice")
+            #expect(status == .ok)
+            #expect(standard.data == Array(lines.suffix(100)), "100 lines by default, oldest first")
+            #expect(try await console("alice", "?lines=3").1.data == ["line 148", "line 149", "line 150"])
+            #expect(try await console("root", "?lines=1000").1.data == lines)
+            for bad in ["0", "1001", "abc", "-5"] {
+                let (refused, envelope) = try await console("alice", "?lines=\(bad)")
+                #expect(refused == .badRequest)
+                #expect(envelope.msg == "query 'lines' must be a whole number from 1 to 1000, not '\(bad)'")
+            }
+            let (hidden, nothing) = try await console("bob")
+            #expect(hidden == .notFound)
+            #expect(nothing.data == nil)
+            // The instance shows why it is ERROR.
+            let shown = try await client.v1(.get, "/v1/server-instance/\(instance.id)", token: pool.token("alice"))
+            let object = try #require(try JSONSerialization.jsonObject(with: Data(shown.body.readableBytesView)) as? [String: Any])
+            let data = try #require((object["data"] as? [[String: Any]])?.first)
+            #expect(data["status"] as? String == "ERROR")
+            #expect(data["last-error"] as? String == "boot timed out")
+        }
+    }
 }
