@@ -763,7 +763,9 @@ public final class Agent: Service, Sendable {
         guard limit > 0, let handle = FileHandle(forReadingAtPath: paths.console(name)) else { return [] }
         defer { try? handle.close() }
         let size = (try? handle.seekToEnd()) ?? 0
-        let window = UInt64(min(256 * 1024, max(4096, limit * 200)))
+        // At most 128 KiB of console: even escaped as JSON (\u001b is six
+        // bytes for one), a report stays within the pool's 1 MiB body limit.
+        let window = UInt64(min(128 * 1024, max(4096, limit * 200)))
         try? handle.seek(toOffset: size > window ? size - window : 0)
         let data = (try? handle.readToEnd()) ?? Data()
         var lines = String(decoding: data, as: UTF8.self)

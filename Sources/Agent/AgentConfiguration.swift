@@ -140,7 +140,7 @@ public struct AgentConfiguration: Sendable, Equatable {
         configuration.maxConcurrentBuilds = try reader.int("builds", "max_concurrent", in: 1...64) ?? configuration.maxConcurrentBuilds
         configuration.bootTimeoutSeconds =
             try reader.int("builds", "boot_timeout_seconds", in: 1...86_400) ?? configuration.bootTimeoutSeconds
-        configuration.consoleTailLines = try reader.int("console", "tail_lines", in: 0...10_000) ?? configuration.consoleTailLines
+        configuration.consoleTailLines = try reader.int("console", "tail_lines", in: 0...1000) ?? configuration.consoleTailLines
         configuration.leaseGraceSeconds = try reader.int("leases", "grace_seconds", in: 0...2_592_000) ?? configuration.leaseGraceSeconds
         configuration.cpuOvercommit = try reader.int("capacity", "cpu_overcommit", in: 1...64) ?? configuration.cpuOvercommit
         return configuration

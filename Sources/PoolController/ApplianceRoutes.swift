@@ -12,6 +12,8 @@ struct ApplianceRoutes: Sendable {
     let fetcher: CallbackFetcher
     let logger: Logger
 
+    var bounds: InputBounds { InputBounds(limits: configuration.limits) }
+
     /// The appliance a request's token names, or the refusal: 401 for a
     /// body without a readable token or an unknown token, 409 for a
     /// disabled appliance. Records the appliance as seen.
@@ -22,6 +24,7 @@ struct ApplianceRoutes: Sendable {
         } catch let error as RequestBodyError {
             throw Refusal(.unauthorized, "You must submit a valid JSON object with a token: \(error)")
         }
+        try bounds.check(block)
         guard let appliance = try await store.appliance(tokenDigest: Token.digest(block.apitoken)) else {
             throw Refusal(.unauthorized, "Token is not valid.")
         }
@@ -37,7 +40,7 @@ struct ApplianceRoutes: Sendable {
     /// owner, or the refusals of ``authenticate(_:)``. Records the
     /// appliance's version and location.
     @Sendable func authorize(_ request: Request, context: BasicRequestContext) async throws -> Response {
-        let appliance = try await authenticate(try await collectBody(request))
+        let appliance = try await authenticate(try await collectBody(request, upTo: maximumAuthorizationBody))
         return try reply(.ok, Envelope.success(AuthorizationResult(name: appliance.name, owner: appliance.owner)))
     }
 
@@ -50,20 +53,18 @@ struct ApplianceRoutes: Sendable {
     /// the instance summary, marks the actions listed in `done` as done, and
     /// answers with the actions still pending.
     @Sendable func checkIn(_ request: Request, context: BasicRequestContext) async throws -> Response {
-        let body = try await collectBody(request)
+        let body = try await collectBody(request, upTo: maximumCheckInBody)
         let appliance = try await authenticate(body)
         let checkIn = try decodeRequest(CheckInRequest.self, from: body)
-        let stats = checkIn.stats
-        for (field, capacity) in [("vcpus", stats.vcpus), ("memory_mib", stats.memoryMiB), ("disk_gib", stats.diskGiB)] {
-            guard capacity.total >= 0, (0...capacity.total).contains(capacity.free) else {
-                throw Refusal(.badRequest, "field 'stats.\(field)' must have 0 <= free <= total")
-            }
-        }
+        try bounds.check(checkIn)
         let hold = checkIn.holdSeconds ?? 0
         guard (0...Self.maxHoldSeconds).contains(hold) else {
             throw Refusal(.badRequest, "field 'hold_seconds' must be 0 to \(Self.maxHoldSeconds) (it was \(hold))")
         }
-        let recorded = try await refusingPoolErrors { try await store.checkIn(appliance.name, request: checkIn, at: Date()) }
+        let recorded = try await refusingPoolErrors {
+            try await store.checkIn(
+                appliance.name, request: checkIn, maxInstances: configuration.limits.maxInstancesPerAppliance, at: Date())
+        }
         for change in recorded.changes { events.publish(change) }
         var actions = recorded.actions
         if actions.isEmpty, hold > 0 {
@@ -104,13 +105,16 @@ struct ApplianceRoutes: Sendable {
     @Sendable func report(_ request: Request, context: BasicRequestContext) async throws -> Response {
         let body = try await collectBody(request)
         let appliance = try await authenticate(body)
-        let report = try decodeRequest(InstanceReportRequest.self, from: body).instance
+        let now = Date()
+        let report = try bounds.checked(decodeRequest(InstanceReportRequest.self, from: body).instance, at: now)
         let name = context.parameters.get("name") ?? ""
         guard report.name == name else {
-            throw Refusal(.badRequest, "instance.name '\(report.name)' must equal the name in the URI, '\(name)'")
+            throw Refusal(.badRequest, "instance.name '\(report.name)' must equal the name in the URI, '\(name.prefix(80))'")
         }
         let recorded = try await refusingPoolErrors {
-            try await store.recordReport(report, appliance: appliance.name, consoleLimit: configuration.consoleTailLines, at: Date())
+            try await store.recordReport(
+                report, appliance: appliance.name, consoleLimit: configuration.consoleTailLines,
+                maxInstances: configuration.limits.maxInstancesPerAppliance, at: now)
         }
         if recorded.stateChanged { events.publish(recorded.instance.event) }
         let parameters: StartParameters

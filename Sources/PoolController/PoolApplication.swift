@@ -1,5 +1,6 @@
 import Foundation
 import Hummingbird
+import HummingbirdCore
 import Logging
 import PoolAPI
 import ServiceLifecycle
@@ -19,7 +20,13 @@ public func buildPoolApplication(
     return Application(
         router: buildPoolRouter(
             store: store, configuration: configuration, events: events, fetcher: fetcher, warmPools: warmPools, logger: logger),
-        configuration: .init(address: .hostname(configuration.host, port: configuration.port), serverName: "corral-pool"),
+        // An idle connection is closed (a held check-in or an event stream
+        // is a request in progress, not idle); at most maxConnections are
+        // served at once, and further ones wait in the listen backlog.
+        server: .http1(configuration: .init(idleTimeout: .seconds(Int64(configuration.idleTimeoutSeconds)))),
+        configuration: .init(
+            address: .hostname(configuration.host, port: configuration.port), serverName: "corral-pool",
+            availableConnectionsDelegate: MaximumAvailableConnections(configuration.maxConnections, logger: logger)),
         services: [
             HousekeepingService(store: store, settings: configuration.housekeeping, events: events, logger: logger),
             HeartbeatService(events: events, interval: .seconds(15)),
@@ -115,7 +122,7 @@ struct Refusal: HTTPResponseError {
 
     /// The reply for a ``PoolError``: 404 for what does not exist, 409 for
     /// a clash, 400 for a bad value, 403 for another's, 503 for what the pool
-    /// cannot serve yet.
+    /// cannot serve yet, 429 for a cap reached.
     init(_ error: PoolError) {
         switch error {
         case .notFound: self.init(.notFound, "\(error)")
@@ -123,6 +130,7 @@ struct Refusal: HTTPResponseError {
         case .invalid: self.init(.badRequest, "\(error)")
         case .forbidden: self.init(.forbidden, "\(error)")
         case .unavailable: self.init(.serviceUnavailable, "\(error)")
+        case .tooMany: self.init(.tooManyRequests, "\(error)")
         case .storage: self.init(.internalServerError, "\(error)")
         }
     }

@@ -21,6 +21,31 @@ public struct PoolConfiguration: Sendable, Equatable {
     public var housekeeping: Housekeeping
     public var leases: Leases
     public var warmPools: WarmPools
+    public var limits: Limits
+    /// Seconds a connection may sit idle between requests before the
+    /// server closes it (event streams and held check-ins are not idle).
+    public var idleTimeoutSeconds: Int
+    /// Connections served at once; more wait in the listen backlog.
+    public var maxConnections: Int
+
+    /// The bounds on what users and appliances may ask for and report.
+    /// Each is checked where a request arrives; a request outside them is a
+    /// 400 (or 429 for the per-appliance record cap) naming the field.
+    public struct Limits: Sendable, Equatable {
+        /// The longest lease or reservation anyone may ask for, and the
+        /// furthest from now a lease may be extended to (1 year).
+        public var maxLeaseSeconds: Int = 31_536_000
+        /// The largest instance size (a flavor, or what an appliance
+        /// reports of an instance).
+        public var maxVCPUs: Int = 1024
+        public var maxMemoryMiB: Int = 16 << 20
+        public var maxDiskGiB: Int = 1 << 20
+        /// The most instances one check-in may list, and the most instance
+        /// records one appliance may hold in the pool.
+        public var maxInstancesPerAppliance: Int = 1000
+
+        public init() {}
+    }
 
     /// How long instances created through the user-facing API are leased.
     public struct Leases: Sendable, Equatable {
@@ -72,7 +97,8 @@ public struct PoolConfiguration: Sendable, Equatable {
         host: String = "127.0.0.1", port: Int = 8080, publicURL: String? = nil,
         database: String = "/var/lib/corral/pool.sqlite", consoleTailLines: Int = 1000,
         callbacks: CallbackLimits = .init(), reservationSeconds: Int = 600, housekeeping: Housekeeping = .init(),
-        leases: Leases = .init(), warmPools: WarmPools = .init()
+        leases: Leases = .init(), warmPools: WarmPools = .init(), limits: Limits = .init(), idleTimeoutSeconds: Int = 60,
+        maxConnections: Int = 1024
     ) {
         self.host = host
         self.port = port
@@ -84,11 +110,14 @@ public struct PoolConfiguration: Sendable, Equatable {
         self.housekeeping = housekeeping
         self.leases = leases
         self.warmPools = warmPools
+        self.limits = limits
+        self.idleTimeoutSeconds = idleTimeoutSeconds
+        self.maxConnections = maxConnections
     }
 
     /// Every key a pool configuration file may hold, by section.
     static let keys: [String: Set<String>] = [
-        "server": ["host", "port", "public_url"],
+        "server": ["host", "port", "public_url", "idle_timeout_seconds", "max_connections"],
         "database": ["path"],
         "instances": ["console_tail_lines"],
         "callbacks": ["timeout_seconds", "max_bytes", "max_hops", "allow"],
@@ -96,6 +125,9 @@ public struct PoolConfiguration: Sendable, Equatable {
         "housekeeping": ["interval_seconds", "appliance_stale_seconds", "offer_stale_seconds", "purge_after_seconds"],
         "leases": ["default_seconds"],
         "warm_pools": ["interval_seconds", "max_age_seconds"],
+        "limits": [
+            "max_lease_seconds", "max_flavor_vcpus", "max_flavor_memory_mib", "max_flavor_disk_gib", "max_instances_per_appliance",
+        ],
     ]
 
     /// Reads a configuration file; keys it leaves out keep their defaults.
@@ -125,6 +157,9 @@ public struct PoolConfiguration: Sendable, Equatable {
         configuration.host = try reader.string("server", "host") ?? configuration.host
         configuration.port = try reader.int("server", "port", in: 0...65535) ?? configuration.port
         configuration.publicURL = try reader.string("server", "public_url") ?? configuration.publicURL
+        configuration.idleTimeoutSeconds =
+            try reader.int("server", "idle_timeout_seconds", in: 1...3600) ?? configuration.idleTimeoutSeconds
+        configuration.maxConnections = try reader.int("server", "max_connections", in: 1...1_000_000) ?? configuration.maxConnections
         configuration.database = try reader.string("database", "path") ?? configuration.database
         configuration.consoleTailLines =
             try reader.int("instances", "console_tail_lines", in: 0...100_000) ?? configuration.consoleTailLines
@@ -155,6 +190,17 @@ public struct PoolConfiguration: Sendable, Equatable {
             try reader.int("warm_pools", "interval_seconds", in: 1...86_400) ?? configuration.warmPools.intervalSeconds
         configuration.warmPools.maxAgeSeconds =
             try reader.int("warm_pools", "max_age_seconds", in: 60...31_536_000) ?? configuration.warmPools.maxAgeSeconds
+        var limits = configuration.limits
+        limits.maxLeaseSeconds = try reader.int("limits", "max_lease_seconds", in: 60...(10 * 31_536_000)) ?? limits.maxLeaseSeconds
+        limits.maxVCPUs = try reader.int("limits", "max_flavor_vcpus", in: 1...65_536) ?? limits.maxVCPUs
+        limits.maxMemoryMiB = try reader.int("limits", "max_flavor_memory_mib", in: 1...(1 << 30)) ?? limits.maxMemoryMiB
+        limits.maxDiskGiB = try reader.int("limits", "max_flavor_disk_gib", in: 1...(1 << 30)) ?? limits.maxDiskGiB
+        limits.maxInstancesPerAppliance =
+            try reader.int("limits", "max_instances_per_appliance", in: 1...100_000) ?? limits.maxInstancesPerAppliance
+        configuration.limits = limits
+        guard configuration.leases.defaultSeconds <= limits.maxLeaseSeconds else {
+            throw reader.invalid("leases", "default_seconds", "must be at most limits.max_lease_seconds (\(limits.maxLeaseSeconds))")
+        }
         return configuration
     }
 }

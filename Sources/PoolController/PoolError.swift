@@ -13,6 +13,8 @@ public enum PoolError: Error, Sendable, Equatable, CustomStringConvertible {
     case conflict(String)
     /// The pool cannot serve this yet (for example: no wisp to boot from).
     case unavailable(String)
+    /// A cap on how many of something one caller may hold is reached.
+    case tooMany(String)
     /// The store could not be opened or used.
     case storage(String)
 
@@ -21,7 +23,7 @@ public enum PoolError: Error, Sendable, Equatable, CustomStringConvertible {
         case .notFound(let what, let name): "no \(what) named '\(name)'"
         case .alreadyExists(let what, let name): "a \(what) named '\(name)' exists already"
         case .invalid(let field, let reason): "\(field): \(reason)"
-        case .forbidden(let message), .conflict(let message), .unavailable(let message): message
+        case .forbidden(let message), .conflict(let message), .unavailable(let message), .tooMany(let message): message
         case .storage(let message): message
         }
     }

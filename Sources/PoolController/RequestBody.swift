@@ -6,16 +6,27 @@ struct RequestBodyError: Error, CustomStringConvertible {
     var description: String
 }
 
-/// The most a request body may hold.
+/// The most a request body may hold: an appliance's report, with up to
+/// 1000 console lines of at most 1 KiB.
 let maximumRequestBody = 1 << 20
 
-/// The whole request body, up to ``maximumRequestBody``.
-func collectBody(_ request: Request) async throws -> ByteBuffer {
+/// The most the bodies read before their sender is known may hold: an
+/// appliance's authorization, whose token is inside the body.
+let maximumAuthorizationBody = 16 << 10
+
+/// The most a check-in may hold: 1000 instances and their acknowledged actions.
+let maximumCheckInBody = 256 << 10
+
+/// The most a user's request body may hold.
+let maximumUserBody = 128 << 10
+
+/// The whole request body, up to `limit` bytes; a larger one is a 413.
+func collectBody(_ request: Request, upTo limit: Int = maximumRequestBody) async throws -> ByteBuffer {
     var request = request
     do {
-        return try await request.collectBody(upTo: maximumRequestBody)
+        return try await request.collectBody(upTo: limit)
     } catch {
-        throw Refusal(.contentTooLarge, "the body is larger than \(maximumRequestBody) bytes")
+        throw Refusal(.contentTooLarge, "the body is larger than \(limit) bytes")
     }
 }
 

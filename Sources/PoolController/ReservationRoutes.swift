@@ -28,7 +28,13 @@ struct ReservationRoutes: Sendable {
     /// user is at their limit.
     @Sendable func reserve(_ request: Request, context: BasicRequestContext) async throws -> Response {
         let user = try await authenticateUser(request, store: store)
-        let reservation = try decodeRequest(ReservationRequest.self, from: try await collectBody(request))
+        let reservation = try decodeRequest(ReservationRequest.self, from: try await collectBody(request, upTo: maximumUserBody))
+        for (field, value) in [
+            ("instance", reservation.instance), ("appliance", reservation.appliance), ("flavor", reservation.flavor),
+            ("wisp", reservation.wisp),
+        ] {
+            if let value, value.utf8.count > 64 { throw InputBounds.refuse(field, "must be a name of at most 64 bytes") }
+        }
         switch (reservation.instance, reservation.appliance, reservation.flavor) {
         case (.some, nil, nil), (nil, .some, .some): break
         case (.some, _, _):
@@ -41,14 +47,15 @@ struct ReservationRoutes: Sendable {
             throw Refusal(.badRequest, "fields 'wisp' and 'callback_url' exclude each other: give one")
         }
         if let callback = reservation.callbackURL {
-            guard let url = URL(string: callback), ["http", "https"].contains(url.scheme?.lowercased() ?? ""), url.host != nil
-            else { throw Refusal(.badRequest, "field 'callback_url' must be an http or https URL") }
+            guard callback.utf8.count <= 2048, let url = URL(string: callback), ["http", "https"].contains(url.scheme?.lowercased() ?? ""),
+                url.host != nil
+            else { throw Refusal(.badRequest, "field 'callback_url' must be an http or https URL of at most 2048 bytes") }
         }
         if reservation.instance != nil, reservation.leaseSeconds != nil {
             throw Refusal(.badRequest, "field 'lease_seconds' applies to a new instance (appliance and flavor), not an offered one")
         }
-        if let lease = reservation.leaseSeconds, lease <= 0 {
-            throw Refusal(.badRequest, "field 'lease_seconds' must be a positive number of seconds")
+        if let lease = reservation.leaseSeconds {
+            try InputBounds(limits: configuration.limits).checkLease(lease, field: "lease_seconds")
         }
         let made = try await refusingPoolErrors {
             try await store.reserve(

@@ -20,10 +20,10 @@ extension SQLiteStore {
             guard let owner = try Row.fetchOne(db, sql: "SELECT * FROM user WHERE name = ?", arguments: [request.owner]) else {
                 throw PoolError.notFound(what: "user", name: request.owner)
             }
-            let ownerID: Int64 = owner["id"]
+            let ownerID: Int64 = try owner.decode(forColumn: "id")
             let granted = try Self.userIDs(db, request.users, field: "users")
-            try Self.checkLimit(db, userID: ownerID, name: request.owner, limit: owner["maxInstances"], at: date)
-            let leaseSeconds = (owner["leaseSeconds"] as Int?) ?? defaultLeaseSeconds
+            try Self.checkLimit(db, userID: ownerID, name: request.owner, limit: try owner.decode(forColumn: "maxInstances"), at: date)
+            let leaseSeconds = (try owner.decode(forColumn: "leaseSeconds") as Int?) ?? defaultLeaseSeconds
             let expires = date.addingTimeInterval(TimeInterval(leaseSeconds))
 
             var wispID: Int64?
@@ -32,10 +32,10 @@ extension SQLiteStore {
             if let name = request.template {
                 guard let template = try Row.fetchOne(db, sql: Self.templateQuery + " WHERE template.name = ?", arguments: [name])
                 else { throw PoolError.notFound(what: "template", name: name) }
-                wispID = template["wispID"]
-                templateID = template["id"]
-                flavorName = template["flavor"]
-                if let warm = try Self.claimWarm(db, templateID: template["id"], region: request.region) {
+                wispID = try template.decode(forColumn: "wispID")
+                templateID = try template.decode(forColumn: "id")
+                flavorName = try template.decode(forColumn: "flavor")
+                if let warm = try Self.claimWarm(db, templateID: try template.decode(forColumn: "id"), region: request.region) {
                     try db.execute(
                         sql: """
                             UPDATE instance SET warm = 0, ownerID = ?, expires = ?, preemptible = ?, topic = ?, updatedAt = ?
@@ -81,7 +81,7 @@ extension SQLiteStore {
     public func instance(id: String) async throws -> Instance? {
         try await database.read { db in
             try Row.fetchOne(
-                db, sql: Self.instanceQuery + " WHERE instance.uuid = ? OR instance.name = ? LIMIT 1", arguments: [id, id]
+                db, sql: Self.instanceQuery + " WHERE instance.\(Self.idOrName(id))", arguments: [id]
             ).map(Self.instance)
         }
     }
@@ -107,22 +107,29 @@ extension SQLiteStore {
         }
     }
 
-    public func extendLease(ofInstance id: String, bySeconds seconds: Int, at date: Date) async throws -> Instance {
+    public func extendLease(ofInstance id: String, bySeconds seconds: Int, atMost most: Int, at date: Date) async throws
+        -> Instance
+    {
         try await database.write { db in
             guard
                 let row = try Row.fetchOne(
-                    db, sql: "SELECT * FROM instance WHERE uuid = ? OR name = ? LIMIT 1", arguments: [id, id])
+                    db, sql: "SELECT * FROM instance WHERE \(Self.idOrName(id))", arguments: [id])
             else { throw PoolError.notFound(what: "instance", name: id) }
-            let instanceID: Int64 = row["id"]
-            guard row["state"] as Int != InstanceState.decommissioned.rawValue else {
+            let instanceID: Int64 = try row.decode(forColumn: "id")
+            guard try row.decode(forColumn: "state") as Int != InstanceState.decommissioned.rawValue else {
                 throw PoolError.conflict("instance '\(id)' is decommissioned")
             }
-            let current: Date? = row["expires"]
+            let current: Date? = try row.decode(forColumn: "expires")
             let expires = max(current ?? date, date).addingTimeInterval(TimeInterval(seconds))
+            guard expires.timeIntervalSince(date) <= TimeInterval(most) else {
+                throw PoolError.invalid(
+                    field: "task.seconds",
+                    reason: "the lease would end \(Int(expires.timeIntervalSince(date))) s from now; it may end at most \(most) s from now (limits.max_lease_seconds)")
+            }
             try db.execute(
                 sql: "UPDATE instance SET expires = ?, updatedAt = ? WHERE id = ?", arguments: [expires, date, instanceID])
             _ = try Self.insertAction(
-                db, kind: .lease, instanceID: instanceID, applianceID: row["applianceID"], flavor: nil, expires: expires, at: date)
+                db, kind: .lease, instanceID: instanceID, applianceID: try row.decode(forColumn: "applianceID"), flavor: nil, expires: expires, at: date)
             return try Self.instance(db, id: instanceID)
         }
     }
@@ -153,7 +160,7 @@ extension SQLiteStore {
     public func templates() async throws -> [Template] {
         try await database.read { db in
             try Row.fetchAll(db, sql: Self.templateQuery + " ORDER BY template.name").map { row in
-                Template(name: row["name"], wisp: row["wisp"], flavor: row["flavor"], hotStarts: row["hotStarts"], owner: row["owner"])
+                Template(name: try row.decode(forColumn: "name"), wisp: try row.decode(forColumn: "wisp"), flavor: try row.decode(forColumn: "flavor"), hotStarts: try row.decode(forColumn: "hotStarts"), owner: try row.decode(forColumn: "owner"))
             }
         }
     }
@@ -170,12 +177,14 @@ extension SQLiteStore {
                     """,
                 arguments: [InstanceState.decommissioned.rawValue])
             for row in candidates {
-                let created: Date = row["createdAt"]
-                let failed = (row["lastError"] as String?) != nil || row["state"] as Int == InstanceState.inactive.rawValue
+                let created: Date = try row.decode(forColumn: "createdAt")
+                let lastError: String? = try row.decode(forColumn: "lastError")
+                let state: Int = try row.decode(forColumn: "state")
+                let failed = lastError != nil || state == InstanceState.inactive.rawValue
                 guard created < oldest || failed else { continue }
                 _ = try Self.insertAction(
-                    db, kind: .delete, instanceID: row["id"], applianceID: row["applianceID"], flavor: nil, expires: nil, at: date)
-                if failed { pass.dropped.append(row["name"]) } else { pass.retired.append(row["name"]) }
+                    db, kind: .delete, instanceID: try row.decode(forColumn: "id"), applianceID: try row.decode(forColumn: "applianceID"), flavor: nil, expires: nil, at: date)
+                if failed { pass.dropped.append(try row.decode(forColumn: "name")) } else { pass.retired.append(try row.decode(forColumn: "name")) }
             }
             for template in try Row.fetchAll(db, sql: Self.templateQuery + " WHERE template.hotStarts > 0 ORDER BY template.name") {
                 let live =
@@ -185,9 +194,9 @@ extension SQLiteStore {
                             SELECT COUNT(*) FROM instance WHERE warm AND templateID = ? AND state NOT IN (?, ?)
                             AND lastError IS NULL AND NOT \(Self.deletePending)
                             """,
-                        arguments: [template["id"], InstanceState.inactive.rawValue, InstanceState.decommissioned.rawValue]) ?? 0
-                let hotStarts: Int = template["hotStarts"]
-                let ownerID = try Self.userID(db, named: template["owner"])
+                        arguments: [try template.decode(Int64.self, forColumn: "id"), InstanceState.inactive.rawValue, InstanceState.decommissioned.rawValue]) ?? 0
+                let hotStarts: Int = try template.decode(forColumn: "hotStarts")
+                let ownerID = try Self.userID(db, named: try template.decode(forColumn: "owner"))
                 for _ in live..<max(live, hotStarts) {
                     do {
                         // Each placement in its own savepoint: a template that
@@ -197,15 +206,15 @@ extension SQLiteStore {
                             id = try Self.place(
                                 db,
                                 PlacementRequest(
-                                    flavor: template["flavor"], region: nil, ownerID: ownerID, wispID: template["wispID"],
-                                    imageID: nil, templateID: template["id"], warm: true, preemptible: true, topic: nil,
+                                    flavor: try template.decode(forColumn: "flavor"), region: nil, ownerID: ownerID, wispID: try template.decode(forColumn: "wispID"),
+                                    imageID: nil, templateID: try template.decode(forColumn: "id"), warm: true, preemptible: true, topic: nil,
                                     expires: nil),
                                 staleAfter: applianceStaleAfter, at: date)
                             return .commit
                         }
                         pass.started.append(try Self.instance(db, id: id))
                     } catch let error as PoolError {
-                        pass.shortfalls.append("template '\(template["name"] as String)': \(error)")
+                        pass.shortfalls.append("template '\(try template.decode(forColumn: "name") as String)': \(error)")
                         break
                     }
                 }
@@ -265,7 +274,7 @@ extension SQLiteStore {
             throw PoolError.invalid(
                 field: "server-flavor", reason: "there is no flavor '\(request.flavor)'; GET /v1/server-flavor lists them")
         }
-        let size = InstanceFlavor(name: request.flavor, vcpus: flavor["vcpus"], memory: flavor["memory"], disk: flavor["disk"])
+        let size = InstanceFlavor(name: request.flavor, vcpus: try flavor.decode(forColumn: "vcpus"), memory: try flavor.decode(forColumn: "memory"), disk: try flavor.decode(forColumn: "disk"))
         var sql = "SELECT id, name, stats FROM appliance WHERE enabled AND lastSeen >= ?"
         var arguments: StatementArguments = [date.addingTimeInterval(-TimeInterval(staleAfter))]
         if let region = request.region {
@@ -274,7 +283,7 @@ extension SQLiteStore {
         }
         var best: (id: Int64, score: (Int, Int))?
         for row in try Row.fetchAll(db, sql: sql + " ORDER BY name", arguments: arguments) {
-            guard let free = try freeRoom(db, applianceID: row["id"], stats: row["stats"]), size.fits(in: free) else { continue }
+            guard let free = try freeRoom(db, applianceID: try row.decode(forColumn: "id"), stats: try row.decode(forColumn: "stats")), size.fits(in: free) else { continue }
             let left = InstanceFlavor(vcpus: free.vcpus - size.vcpus, memory: free.memory - size.memory, disk: free.disk - size.disk)
             let more = [
                 size.vcpus > 0 ? left.vcpus / size.vcpus : Int.max, size.memory > 0 ? left.memory / size.memory : Int.max,
@@ -282,7 +291,7 @@ extension SQLiteStore {
             ].min()!
             let score = (more, left.memory)
             if let current = best, current.score >= score { continue }
-            best = (row["id"], score)
+            best = (try row.decode(forColumn: "id"), score)
         }
         guard let best else {
             let scope = request.region.map { " in region '\($0)'" } ?? ""
@@ -325,9 +334,9 @@ extension SQLiteStore {
             _ = arguments.append(contentsOf: [region])
         }
         return try Row.fetchAll(db, sql: sql + " ORDER BY name", arguments: arguments).compactMap { row in
-            let name: String = row["name"]
-            let stats: String? = row["stats"]
-            guard let lastSeen = row["lastSeen"] as Date?, stats != nil else {
+            let name: String = try row.decode(forColumn: "name")
+            let stats: String? = try row.decode(forColumn: "stats")
+            guard let lastSeen = try row.decode(forColumn: "lastSeen") as Date?, stats != nil else {
                 return "appliance '\(name)' has not checked in yet"
             }
             let seconds = Int(date.timeIntervalSince(lastSeen).rounded())
@@ -351,17 +360,25 @@ extension SQLiteStore {
         }
         guard let row = try Row.fetchOne(db, sql: sql + " ORDER BY instance.createdAt, instance.id LIMIT 1", arguments: arguments)
         else { return nil }
-        return (row["id"], row["applianceID"])
+        return (try row.decode(forColumn: "id"), try row.decode(forColumn: "applianceID"))
     }
 
     /// Row ids of users named by id (32 hex digits) or name; an unknown one
     /// is an invalid `field`.
     static func userIDs(_ db: Database, _ users: [String], field: String) throws -> [Int64] {
         try users.map { user in
-            guard let id = try Int64.fetchOne(db, sql: "SELECT id FROM user WHERE uuid = ? OR name = ?", arguments: [user, user])
+            guard let id = try Int64.fetchOne(db, sql: "SELECT id FROM user WHERE \(idOrName(user))", arguments: [user])
             else { throw PoolError.invalid(field: field, reason: "there is no user '\(user)'") }
             return id
         }
+    }
+
+    /// The condition that finds a record by what a caller calls it: an id
+    /// (32 hexadecimal digits) by its `uuid`, anything else by its `name`.
+    /// Names are never of an id's form, so one text finds one record.
+    static func idOrName(_ text: String) -> String {
+        let isID = text.utf8.count == 32 && text.utf8.allSatisfy { (0x30...0x39).contains($0) || (0x61...0x66).contains($0) }
+        return isID ? "uuid = ?" : "name = ?"
     }
 
     /// Gives users access to an instance (the owner has it already).
@@ -377,15 +394,15 @@ extension SQLiteStore {
     static func instanceIDs(_ db: Database, _ id: String) throws -> (id: Int64, ownerID: Int64) {
         guard
             let row = try Row.fetchOne(
-                db, sql: "SELECT id, ownerID FROM instance WHERE uuid = ? OR name = ? LIMIT 1", arguments: [id, id])
+                db, sql: "SELECT id, ownerID FROM instance WHERE \(idOrName(id))", arguments: [id])
         else { throw PoolError.notFound(what: "instance", name: id) }
-        return (row["id"], row["ownerID"])
+        return (try row.decode(forColumn: "id"), try row.decode(forColumn: "ownerID"))
     }
 
     static func instance(_ db: Database, id: Int64) throws -> Instance {
         guard let row = try Row.fetchOne(db, sql: instanceQuery + " WHERE instance.id = ?", arguments: [id]) else {
             throw PoolError.storage("instance \(id) vanished")
         }
-        return instance(row)
+        return try instance(row)
     }
 }

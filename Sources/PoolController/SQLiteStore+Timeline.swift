@@ -25,9 +25,9 @@ extension SQLiteStore {
                 """,
             arguments: [applianceID]
         ).map { row in
-            var action = Self.action(row)
+            var action = try Self.action(row)
             if action.kind == .start {
-                let timeline = try Self.timeline(db, instanceID: row["instanceID"]).filter { LaunchPhase.recordedByPool.contains($0.phase) }
+                let timeline = try Self.timeline(db, instanceID: try row.decode(forColumn: "instanceID")).filter { LaunchPhase.recordedByPool.contains($0.phase) }
                 if !timeline.isEmpty { action.timeline = timeline }
             }
             return action
@@ -37,8 +37,8 @@ extension SQLiteStore {
     static func timeline(_ db: Database, instanceID: Int64) throws -> [TimelineEntry] {
         try Row.fetchAll(db, sql: "SELECT * FROM timelineEntry WHERE instanceID = ?", arguments: [instanceID])
             .compactMap { row in
-                guard let phase = LaunchPhase(rawValue: row["phase"]) else { return nil }
-                return TimelineEntry(phase: phase, at: Date(timeIntervalSince1970: row["at"]), detail: row["detail"])
+                guard let phase = LaunchPhase(rawValue: try row.decode(forColumn: "phase")) else { return nil }
+                return TimelineEntry(phase: phase, at: Date(timeIntervalSince1970: try row.decode(forColumn: "at")), detail: try row.decode(forColumn: "detail"))
             }
             .sorted()
     }

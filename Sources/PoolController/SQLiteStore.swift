@@ -225,7 +225,7 @@ public final class SQLiteStore: PoolStore {
             guard let row = try Row.fetchOne(db, sql: Self.userQuery + " WHERE user.name = ?", arguments: [name]) else {
                 throw PoolError.storage("user \(name) vanished")
             }
-            return Self.user(row)
+            return try Self.user(row)
         }
     }
 
@@ -330,9 +330,9 @@ public final class SQLiteStore: PoolStore {
         try await database.read { db in
             try Row.fetchAll(db, sql: "SELECT * FROM flavor ORDER BY name").map { row in
                 Flavor(
-                    name: row["name"], description: row["description"], vcpus: row["vcpus"], memory: row["memory"],
-                    disk: row["disk"], networkUp: row["networkUp"], networkDown: row["networkDown"], rate: row["rate"],
-                    ask: row["ask"], hot: row["hot"], active: row["active"])
+                    name: try row.decode(forColumn: "name"), description: try row.decode(forColumn: "description"), vcpus: try row.decode(forColumn: "vcpus"), memory: try row.decode(forColumn: "memory"),
+                    disk: try row.decode(forColumn: "disk"), networkUp: try row.decode(forColumn: "networkUp"), networkDown: try row.decode(forColumn: "networkDown"), rate: try row.decode(forColumn: "rate"),
+                    ask: try row.decode(forColumn: "ask"), hot: try row.decode(forColumn: "hot"), active: try row.decode(forColumn: "active"))
             }
         }
     }
@@ -409,7 +409,8 @@ public final class SQLiteStore: PoolStore {
         LEFT JOIN image AS wispImage ON wispImage.id = wisp.imageID LEFT JOIN template ON template.id = instance.templateID
         """
 
-    public func recordReport(_ report: InstanceReport, appliance: String, consoleLimit: Int, at date: Date) async throws
+    public func recordReport(_ report: InstanceReport, appliance: String, consoleLimit: Int, maxInstances: Int, at date: Date)
+        async throws
         -> RecordedReport
     {
         let encoder = JSONEncoder()
@@ -423,7 +424,7 @@ public final class SQLiteStore: PoolStore {
             if let previous {
                 try db.execute(
                     sql: """
-                        UPDATE instance SET state = ?, flavor = COALESCE(?, flavor), ask = ?, expires = ?, address = ?,
+                        UPDATE instance SET state = ?, flavor = COALESCE(flavor, ?), ask = ?, expires = ?, address = ?,
                         ipAddresses = ?, consoleTail = ?, lastError = ?, stateReason = ?, reportedAt = ?, updatedAt = ? WHERE id = ?
                         """,
                     arguments: [
@@ -431,6 +432,7 @@ public final class SQLiteStore: PoolStore {
                         report.reason, date, date, previous.id,
                     ])
             } else {
+                try Self.checkRecordRoom(db, applianceID: applianceID, appliance: appliance, adding: 1, most: maxInstances)
                 try db.execute(
                     sql: """
                         INSERT INTO instance (name, uuid, applianceID, ownerID, state, flavor, ask, expires, address, ipAddresses,
@@ -458,9 +460,9 @@ public final class SQLiteStore: PoolStore {
                 let instance = try Row.fetchOne(
                     db, sql: "SELECT wispID, ownerID, callbackURL, imageID FROM instance WHERE name = ?", arguments: [name])
             else { throw PoolError.notFound(what: "instance", name: name) }
-            if let callback: String = instance["callbackURL"], !callback.isEmpty { return .callback(callback) }
-            let wispID: Int64? = instance["wispID"]
-            let ownerID: Int64 = instance["ownerID"]
+            if let callback: String = try instance.decode(forColumn: "callbackURL"), !callback.isEmpty { return .callback(callback) }
+            let wispID: Int64? = try instance.decode(forColumn: "wispID")
+            let ownerID: Int64 = try instance.decode(forColumn: "ownerID")
             let row =
                 try wispID.flatMap { try Row.fetchOne(db, sql: Self.wispQuery + " WHERE wisp.id = ?", arguments: [$0]) }
                 ?? Row.fetchOne(db, sql: Self.wispQuery + " WHERE wisp.ownerID = ? AND wisp.isDefault", arguments: [ownerID])
@@ -468,28 +470,28 @@ public final class SQLiteStore: PoolStore {
             // An instance created with its own image (the user-facing API)
             // boots that image with the SSH keys and script of the wisp
             // found above, if any.
-            if let imageID: Int64 = instance["imageID"] {
+            if let imageID: Int64 = try instance.decode(forColumn: "imageID") {
                 guard let imageRow = try Row.fetchOne(db, sql: "SELECT * FROM image WHERE id = ?", arguments: [imageID]) else {
                     throw PoolError.storage("image \(imageID) of instance '\(name)' vanished")
                 }
-                let wisp = row.map(Self.wisp)
+                let wisp = try row.map(Self.wisp)
                 let usable = wisp.map { $0.callbackURL?.isEmpty ?? true } ?? false
                 return .parameters(
                     StartParameters(
-                        image: Self.imageReference(Self.image(imageRow)), sshKeys: usable ? wisp?.sshKeys ?? [] : [],
+                        image: Self.imageReference(try Self.image(imageRow)), sshKeys: usable ? wisp?.sshKeys ?? [] : [],
                         postCreate: usable ? Self.scriptLines(wisp?.postCreate ?? "") : []))
             }
             guard let row else {
                 throw PoolError.unavailable(
                     "instance '\(name)' has no wisp to boot from: neither its own, nor its owner's default, nor a system default (add one with `corral pool wisp add NAME --owner USER --image IMAGE --system-default`)")
             }
-            let wisp = Self.wisp(row)
+            let wisp = try Self.wisp(row)
             if let callback = wisp.callbackURL, !callback.isEmpty { return .callback(callback) }
             let image: ImageReference
             if let imageName = wisp.image,
                 let imageRow = try Row.fetchOne(db, sql: "SELECT * FROM image WHERE name = ?", arguments: [imageName])
             {
-                image = Self.imageReference(Self.image(imageRow))
+                image = Self.imageReference(try Self.image(imageRow))
             } else if let url = wisp.dynamicImageURL {
                 // The appliance checks the real format with qemu-img before use.
                 image = ImageReference(name: "dynamic", url: url, diskFormat: url.hasSuffix(".raw") ? "raw" : "qcow2")
@@ -531,7 +533,9 @@ public final class SQLiteStore: PoolStore {
 
     // MARK: Check-ins and actions
 
-    public func checkIn(_ appliance: String, request: CheckInRequest, at date: Date) async throws -> RecordedCheckIn {
+    public func checkIn(_ appliance: String, request: CheckInRequest, maxInstances: Int, at date: Date) async throws
+        -> RecordedCheckIn
+    {
         let stats = String(decoding: try JSONEncoder().encode(request.stats), as: UTF8.self)
         return try await database.write { db in
             let (applianceID, ownerID) = try Self.applianceIDs(db, named: appliance)
@@ -559,6 +563,7 @@ public final class SQLiteStore: PoolStore {
                         sql: "UPDATE instance SET state = ?, updatedAt = ? WHERE id = ?",
                         arguments: [summary.state.rawValue, date, existing.id])
                 } else {
+                    try Self.checkRecordRoom(db, applianceID: applianceID, appliance: appliance, adding: 1, most: maxInstances)
                     try db.execute(
                         sql: """
                             INSERT INTO instance (name, uuid, applianceID, ownerID, state, ipAddresses, consoleTail, createdAt,
@@ -579,12 +584,12 @@ public final class SQLiteStore: PoolStore {
                 let instance = try Row.fetchOne(
                     db, sql: "SELECT id, applianceID, state, flavor FROM instance WHERE name = ?", arguments: [name])
             else { throw PoolError.notFound(what: "instance", name: name) }
-            guard instance["state"] as Int != InstanceState.decommissioned.rawValue else {
+            guard try instance.decode(forColumn: "state") as Int != InstanceState.decommissioned.rawValue else {
                 throw PoolError.conflict("instance '\(name)' is decommissioned")
             }
             return try Self.insertAction(
-                db, kind: kind, instanceID: instance["id"], applianceID: instance["applianceID"],
-                flavor: kind == .start ? instance["flavor"] : nil, expires: expires, at: date)
+                db, kind: kind, instanceID: try instance.decode(forColumn: "id"), applianceID: try instance.decode(forColumn: "applianceID"),
+                flavor: kind == .start ? try instance.decode(forColumn: "flavor") : nil, expires: expires, at: date)
         }
     }
 
@@ -597,19 +602,19 @@ public final class SQLiteStore: PoolStore {
             guard let userRow = try Row.fetchOne(db, sql: "SELECT * FROM user WHERE name = ?", arguments: [user]) else {
                 throw PoolError.notFound(what: "user", name: user)
             }
-            let userID: Int64 = userRow["id"]
-            let superuser: Bool = userRow["superuser"]
+            let userID: Int64 = try userRow.decode(forColumn: "id")
+            let superuser: Bool = try userRow.decode(forColumn: "superuser")
             var wispID: Int64?
             if let wisp = request.wisp {
                 let row = try Row.fetchOne(db, sql: "SELECT id, ownerID FROM wisp WHERE name = ?", arguments: [wisp])
                 // Another user's wisp is reported as missing, not as forbidden.
-                guard let row, superuser || row["ownerID"] as Int64 == userID else {
+                guard let row, try superuser || row.decode(Int64.self, forColumn: "ownerID") == userID else {
                     throw PoolError.notFound(what: "wisp", name: wisp)
                 }
-                wispID = row["id"]
+                wispID = try row.decode(forColumn: "id")
             }
             func checkLimit() throws {
-                try Self.checkLimit(db, userID: userID, name: user, limit: userRow["maxInstances"], at: date)
+                try Self.checkLimit(db, userID: userID, name: user, limit: try userRow.decode(forColumn: "maxInstances"), at: date)
             }
             let instanceID: Int64
             if let name = request.instance {
@@ -622,11 +627,11 @@ public final class SQLiteStore: PoolStore {
                             """,
                         arguments: [name])
                 else { throw PoolError.notFound(what: "instance", name: name) }
-                guard row["state"] as Int == InstanceState.onOffer.rawValue else {
+                guard try row.decode(forColumn: "state") as Int == InstanceState.onOffer.rawValue else {
                     throw PoolError.conflict("instance '\(name)' is not on offer")
                 }
-                try Self.checkPlaceable(row, name: row["appliance"], staleAfter: applianceStaleAfter, at: date)
-                instanceID = row["id"]
+                try Self.checkPlaceable(row, name: try row.decode(forColumn: "appliance"), staleAfter: applianceStaleAfter, at: date)
+                instanceID = try row.decode(forColumn: "id")
                 try db.execute(sql: "DELETE FROM reservation WHERE instanceID = ? AND expiresAt <= ?", arguments: [instanceID, date])
                 if try Bool.fetchOne(db, sql: "SELECT 1 FROM reservation WHERE instanceID = ?", arguments: [instanceID]) ?? false {
                     throw PoolError.conflict("instance '\(name)' is reserved already")
@@ -642,8 +647,8 @@ public final class SQLiteStore: PoolStore {
                     throw PoolError.notFound(what: "appliance", name: appliance)
                 }
                 try Self.checkPlaceable(row, name: appliance, staleAfter: applianceStaleAfter, at: date)
-                let size = InstanceFlavor(name: flavorName, vcpus: flavor["vcpus"], memory: flavor["memory"], disk: flavor["disk"])
-                try Self.checkRoom(db, applianceID: row["id"], stats: row["stats"], for: size, appliance: appliance)
+                let size = InstanceFlavor(name: flavorName, vcpus: try flavor.decode(forColumn: "vcpus"), memory: try flavor.decode(forColumn: "memory"), disk: try flavor.decode(forColumn: "disk"))
+                try Self.checkRoom(db, applianceID: try row.decode(forColumn: "id"), stats: try row.decode(forColumn: "stats"), for: size, appliance: appliance)
                 try checkLimit()
                 let instanceName = Self.newInstanceName()
                 let flavorJSON = String(decoding: try JSONEncoder().encode(size), as: UTF8.self)
@@ -653,12 +658,12 @@ public final class SQLiteStore: PoolStore {
                         callbackURL, createdAt, updatedAt) VALUES (?, ?, ?, ?, ?, ?, ?, '[]', '[]', ?, ?, ?)
                         """,
                     arguments: [
-                        instanceName, Self.newID(), row["id"] as Int64, userID, wispID, InstanceState.leased.rawValue, flavorJSON,
+                        instanceName, Self.newID(), try row.decode(forColumn: "id") as Int64, userID, wispID, InstanceState.leased.rawValue, flavorJSON,
                         request.callbackURL, date, date,
                     ])
                 instanceID = db.lastInsertedRowID
                 _ = try Self.insertAction(
-                    db, kind: .start, instanceID: instanceID, applianceID: row["id"], flavor: flavorJSON,
+                    db, kind: .start, instanceID: instanceID, applianceID: try row.decode(forColumn: "id"), flavor: flavorJSON,
                     expires: request.leaseSeconds.map { date.addingTimeInterval(TimeInterval($0)) }, at: date)
             }
             let id = UUID().uuidString.lowercased()
@@ -740,7 +745,7 @@ public final class SQLiteStore: PoolStore {
         guard let row = try Row.fetchOne(db, sql: "SELECT id, ownerID FROM appliance WHERE name = ?", arguments: [name]) else {
             throw PoolError.notFound(what: "appliance", name: name)
         }
-        return (row["id"], row["ownerID"])
+        return (try row.decode(forColumn: "id"), try row.decode(forColumn: "ownerID"))
     }
 
     /// The instance named `name` if it exists and is the appliance's; nil if
@@ -748,10 +753,10 @@ public final class SQLiteStore: PoolStore {
     static func ownedInstance(_ db: Database, named name: String, applianceID: Int64) throws -> (id: Int64, state: Int)? {
         guard let row = try Row.fetchOne(db, sql: "SELECT id, applianceID, state FROM instance WHERE name = ?", arguments: [name])
         else { return nil }
-        guard row["applianceID"] as Int64 == applianceID else {
+        guard try row.decode(forColumn: "applianceID") as Int64 == applianceID else {
             throw PoolError.forbidden("instance '\(name)' belongs to another appliance")
         }
-        return (row["id"], row["state"])
+        return (try row.decode(forColumn: "id"), try row.decode(forColumn: "state"))
     }
 
     /// Turns a pending reservation of the instance into its owner, wisp and callback.
@@ -768,16 +773,16 @@ public final class SQLiteStore: PoolStore {
         try db.execute(
             sql: "UPDATE instance SET ownerID = ?, wispID = ?, callbackURL = ? WHERE id = ?",
             arguments: [
-                reservation["userID"] as Int64, reservation["wispID"] as Int64?, reservation["callbackURL"] as String?,
-                reservation["instanceID"] as Int64,
+                try reservation.decode(forColumn: "userID") as Int64, try reservation.decode(forColumn: "wispID") as Int64?, try reservation.decode(forColumn: "callbackURL") as String?,
+                try reservation.decode(forColumn: "instanceID") as Int64,
             ])
-        try db.execute(sql: "DELETE FROM reservation WHERE id = ?", arguments: [reservation["id"] as String])
+        try db.execute(sql: "DELETE FROM reservation WHERE id = ?", arguments: [try reservation.decode(forColumn: "id") as String])
     }
 
     /// Refuses an appliance that is disabled or stale.
     static func checkPlaceable(_ row: Row, name: String, staleAfter: Int, at date: Date) throws {
-        guard row["enabled"] as Bool else { throw PoolError.conflict("appliance '\(name)' is disabled") }
-        let lastSeen: Date? = row["lastSeen"]
+        guard try row.decode(forColumn: "enabled") as Bool else { throw PoolError.conflict("appliance '\(name)' is disabled") }
+        let lastSeen: Date? = try row.decode(forColumn: "lastSeen")
         guard let lastSeen, date.timeIntervalSince(lastSeen) <= TimeInterval(staleAfter) else {
             throw PoolError.conflict("appliance '\(name)' has not checked in for over \(staleAfter) s and takes no new instances")
         }
@@ -797,10 +802,26 @@ public final class SQLiteStore: PoolStore {
                 """,
             arguments: [applianceID]
         ).compactMap { try? JSONDecoder().decode(InstanceFlavor.self, from: Data($0.utf8)) }
+        // Reported numbers are bounded where they arrive; records from
+        // before those bounds are still summed without overflowing.
+        func left(_ free: Int, _ used: KeyPath<InstanceFlavor, Int>) -> Int {
+            let total = pending.reduce(0) { sum, flavor in
+                let (next, overflow) = sum.addingReportingOverflow(max(0, flavor[keyPath: used]))
+                return overflow ? Int.max : next
+            }
+            return max(0, free) - min(total, max(0, free) + 1)
+        }
         return InstanceFlavor(
-            vcpus: free.vcpus.free - pending.reduce(0) { $0 + $1.vcpus },
-            memory: free.memoryMiB.free - pending.reduce(0) { $0 + $1.memory },
-            disk: free.diskGiB.free - pending.reduce(0) { $0 + $1.disk })
+            vcpus: left(free.vcpus.free, \.vcpus), memory: left(free.memoryMiB.free, \.memory), disk: left(free.diskGiB.free, \.disk))
+    }
+
+    /// Refuses a new instance record of an appliance that holds `most` already.
+    static func checkRecordRoom(_ db: Database, applianceID: Int64, appliance: String, adding: Int, most: Int) throws {
+        let held = try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM instance WHERE applianceID = ?", arguments: [applianceID]) ?? 0
+        guard held + adding <= most else {
+            throw PoolError.tooMany(
+                "appliance '\(appliance)' holds \(held) instance records, the most it may (limits.max_instances_per_appliance = \(most)); decommission some (records are purged after housekeeping.purge_after_seconds)")
+        }
     }
 
     /// Refuses a placement the appliance has no room for (see ``freeRoom(_:applianceID:stats:)``).
@@ -830,29 +851,29 @@ public final class SQLiteStore: PoolStore {
                 sql: "SELECT action.*, instance.name AS instance FROM action JOIN instance ON instance.id = action.instanceID WHERE action.id = ?",
                 arguments: [id])
         else { throw PoolError.storage("action \(id) vanished") }
-        return action(row)
+        return try action(row)
     }
 
-    static func action(_ row: Row) -> Action {
-        let flavor = (row["flavor"] as String?).flatMap { try? JSONDecoder().decode(InstanceFlavor.self, from: Data($0.utf8)) }
-        let expires: Date? = row["expires"]
+    static func action(_ row: Row) throws -> Action {
+        let flavor = (try row.decode(forColumn: "flavor") as String?).flatMap { try? JSONDecoder().decode(InstanceFlavor.self, from: Data($0.utf8)) }
+        let expires: Date? = try row.decode(forColumn: "expires")
         return Action(
-            id: row["id"], kind: Action.Kind(rawValue: row["kind"]) ?? .reboot, instance: row["instance"], flavor: flavor,
+            id: try row.decode(forColumn: "id"), kind: Action.Kind(rawValue: try row.decode(forColumn: "kind")) ?? .reboot, instance: try row.decode(forColumn: "instance"), flavor: flavor,
             expires: expires.map { Int($0.timeIntervalSince1970) })
     }
 
-    static func reservation(_ row: Row) -> Reservation {
-        let expires: Date = row["expiresAt"]
+    static func reservation(_ row: Row) throws -> Reservation {
+        let expires: Date = try row.decode(forColumn: "expiresAt")
         return Reservation(
-            id: row["id"], user: row["user"], instance: row["instance"], appliance: row["appliance"], flavor: row["flavor"],
-            wisp: row["wisp"], callbackURL: row["callbackURL"], expires: Int(expires.timeIntervalSince1970))
+            id: try row.decode(forColumn: "id"), user: try row.decode(forColumn: "user"), instance: try row.decode(forColumn: "instance"), appliance: try row.decode(forColumn: "appliance"), flavor: try row.decode(forColumn: "flavor"),
+            wisp: try row.decode(forColumn: "wisp"), callbackURL: try row.decode(forColumn: "callbackURL"), expires: Int(expires.timeIntervalSince1970))
     }
 
     static func reservation(_ db: Database, id: String) throws -> Reservation {
         guard let row = try Row.fetchOne(db, sql: reservationQuery + " WHERE reservation.id = ?", arguments: [id]) else {
             throw PoolError.storage("reservation \(id) vanished")
         }
-        return reservation(row)
+        return try reservation(row)
     }
 
     static func userID(_ db: Database, named name: String) throws -> Int64 {
@@ -862,64 +883,64 @@ public final class SQLiteStore: PoolStore {
         return id
     }
 
-    static func image(_ row: Row) -> Image {
-        let kernelBoot = (row["kernelBoot"] as String?).flatMap { try? JSONDecoder().decode(KernelBoot.self, from: Data($0.utf8)) }
-        return Image(name: row["name"], url: row["url"], sha256: row["sha256"], diskFormat: row["diskFormat"], kernelBoot: kernelBoot)
+    static func image(_ row: Row) throws -> Image {
+        let kernelBoot = (try row.decode(forColumn: "kernelBoot") as String?).flatMap { try? JSONDecoder().decode(KernelBoot.self, from: Data($0.utf8)) }
+        return Image(name: try row.decode(forColumn: "name"), url: try row.decode(forColumn: "url"), sha256: try row.decode(forColumn: "sha256"), diskFormat: try row.decode(forColumn: "diskFormat"), kernelBoot: kernelBoot)
     }
 
-    static func wisp(_ row: Row) -> Wisp {
-        let keys: String = row["sshKeys"]
+    static func wisp(_ row: Row) throws -> Wisp {
+        let keys: String = try row.decode(forColumn: "sshKeys")
         return Wisp(
-            name: row["name"], owner: row["owner"], image: row["image"], dynamicImageURL: row["dynamicImageURL"],
-            sshKeys: keys.isEmpty ? [] : keys.components(separatedBy: "\n"), postCreate: row["postCreate"],
-            callbackURL: row["callbackURL"], isDefault: row["isDefault"], isSystemDefault: row["isSystemDefault"])
+            name: try row.decode(forColumn: "name"), owner: try row.decode(forColumn: "owner"), image: try row.decode(forColumn: "image"), dynamicImageURL: try row.decode(forColumn: "dynamicImageURL"),
+            sshKeys: keys.isEmpty ? [] : keys.components(separatedBy: "\n"), postCreate: try row.decode(forColumn: "postCreate"),
+            callbackURL: try row.decode(forColumn: "callbackURL"), isDefault: try row.decode(forColumn: "isDefault"), isSystemDefault: try row.decode(forColumn: "isSystemDefault"))
     }
 
-    static func instance(_ row: Row) -> Instance {
+    static func instance(_ row: Row) throws -> Instance {
         let decoder = JSONDecoder()
         func decode<T: Decodable>(_ column: String, as type: T.Type) -> T? {
             (row[column] as String?).flatMap { try? decoder.decode(T.self, from: Data($0.utf8)) }
         }
-        let ownerID: String = row["ownerUUID"]
+        let ownerID: String = try row.decode(forColumn: "ownerUUID")
         let granted = (decode("grantedUsers", as: [String].self) ?? []).filter { $0 != ownerID }
         return Instance(
-            id: row["uuid"], name: row["name"], appliance: row["appliance"], owner: row["owner"], ownerID: ownerID,
-            users: [ownerID] + granted, wisp: row["wisp"], image: row["image"], template: row["template"], warm: row["warm"],
-            preemptible: row["preemptible"], topic: row["topic"],
-            state: InstanceState(rawValue: row["state"]) ?? .inactive, flavor: decode("flavor", as: InstanceFlavor.self),
-            ask: row["ask"], expires: row["expires"], address: row["address"],
+            id: try row.decode(forColumn: "uuid"), name: try row.decode(forColumn: "name"), appliance: try row.decode(forColumn: "appliance"), owner: try row.decode(forColumn: "owner"), ownerID: ownerID,
+            users: [ownerID] + granted, wisp: try row.decode(forColumn: "wisp"), image: try row.decode(forColumn: "image"), template: try row.decode(forColumn: "template"), warm: try row.decode(forColumn: "warm"),
+            preemptible: try row.decode(forColumn: "preemptible"), topic: try row.decode(forColumn: "topic"),
+            state: InstanceState(rawValue: try row.decode(forColumn: "state")) ?? .inactive, flavor: decode("flavor", as: InstanceFlavor.self),
+            ask: try row.decode(forColumn: "ask"), expires: try row.decode(forColumn: "expires"), address: try row.decode(forColumn: "address"),
             ipAddresses: decode("ipAddresses", as: [IPAddress].self) ?? [],
-            consoleTail: decode("consoleTail", as: [String].self) ?? [], callbackURL: row["callbackURL"],
-            lastError: row["lastError"], stateReason: row["stateReason"], reportedAt: row["reportedAt"],
-            createdAt: row["createdAt"], updatedAt: row["updatedAt"])
+            consoleTail: decode("consoleTail", as: [String].self) ?? [], callbackURL: try row.decode(forColumn: "callbackURL"),
+            lastError: try row.decode(forColumn: "lastError"), stateReason: try row.decode(forColumn: "stateReason"), reportedAt: try row.decode(forColumn: "reportedAt"),
+            createdAt: try row.decode(forColumn: "createdAt"), updatedAt: try row.decode(forColumn: "updatedAt"))
     }
 
     static func instance(_ db: Database, named name: String) throws -> Instance {
         guard let row = try Row.fetchOne(db, sql: instanceQuery + " WHERE instance.name = ?", arguments: [name]) else {
             throw PoolError.notFound(what: "instance", name: name)
         }
-        return instance(row)
+        return try instance(row)
     }
 
-    static func user(_ row: Row) -> User {
+    static func user(_ row: Row) throws -> User {
         User(
-            id: row["uuid"], name: row["name"], superuser: row["superuser"], maxInstances: row["maxInstances"],
-            manager: row["manager"], leaseSeconds: row["leaseSeconds"], createdAt: row["createdAt"])
+            id: try row.decode(forColumn: "uuid"), name: try row.decode(forColumn: "name"), superuser: try row.decode(forColumn: "superuser"), maxInstances: try row.decode(forColumn: "maxInstances"),
+            manager: try row.decode(forColumn: "manager"), leaseSeconds: try row.decode(forColumn: "leaseSeconds"), createdAt: try row.decode(forColumn: "createdAt"))
     }
 
-    static func appliance(_ row: Row) -> Appliance {
+    static func appliance(_ row: Row) throws -> Appliance {
         Appliance(
-            name: row["name"], owner: row["owner"], enabled: row["enabled"], version: row["version"],
-            latitude: row["latitude"], longitude: row["longitude"], dynamicImages: row["dynamicImages"],
-            region: row["region"], lastSeen: row["lastSeen"],
-            stats: (row["stats"] as String?).flatMap { try? JSONDecoder().decode(HypervisorStats.self, from: Data($0.utf8)) },
-            createdAt: row["createdAt"])
+            name: try row.decode(forColumn: "name"), owner: try row.decode(forColumn: "owner"), enabled: try row.decode(forColumn: "enabled"), version: try row.decode(forColumn: "version"),
+            latitude: try row.decode(forColumn: "latitude"), longitude: try row.decode(forColumn: "longitude"), dynamicImages: try row.decode(forColumn: "dynamicImages"),
+            region: try row.decode(forColumn: "region"), lastSeen: try row.decode(forColumn: "lastSeen"),
+            stats: (try row.decode(forColumn: "stats") as String?).flatMap { try? JSONDecoder().decode(HypervisorStats.self, from: Data($0.utf8)) },
+            createdAt: try row.decode(forColumn: "createdAt"))
     }
 
     static func appliance(_ db: Database, named name: String) throws -> Appliance {
         guard let row = try Row.fetchOne(db, sql: applianceQuery + " WHERE appliance.name = ?", arguments: [name]) else {
             throw PoolError.notFound(what: "appliance", name: name)
         }
-        return appliance(row)
+        return try appliance(row)
     }
 }

@@ -46,7 +46,7 @@ struct ServerInstanceRoutes: Sendable {
     @Sendable func create(_ request: Request, context: BasicRequestContext) async throws -> Response {
         let received = Date()  // the timeline's `requested`
         let caller = try await authenticate(request)
-        let body = try JSONBody(try await collectBody(request))
+        let body = try JSONBody(try await collectBody(request, upTo: maximumUserBody))
         try body.only(["server-image", "server-flavor", "users"], required: ["server-image", "server-flavor"])
         let image = try body.string("server-image")!
         let flavor = try body.string("server-flavor")!
@@ -106,7 +106,7 @@ struct ServerInstanceRoutes: Sendable {
     /// decommissioned.
     @Sendable func modify(_ request: Request, context: BasicRequestContext) async throws -> Response {
         let (caller, instance) = try await visibleInstance(request, context: context)
-        let body = try JSONBody(try await collectBody(request))
+        let body = try JSONBody(try await collectBody(request, upTo: maximumUserBody))
         try body.only(["task"], required: ["task"])
         let task = try body.object("task")!
         let what = try task.string("what", choices: ["modify-users", "reboot", "power-on", "power-off", "extend-lease"])
@@ -122,8 +122,11 @@ struct ServerInstanceRoutes: Sendable {
         case "extend-lease":
             try task.only(["what", "seconds"], required: ["what", "seconds"])
             guard caller.superuser else { throw Refusal(.forbidden, "only a superuser may extend a lease") }
-            let seconds = try task.int("seconds", in: 1...31_536_000)!
-            changed = try await refusingPoolErrors { try await store.extendLease(ofInstance: instance.id, bySeconds: seconds, at: now) }
+            let most = configuration.limits.maxLeaseSeconds
+            let seconds = try task.int("seconds", in: 1...most)!
+            changed = try await refusingPoolErrors {
+                try await store.extendLease(ofInstance: instance.id, bySeconds: seconds, atMost: most, at: now)
+            }
         default:
             try task.only(["what"], required: ["what"])
             let kind: Action.Kind = what == "reboot" ? .reboot : what == "power-on" ? .powerOn : .powerOff
@@ -250,8 +253,8 @@ struct JSONBody {
 
     func string(_ key: String, choices: [String]? = nil) throws -> String? {
         guard let value = fields[key] else { return nil }
-        guard let string = value as? String, !string.isEmpty else {
-            throw Refusal(.badRequest, "field '\(prefix)\(key)' must be a non-empty string")
+        guard let string = value as? String, !string.isEmpty, string.utf8.count <= 64 else {
+            throw Refusal(.badRequest, "field '\(prefix)\(key)' must be a non-empty string of at most 64 bytes")
         }
         if let choices, !choices.contains(string) {
             throw Refusal(
@@ -262,8 +265,10 @@ struct JSONBody {
 
     func strings(_ key: String) throws -> [String]? {
         guard let value = fields[key] else { return nil }
-        guard let list = value as? [Any], let strings = list as? [String] else {
-            throw Refusal(.badRequest, "field '\(prefix)\(key)' must be a list of user ids (strings)")
+        guard let list = value as? [Any], let strings = list as? [String],
+            strings.count <= 100, strings.allSatisfy({ $0.utf8.count <= 64 })
+        else {
+            throw Refusal(.badRequest, "field '\(prefix)\(key)' must be a list of at most 100 user ids or names (strings)")
         }
         return strings
     }

@@ -286,7 +286,7 @@ public protocol PoolStore: Sendable {
     /// ``PoolError/forbidden(_:)`` and changes nothing. Keeps the newest
     /// `consoleLimit` console lines. A pending reservation of the instance
     /// becomes its owner, wisp and callback.
-    func recordReport(_ report: InstanceReport, appliance: String, consoleLimit: Int, at date: Date) async throws
+    func recordReport(_ report: InstanceReport, appliance: String, consoleLimit: Int, maxInstances: Int, at date: Date) async throws
         -> RecordedReport
     /// How to boot the instance: its callback, else its wisp, else its
     /// owner's default wisp, else the system default.
@@ -302,7 +302,7 @@ public protocol PoolStore: Sendable {
     /// ``recordCheckIn(_:block:at:)``): last seen, stats, the state of each summarized
     /// instance (new ones are created, other appliances' are left alone),
     /// and the actions now done. Returns the actions still pending.
-    func checkIn(_ appliance: String, request: CheckInRequest, at date: Date) async throws -> RecordedCheckIn
+    func checkIn(_ appliance: String, request: CheckInRequest, maxInstances: Int, at date: Date) async throws -> RecordedCheckIn
     /// The appliance's actions not yet done, oldest first.
     func pendingActions(appliance: String) async throws -> [Action]
     /// Signalled after every change to the actions (a held check-in waits for it).
@@ -335,7 +335,7 @@ public protocol PoolStore: Sendable {
     func changeUsers(ofInstance id: String, _ change: UsersChange, users: [String], at date: Date) async throws -> Instance
     /// Moves the lease's end `seconds` on (from now if it has passed) and
     /// queues the lease change for the appliance.
-    func extendLease(ofInstance id: String, bySeconds seconds: Int, at date: Date) async throws -> Instance
+    func extendLease(ofInstance id: String, bySeconds seconds: Int, atMost most: Int, at date: Date) async throws -> Instance
 
     /// Adds a template; its wisp and flavor must exist.
     func addTemplate(_ template: Template) async throws

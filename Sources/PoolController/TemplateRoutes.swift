@@ -27,6 +27,9 @@ struct TemplateRoutes: Sendable {
         var launch = InstanceRequest(owner: user.name, template: name)
         if let region = query["region"].map(String.init), !region.isEmpty, region != "any" { launch.region = region }
         if let topic = query["topic"].map(String.init), !topic.isEmpty { launch.topic = topic }
+        for (field, value, most) in [("region", launch.region, 64), ("topic", launch.topic, 256)] {
+            if let value, value.utf8.count > most { throw Refusal(.badRequest, "\(field) must be at most \(most) bytes") }
+        }
         switch query["preemptible"].map({ String($0).lowercased() }) {
         case nil, "", "1", "true": launch.preemptible = true
         case "0", "false": launch.preemptible = false

@@ -208,7 +208,11 @@ extension Corral.Pool {
             @Option(help: "The region it is in, for launches that ask for one.") var region: String?
             @Flag(help: "Print JSON.") var json = false
 
-            func validate() throws { try validateName(name, field: "NAME") }
+            func validate() throws {
+                if let problem = ResourceName.problem(name) {
+                    throw ValidationError("NAME \(problem) (\(ResourceName.pattern)); it was '\(name)'.")
+                }
+            }
 
             func run() async throws {
                 let token = Token.generate()
@@ -354,9 +358,16 @@ extension Corral.Pool {
 
             func validate() throws {
                 try validateName(name, field: "NAME")
-                guard vcpus >= 1 else { throw ValidationError("--vcpus must be 1 or more (it was \(vcpus)).") }
-                guard memoryMib >= 16 else { throw ValidationError("--memory-mib must be 16 or more (it was \(memoryMib)).") }
-                guard diskGib >= 1 else { throw ValidationError("--disk-gib must be 1 or more (it was \(diskGib)).") }
+                let limits = PoolConfiguration.Limits()
+                guard (1...limits.maxVCPUs).contains(vcpus) else {
+                    throw ValidationError("--vcpus must be from 1 to \(limits.maxVCPUs) (it was \(vcpus)).")
+                }
+                guard (16...limits.maxMemoryMiB).contains(memoryMib) else {
+                    throw ValidationError("--memory-mib must be from 16 to \(limits.maxMemoryMiB) (it was \(memoryMib)).")
+                }
+                guard (1...limits.maxDiskGiB).contains(diskGib) else {
+                    throw ValidationError("--disk-gib must be from 1 to \(limits.maxDiskGiB) (it was \(diskGib)).")
+                }
                 for (option, value) in [("--network-up", networkUp), ("--network-down", networkDown), ("--ask", ask), ("--rate", rate)]
                 where value < 0 {
                     throw ValidationError("\(option) must be 0 or more (it was \(value)).")
@@ -639,7 +650,9 @@ extension Corral.Pool {
             @Option(help: "Seconds from now until the lease ends.") var seconds: Int
 
             func validate() throws {
-                guard seconds > 0 else { throw ValidationError("--seconds must be 1 or more (it was \(seconds)).") }
+                guard (1...315_360_000).contains(seconds) else {
+                    throw ValidationError("--seconds must be from 1 to 315360000 (ten years; it was \(seconds)).")
+                }
             }
 
             func run() async throws {
@@ -688,7 +701,10 @@ func validateHTTPURL(_ text: String, option: String) throws {
 /// Names of users, appliances and flavors: letters, digits, `.`, `_`, `-`.
 func validateName(_ name: String, field: String) throws {
     let allowed = CharacterSet.alphanumerics.union(CharacterSet(charactersIn: "._-"))
-    guard !name.isEmpty, name.count <= 64, name.unicodeScalars.allSatisfy(allowed.contains) else {
-        throw ValidationError("\(field) must be 1-64 letters, digits, '.', '_' or '-' (it was '\(name)').")
+    guard !name.isEmpty, name.count <= 64, name.unicodeScalars.allSatisfy({ $0.isASCII && allowed.contains($0) }) else {
+        throw ValidationError("\(field) must be 1-64 ASCII letters, digits, '.', '_' or '-' (it was '\(name)').")
+    }
+    guard !(name.count == 32 && name.allSatisfy(\.isHexDigit)) else {
+        throw ValidationError("\(field) must not be 32 hexadecimal digits, the form of ids (it was '\(name)').")
     }
 }

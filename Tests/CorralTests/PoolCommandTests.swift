@@ -62,7 +62,9 @@ struct PoolCommandTests {
         #expect(duplicate.stderr == "corral: a user named 'alice' exists already\n")
         let badName = try await Self.pool(["user", "add", "al ice"], database: database)
         #expect(badName.status != 0)
-        #expect(badName.stderr.contains("NAME must be 1-64 letters, digits, '.', '_' or '-' (it was 'al ice')"))
+        #expect(badName.stderr.contains("NAME must be 1-64 ASCII letters, digits, '.', '_' or '-' (it was 'al ice')"))
+        let idName = try await Self.pool(["user", "add", String(repeating: "ab", count: 16)], database: database)
+        #expect(idName.stderr.contains("NAME must not be 32 hexadecimal digits, the form of ids"))
 
         let flavor = try await Self.pool(
             ["flavor", "add", "small", "--vcpus", "1", "--memory-mib", "512", "--disk-gib", "5", "--ask", "2"],
@@ -70,7 +72,7 @@ struct PoolCommandTests {
         #expect(flavor.status == 0, "\(flavor.stderr)")
         let badFlavor = try await Self.pool(
             ["flavor", "add", "tiny", "--vcpus", "0", "--memory-mib", "512", "--disk-gib", "5"], database: database)
-        #expect(badFlavor.stderr.contains("--vcpus must be 1 or more (it was 0)"))
+        #expect(badFlavor.stderr.contains("--vcpus must be from 1 to 1024 (it was 0)"))
 
         let users = try await Self.pool(["user", "list"], database: database)
         let appliances = try await Self.pool(["appliance", "list"], database: database)

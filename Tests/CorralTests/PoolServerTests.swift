@@ -64,7 +64,7 @@ struct PoolServerTests {
         try "[server]\nprot = 8080\n".write(to: config, atomically: true, encoding: .utf8)
         let wrong = try await runCorral(["pool", "serve", "--config", config.path])
         #expect(wrong.status == 1)
-        #expect(wrong.stderr == "corral: \(config.path): server.prot: unknown key; [server] takes host, port, public_url\n")
+        #expect(wrong.stderr == "corral: \(config.path): server.prot: unknown key; [server] takes host, idle_timeout_seconds, max_connections, port, public_url\n")
         let missing = try await runCorral(["pool", "user", "list", "--config", directory.appendingPathComponent("nope.toml").path])
         #expect(missing.status == 1)
         #expect(missing.stderr.hasPrefix("corral: no pool configuration file at "))

@@ -72,7 +72,7 @@ struct CheckInTests {
         let badStats = #"{"vcpus": {"total": 2, "free": 3}, "memory_mib": {"total": 1, "free": 1}, "disk_gib": {"total": 1, "free": 1}, "running": 0}"#
         let cases: [(String, HTTPResponse.Status, String)] = [
             (#"{"appliance": {"apitoken": "\#(token)"}}"#, .badRequest, "missing field 'stats'"),
-            (#"{"appliance": {"apitoken": "\#(token)"}, "stats": \#(badStats)}"#, .badRequest, "field 'stats.vcpus' must have 0 <= free <= total"),
+            (#"{"appliance": {"apitoken": "\#(token)"}, "stats": \#(badStats)}"#, .badRequest, "field 'stats.vcpus.free' must be from 0 to 2 (it was 3)"),
             (
                 #"{"appliance": {"apitoken": "\#(token)"}, "stats": {"vcpus": {"total": 2, "free": 1}}}"#, .badRequest,
                 "missing field 'stats.memory_mib'"

@@ -45,7 +45,7 @@ struct ConfigurationTests {
     @Test("mistakes are errors naming the key and the fix")
     func mistakes() throws {
         let cases: [(String, String)] = [
-            ("[server]\nprot = 1", "pool.toml: server.prot: unknown key; [server] takes host, port, public_url"),
+            ("[server]\nprot = 1", "pool.toml: server.prot: unknown key; [server] takes host, idle_timeout_seconds, max_connections, port, public_url"),
             ("[sever]\nport = 1", "pool.toml: [sever]: unknown section"),
             ("[server]\nport = \"80\"", "pool.toml: server.port: must be an integer"),
             ("[server]\nport = 70000", "pool.toml: server.port: must be between 0 and 65535 (it is 70000)"),

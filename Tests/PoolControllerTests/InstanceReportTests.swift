@@ -9,6 +9,9 @@ import Testing
 
 @Suite("Instance reports and start parameters")
 struct InstanceReportTests {
+    /// A lease end a day from now, within what the pool accepts.
+    static let expires = Int(Date().timeIntervalSince1970) + 86_400
+
     /// alice owns rack-1 and rack-2; bob owns nothing. Images debian and
     /// cirros; wisps: alice's default (debian, keys, script), a system
     /// default (cirros) and bob's dynamic one.
@@ -54,7 +57,7 @@ struct InstanceReportTests {
         let token = try #require(tokens["rack-1"])
         let instance = InstanceReport(
             name: "web-1", state: .starting, flavor: InstanceFlavor(name: "small", vcpus: 1, memory: 512, disk: 5),
-            ask: 3, expires: 1_900_000_000, ipAddresses: [IPAddress(version: 4, scope: "private", address: "10.0.2.15")],
+            ask: 3, expires: Self.expires, ipAddresses: [IPAddress(version: 4, scope: "private", address: "10.0.2.15")],
             consoleOutput: ["one", "two", "three", "four", "five"])
         try await Self.app(store).test(.live) { client in
             try await client.execute(uri: "/api/v1/instances/web-1/", method: .post, body: try Self.report(token, instance)) {
@@ -80,7 +83,7 @@ struct InstanceReportTests {
         #expect(stored.state == .starting)
         #expect(stored.consoleTail == ["three", "four", "five"], "kept as a bounded tail")
         #expect(stored.ipAddresses.first?.address == "10.0.2.15")
-        #expect(stored.expires == Date(timeIntervalSince1970: 1_900_000_000))
+        #expect(stored.expires == Date(timeIntervalSince1970: TimeInterval(Self.expires)))
     }
 
     @Test("another appliance's report of the instance is 403 and changes nothing")

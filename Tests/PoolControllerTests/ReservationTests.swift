@@ -76,7 +76,7 @@ struct ReservationTests {
                  "fields 'wisp' and 'callback_url' exclude each other"),
                 ("alice", #"{"appliance": "rack-1", "flavor": "small", "callback_url": "ftp://x.test/"}"#, .badRequest,
                  "field 'callback_url' must be an http or https URL"),
-                ("alice", #"{"appliance": "rack-1", "flavor": "small", "lease_seconds": 0}"#, .badRequest, "field 'lease_seconds' must be a positive"),
+                ("alice", #"{"appliance": "rack-1", "flavor": "small", "lease_seconds": 0}"#, .badRequest, "field 'lease_seconds' must be from 1 to 31536000 (it was 0)"),
                 ("alice", #"{"appliance": "rack-1", "flavor": 3}"#, .badRequest, "field 'flavor' must be a string"),
                 ("alice", #"{"appliance": "rack-1", "flavor": "huge"}"#, .notFound, "no flavor named 'huge'"),
                 ("alice", #"{"appliance": "rack-9", "flavor": "small"}"#, .notFound, "no appliance named 'rack-9'"),
@@ -144,7 +144,7 @@ struct ReservationTests {
         let now = Date()
         _ = try await pool.store.checkIn(
             "rack-1", request: CheckInRequest(appliance: ApplianceBlock(apitoken: ""), stats: TestPool.roomy,
-            instances: [InstanceSummary(name: "offer-1", state: .onOffer)]), at: now)
+            instances: [InstanceSummary(name: "offer-1", state: .onOffer)]), maxInstances: 1000, at: now)
         let slot = try await pool.store.reserve(
             ReservationRequest(appliance: "rack-1", flavor: "small"), user: "bob", lifetime: 60, applianceStaleAfter: 300, at: now)
         _ = try await pool.store.reserve(ReservationRequest(instance: "offer-1"), user: "bob", lifetime: 60, applianceStaleAfter: 300, at: now)
@@ -156,7 +156,7 @@ struct ReservationTests {
         let instances = try await pool.store.instances()
         #expect(instances.map(\.name) == ["offer-1"])
         #expect(instances.first?.owner == "alice")
-        #expect(!(try await pool.store.checkIn("rack-1", request: CheckInRequest(appliance: ApplianceBlock(apitoken: ""), stats: TestPool.roomy), at: now)
+        #expect(!(try await pool.store.checkIn("rack-1", request: CheckInRequest(appliance: ApplianceBlock(apitoken: ""), stats: TestPool.roomy), maxInstances: 1000, at: now)
             .actions.contains { $0.instance == slot.instance }))
     }
 }
@@ -175,10 +175,9 @@ struct HousekeepingTests {
                     InstanceSummary(name: "offer", state: .onOffer), InstanceSummary(name: "gone", state: .decommissioned),
                     InstanceSummary(name: "live", state: .running),
                 ]),
-            at: start)
+            maxInstances: 1000, at: start)
         let done = try await pool.store.enqueueAction(.reboot, instance: "live", expires: nil, at: start)
-        _ = try await pool.store.checkIn(
-            "rack-1", request: CheckInRequest(appliance: ApplianceBlock(apitoken: ""), stats: TestPool.roomy, done: [done.id]), at: start)
+        _ = try await pool.store.checkIn("rack-1", request: CheckInRequest(appliance: ApplianceBlock(apitoken: ""), stats: TestPool.roomy, done: [done.id]), maxInstances: 1000, at: start)
 
         let quiet = try await pool.store.housekeep(at: start.addingTimeInterval(899), offerStaleAfter: 900, purgeAfter: 86_400)
         #expect(quiet == HousekeepingResult())
@@ -197,8 +196,7 @@ struct HousekeepingTests {
     func staleAppliance() async throws {
         let pool = try await TestPool.make()
         let now = Date()
-        _ = try await pool.store.checkIn(
-            "rack-1", request: CheckInRequest(appliance: ApplianceBlock(apitoken: ""), stats: TestPool.roomy), at: now)
+        _ = try await pool.store.checkIn("rack-1", request: CheckInRequest(appliance: ApplianceBlock(apitoken: ""), stats: TestPool.roomy), maxInstances: 1000, at: now)
         let rack = try #require(try await pool.store.appliances().first { $0.name == "rack-1" })
         #expect(!rack.isStale(at: now.addingTimeInterval(299), after: 300))
         #expect(rack.isStale(at: now.addingTimeInterval(301), after: 300))

@@ -189,10 +189,10 @@ struct ServerInstanceTests {
                     #"{"server-image": "debian", "server-flavor": "small", "colour": "red"}"#, .badRequest,
                     "unknown field 'colour'; allowed: 'server-image', 'server-flavor', 'users'"
                 ),
-                (#"{"server-image": 7, "server-flavor": "small"}"#, .badRequest, "field 'server-image' must be a non-empty string"),
+                (#"{"server-image": 7, "server-flavor": "small"}"#, .badRequest, "field 'server-image' must be a non-empty string of at most 64 bytes"),
                 (
                     #"{"server-image": "debian", "server-flavor": "small", "users": "bob"}"#, .badRequest,
-                    "field 'users' must be a list of user ids (strings)"
+                    "field 'users' must be a list of at most 100 user ids or names (strings)"
                 ),
                 (
                     #"{"server-image": "debian", "server-flavor": "huge"}"#, .badRequest,

@@ -76,7 +76,7 @@ struct TimelineTests {
             try await Task.sleep(for: .milliseconds(10))
             let agentPhases: [LaunchPhase] = [.pickedUp, .imageReady, .seedWritten, .domainDefined, .domainStarted]
             var reported = agentPhases.enumerated().map { TimelineEntry(phase: $1, at: base.addingTimeInterval(Double($0) * 0.001)) }
-            reported.append(TimelineEntry(phase: .requested, at: Date(timeIntervalSince1970: 1000)))
+            reported.append(TimelineEntry(phase: .requested, at: Date().addingTimeInterval(-86_400)))
             #expect(try await client.report(pool, "rack-1", InstanceReport(name: name, state: .starting, timeline: reported)).status == .ok)
             #expect(
                 try await client.report(
