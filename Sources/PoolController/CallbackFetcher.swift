@@ -14,8 +14,12 @@ import PoolAPI
 /// be public (loopback, private, link-local, metadata, multicast and other
 /// special ranges are refused unless `allow` names them); an `http` request
 /// goes to the address that was checked, so a second DNS answer cannot
-/// redirect it; redirects are refused; the reply must be JSON start
-/// parameters, at most `maxBytes`, within `timeoutSeconds`.
+/// redirect it (and a URL that cannot be pinned so is refused, never
+/// fetched unpinned); only the ports in `ports` are reached; redirects are
+/// refused; the reply must be JSON start parameters, at most `maxBytes`.
+/// The whole chain, every hop's name lookup, headers and body included,
+/// must end within `timeoutSeconds`, so a slow or trickling callback holds
+/// its appliance's report for no longer than that.
 public final class CallbackFetcher: Sendable {
     private let limits: PoolConfiguration.CallbackLimits
     private let allow: [IPNetwork]
@@ -27,6 +31,8 @@ public final class CallbackFetcher: Sendable {
         self.client = HTTPClient(
             eventLoopGroup: HTTPClient.defaultEventLoopGroup,
             configuration: .init(redirectConfiguration: .disallow, timeout: .init(connect: .seconds(Int64(limits.timeoutSeconds)))))
+        // The chain's deadline (in startParameters) ends every fetch; a
+        // hop's own deadline is only a backstop behind it.
     }
 
     /// Closes the client's connections; call once, at the end.
@@ -34,15 +40,37 @@ public final class CallbackFetcher: Sendable {
         try? await client.shutdown()
     }
 
-    /// The start parameters at the end of the chain that begins at `url`.
+    /// The start parameters at the end of the chain that begins at `url`,
+    /// all of it within `timeoutSeconds`.
     public func startParameters(from url: String) async throws(CallbackError) -> StartParameters {
-        var next = url
-        for _ in 0..<limits.maxHops {
-            let parameters = try await fetch(next)
-            guard !parameters.callbackURL.isEmpty else { return parameters }
-            next = parameters.callbackURL
+        let seconds = limits.timeoutSeconds
+        let hops = limits.maxHops
+        do {
+            return try await withThrowingTaskGroup(of: StartParameters?.self) { group in
+                group.addTask {
+                    var next = url
+                    for _ in 0..<hops {
+                        let parameters = try await self.fetch(next)
+                        guard !parameters.callbackURL.isEmpty else { return parameters }
+                        next = parameters.callbackURL
+                    }
+                    throw CallbackError(url: next, reason: "the chain is longer than \(hops) callbacks")
+                }
+                group.addTask {
+                    try await Task.sleep(for: .seconds(seconds))
+                    return nil
+                }
+                defer { group.cancelAll() }
+                guard let first = try await group.next(), let parameters = first else {
+                    throw CallbackError(url: url, reason: "no start parameters within \(seconds) s")
+                }
+                return parameters
+            }
+        } catch let error as CallbackError {
+            throw error
+        } catch {
+            throw CallbackError(url: url, reason: "no start parameters within \(seconds) s")
         }
-        throw CallbackError(url: next, reason: "the chain is longer than \(limits.maxHops) callbacks")
     }
 
     /// One hop: the guarded fetch of `text`.
@@ -63,30 +91,36 @@ public final class CallbackFetcher: Sendable {
         guard let first = addresses.first else { throw refuse("\(host) has no address") }
         for address in addresses {
             if let reason = address.specialUse, !allow.contains(where: { $0.contains(address) }) {
-                let what = IPAddressBytes(bareHost) != nil
-                    ? "\(address) is" : "\(host) resolves to \(address),"
+                let what = IPAddressBytes(bareHost) != nil ? "\(address) is" : "\(host) resolves to"
                 throw refuse(
                     "\(what) a \(reason) address; callbacks may only reach public addresses unless callbacks.allow in the pool's configuration names the network"
                 )
             }
         }
+        guard limits.ports.isEmpty || limits.ports.contains(port) else {
+            throw refuse(
+                "port \(port) is not one callbacks may reach (callbacks.ports: \(limits.ports.map(String.init).joined(separator: ", ")))")
+        }
         var target = text
         var request = HTTPClientRequest(url: text)
-        if scheme == "http", var components = URLComponents(url: url, resolvingAgainstBaseURL: false) {
-            // Connect to the address just checked, not to a new DNS answer.
-            components.host = first.isIPv6 ? "[\(first)]" : "\(first)"
-            if let pinned = components.string {
-                target = pinned
-                request = HTTPClientRequest(url: target)
-                request.headers.replaceOrAdd(name: "Host", value: url.port.map { "\(host):\($0)" } ?? host)
+        if scheme == "http" {
+            // Connect to the address just checked, not to a new DNS answer;
+            // a URL that cannot be pinned is refused, never fetched unpinned.
+            guard var components = URLComponents(url: url, resolvingAgainstBaseURL: false) else {
+                throw refuse("the URL cannot be pinned to the address checked")
             }
+            components.host = first.isIPv6 ? "[\(first)]" : "\(first)"
+            guard let pinned = components.string else { throw refuse("the URL cannot be pinned to the address checked") }
+            target = pinned
+            request = HTTPClientRequest(url: target)
+            request.headers.replaceOrAdd(name: "Host", value: url.port.map { "\(host):\($0)" } ?? host)
         }
         request.headers.add(name: "Accept", value: "application/json")
         request.headers.add(name: "User-Agent", value: "corral-pool")
         let body: ByteBuffer
         let response: HTTPClientResponse
         do {
-            response = try await client.execute(request, timeout: .seconds(Int64(limits.timeoutSeconds)))
+            response = try await client.execute(request, timeout: .seconds(Int64(limits.timeoutSeconds) + 1))
             if (300..<400).contains(response.status.code) {
                 throw refuse("it answered \(response.status.code) (a redirect); callbacks must answer with JSON directly")
             }
@@ -181,19 +215,26 @@ public struct IPAddressBytes: Sendable, Equatable, CustomStringConvertible {
         }
     }
 
-    /// The IPv4 address an IPv4-mapped or NAT64 IPv6 address carries.
+    /// The IPv4 address an IPv6 address carries: IPv4-mapped, -compatible
+    /// or -translated, NAT64 (well-known prefix) or 6to4.
     var embeddedIPv4: IPAddressBytes? {
         guard isIPv6 else { return nil }
-        if IPNetwork.ipv4Mapped.contains(self) || IPNetwork.nat64.contains(self) {
+        if IPNetwork.embeddingLastFour.contains(where: { $0.contains(self) }) {
             return IPAddressBytes(bytes: Array(bytes[12...]))
         }
+        if IPNetwork.sixToFour.contains(self) { return IPAddressBytes(bytes: Array(bytes[2..<6])) }
         return nil
     }
 
     /// What kind of non-public address this is, or nil for a public one.
+    /// An IPv6 address is public only in global unicast (2000::/3) outside
+    /// the special blocks; one that carries an IPv4 address is what that
+    /// address is.
     public var specialUse: String? {
+        if let kind = IPNetwork.special.first(where: { $0.network.contains(self) })?.kind { return kind }
         if let ipv4 = embeddedIPv4 { return ipv4.specialUse }
-        return IPNetwork.special.first { $0.network.contains(self) }?.kind
+        if isIPv6, !IPNetwork.globalUnicast.contains(self) { return "non-global (outside 2000::/3)" }
+        return nil
     }
 }
 
@@ -204,10 +245,10 @@ public struct IPNetwork: Sendable, Equatable {
 
     /// Parses `ADDRESS/PREFIX`, or a lone address (a network of one).
     public init?(_ text: String) {
-        let parts = text.split(separator: "/", maxSplits: 1).map(String.init)
-        guard let address = IPAddressBytes(parts[0]) else { return nil }
+        let parts = text.split(separator: "/", maxSplits: 1, omittingEmptySubsequences: false).map(String.init)
+        guard let first = parts.first, let address = IPAddressBytes(first) else { return nil }
         let maximum = address.bytes.count * 8
-        let length = parts.count == 2 ? Int(parts[1]) : maximum
+        let length = parts.count == 2 ? (parts[1].utf8.allSatisfy { (0x30...0x39).contains($0) } ? Int(parts[1]) : nil) : maximum
         guard let length, (0...maximum).contains(length) else { return nil }
         self.address = address
         self.prefixLength = length
@@ -225,8 +266,13 @@ public struct IPNetwork: Sendable, Equatable {
         return true
     }
 
-    static let ipv4Mapped = IPNetwork("::ffff:0:0/96")!
-    static let nat64 = IPNetwork("64:ff9b::/96")!
+    /// Prefixes whose addresses carry an IPv4 address in their last four
+    /// bytes: IPv4-mapped, IPv4-translated (SIIT), IPv4-compatible
+    /// (deprecated; `::` and `::1` are matched first) and NAT64.
+    static let embeddingLastFour = ["::ffff:0:0/96", "::ffff:0:0:0/96", "::/96", "64:ff9b::/96"].compactMap(IPNetwork.init)
+    /// 6to4: the IPv4 address is in bytes 2 to 5.
+    static let sixToFour = IPNetwork("2002::/16")!
+    static let globalUnicast = IPNetwork("2000::/3")!
 
     /// Ranges that are not the public internet (RFC 6890 and friends).
     static let special: [(network: IPNetwork, kind: String)] = [
@@ -234,8 +280,10 @@ public struct IPNetwork: Sendable, Equatable {
         ("127.0.0.0/8", "loopback"), ("169.254.0.0/16", "link-local (cloud metadata)"), ("172.16.0.0/12", "private"),
         ("192.0.0.0/24", "IETF protocol"), ("192.0.2.0/24", "documentation"), ("192.168.0.0/16", "private"),
         ("198.18.0.0/15", "benchmarking"), ("198.51.100.0/24", "documentation"), ("203.0.113.0/24", "documentation"),
-        ("224.0.0.0/4", "multicast"), ("240.0.0.0/4", "reserved"),
-        ("::/128", "unspecified"), ("::1/128", "loopback"), ("100::/64", "discard"), ("2001:db8::/32", "documentation"),
-        ("fc00::/7", "unique local (private)"), ("fe80::/10", "link-local"), ("ff00::/8", "multicast"),
-    ].map { (IPNetwork($0.0)!, $0.1) }
+        ("224.0.0.0/4", "multicast"), ("240.0.0.0/4", "reserved"), ("192.88.99.0/24", "6to4 relay anycast"),
+        ("::/128", "unspecified"), ("::1/128", "loopback"), ("64:ff9b:1::/48", "local-use NAT64"), ("100::/64", "discard"),
+        ("2001::/23", "IETF protocol (Teredo, benchmarking, ORCHID)"), ("2001:db8::/32", "documentation"),
+        ("3fff::/20", "documentation"), ("5f00::/16", "SRv6"), ("fc00::/7", "unique local (private)"), ("fe80::/10", "link-local"),
+        ("fec0::/10", "site-local"), ("ff00::/8", "multicast"),
+    ].compactMap { network, kind in IPNetwork(network).map { ($0, kind) } }
 }

@@ -73,6 +73,8 @@ public struct PoolConfiguration: Sendable, Equatable {
         public var maxBytes: Int = 64 * 1024
         /// The longest chain of callbacks followed.
         public var maxHops: Int = 7
+        /// The ports callbacks may reach; empty: any.
+        public var ports: [Int] = [80, 443]
         /// Networks (CIDR) callbacks may reach although they are loopback,
         /// private or link-local. Empty: only public addresses.
         public var allow: [String] = []
@@ -120,7 +122,7 @@ public struct PoolConfiguration: Sendable, Equatable {
         "server": ["host", "port", "public_url", "idle_timeout_seconds", "max_connections"],
         "database": ["path"],
         "instances": ["console_tail_lines"],
-        "callbacks": ["timeout_seconds", "max_bytes", "max_hops", "allow"],
+        "callbacks": ["timeout_seconds", "max_bytes", "max_hops", "allow", "ports"],
         "reservations": ["expire_seconds"],
         "housekeeping": ["interval_seconds", "appliance_stale_seconds", "offer_stale_seconds", "purge_after_seconds"],
         "leases": ["default_seconds"],
@@ -169,6 +171,12 @@ public struct PoolConfiguration: Sendable, Equatable {
             try reader.int("callbacks", "max_bytes", in: 1...(16 << 20)) ?? configuration.callbacks.maxBytes
         configuration.callbacks.maxHops = try reader.int("callbacks", "max_hops", in: 1...7) ?? configuration.callbacks.maxHops
         configuration.callbacks.allow = try reader.strings("callbacks", "allow") ?? configuration.callbacks.allow
+        if let ports = try reader.ints("callbacks", "ports") {
+            guard ports.allSatisfy({ (1...65535).contains($0) }) else {
+                throw reader.invalid("callbacks", "ports", "ports must be from 1 to 65535")
+            }
+            configuration.callbacks.ports = ports
+        }
         for network in configuration.callbacks.allow where IPNetwork(network) == nil {
             throw reader.invalid(
                 "callbacks", "allow", "'\(network)' is not an address or network such as \"127.0.0.0/8\" or \"fd00::/8\"")

@@ -101,6 +101,15 @@ public struct TOMLReader {
         return int
     }
 
+    public func ints(_ section: String, _ key: String) throws -> [Int]? {
+        guard let value = value(section, key) else { return nil }
+        guard let array = value.array else { throw invalid(section, key, "must be an array of integers") }
+        return try array.map { element in
+            guard let int = element.int else { throw invalid(section, key, "must be an array of integers") }
+            return int
+        }
+    }
+
     public func strings(_ section: String, _ key: String) throws -> [String]? {
         guard let value = value(section, key) else { return nil }
         guard let array = value.array else { throw invalid(section, key, "must be an array of strings") }

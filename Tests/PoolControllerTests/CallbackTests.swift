@@ -18,13 +18,16 @@ struct CallbackGuardTests {
             ("169.254.169.254", "link-local (cloud metadata)"), ("fe80::1", "link-local"), ("fd00:ec2::254", "unique local (private)"),
             ("100.64.0.1", "carrier-grade NAT"), ("0.0.0.0", "unspecified"), ("::", "unspecified"), ("224.0.0.1", "multicast"),
             ("255.255.255.255", "reserved"), ("::ffff:10.0.0.1", "private"), ("::ffff:127.0.0.1", "loopback"),
-            ("64:ff9b::a9fe:a9fe", "link-local (cloud metadata)"),
+            ("64:ff9b::a9fe:a9fe", "link-local (cloud metadata)"), ("::127.0.0.1", "loopback"), ("::ffff:0:7f00:1", "loopback"),
+            ("64:ff9b:1::a9fe:a9fe", "local-use NAT64"), ("fec0::1", "site-local"), ("2002:7f00:1::", "loopback"),
+            ("2002:a9fe:a9fe::1", "link-local (cloud metadata)"), ("2001::1", "IETF protocol (Teredo, benchmarking, ORCHID)"),
+            ("192.88.99.1", "6to4 relay anycast"), ("3fff::1", "documentation"), ("4000::1", "non-global (outside 2000::/3)"),
         ]
         for (text, kind) in special {
             let address = try #require(IPAddressBytes(text), "\(text)")
             #expect(address.specialUse == kind, "\(text)")
         }
-        for text in ["93.184.216.34", "172.32.0.1", "8.8.4.4", "2606:4700::1111", "::ffff:93.184.216.34"] {
+        for text in ["93.184.216.34", "172.32.0.1", "8.8.4.4", "2606:4700::1111", "::ffff:93.184.216.34", "2002:5db8:d822::1"] {
             #expect(try #require(IPAddressBytes(text)).specialUse == nil, "\(text)")
         }
         #expect(IPAddressBytes("10.0.0.256") == nil)
@@ -40,6 +43,7 @@ struct CallbackGuardTests {
         #expect(try #require(IPNetwork("::1")).contains(try #require(IPAddressBytes("::1"))))
         #expect(IPNetwork("10.0.0.0/33") == nil)
         #expect(IPNetwork("fd00::/129") == nil)
+        for text in ["", "/", "10.0.0.0/", "/8", "10.0.0.0/+8"] { #expect(IPNetwork(text) == nil, "\(text)") }
     }
 }
 
@@ -66,8 +70,21 @@ func callbackRouter() -> Router<BasicRequestContext> {
     router.get("garbage") { _, _ in json("hello") }
     router.get("wrong-shape") { _, _ in json(#"{"image": "debian"}"#) }
     router.get("slow") { _, _ in
-        try await Task.sleep(for: .seconds(3))
+        try await Task.sleep(for: .seconds(5))
         return json(parameters())
+    }
+    router.get("trickle") { _, _ in
+        // The headers at once, then the body a little at a time, for 6 s.
+        Response(
+            status: .ok, headers: [.contentType: "application/json"],
+            body: ResponseBody { writer in
+                for _ in 0..<20 {
+                    try await writer.write(ByteBuffer(string: " "))
+                    try await Task.sleep(for: .milliseconds(300))
+                }
+                try await writer.write(ByteBuffer(string: parameters()))
+                try await writer.finish(nil)
+            })
     }
     router.get("redirect") { _, _ in Response(status: .found, headers: [.location: "/params"]) }
     router.get("missing") { _, _ in Response(status: .notFound) }
@@ -86,10 +103,13 @@ func withCallbackServer(_ body: @Sendable @escaping (String) async throws -> Voi
 struct CallbackFetchTests {
     static func limits(allowLoopback: Bool) -> PoolConfiguration.CallbackLimits {
         var limits = PoolConfiguration.CallbackLimits()
-        limits.timeoutSeconds = 1
+        // The whole chain's deadline: 8 hops on a loaded machine fit, the
+        // slow and trickling callbacks do not.
+        limits.timeoutSeconds = 3
         limits.maxBytes = 1024
         limits.maxHops = 7
         limits.allow = allowLoopback ? ["127.0.0.0/8"] : []
+        limits.ports = []  // the test server's port is any free one
         return limits
     }
 
@@ -121,7 +141,7 @@ struct CallbackFetchTests {
                 ("big", "the reply is larger than 1024 bytes"),
                 ("garbage", "the reply is not start parameters: the body is not valid JSON"),
                 ("wrong-shape", "the reply is not start parameters: field 'image' must be an object"),
-                ("slow", "no reply within 1 s"),
+                ("slow", "no start parameters within 3 s"),
                 ("redirect", "it answered 302 (a redirect); callbacks must answer with JSON directly"),
                 ("missing", "it answered 404, not 200"),
             ]
@@ -130,6 +150,21 @@ struct CallbackFetchTests {
                     try await fetcher.startParameters(from: "\(base)/\(path)")
                 }
             }
+            // A body that trickles in is cut off at the chain's deadline too.
+            let start = ContinuousClock.now
+            await #expect(throws: CallbackError(url: "\(base)/trickle", reason: "no start parameters within 3 s")) {
+                try await fetcher.startParameters(from: "\(base)/trickle")
+            }
+            #expect(ContinuousClock.now - start < .seconds(5), "the trickle takes 6 s; the deadline is 3 s")
+            // Ports outside callbacks.ports are not reached.
+            var portLimits = Self.limits(allowLoopback: true)
+            portLimits.ports = [80, 443]
+            let strict = CallbackFetcher(limits: portLimits)
+            defer { Task { await strict.shutdown() } }
+            let port = try #require(base.split(separator: ":").last)
+            await #expect(
+                throws: CallbackError(url: "\(base)/params", reason: "port \(port) is not one callbacks may reach (callbacks.ports: 80, 443)")
+            ) { try await strict.startParameters(from: "\(base)/params") }
             for url in ["ftp://127.0.0.1/x", "/params", "http://user:secret@127.0.0.1/x"] {
                 await #expect(throws: CallbackError.self, "\(url)") { try await fetcher.startParameters(from: url) }
             }

@@ -147,7 +147,10 @@ struct OpenAPIConformanceTests {
     @Test("a callback reservation's start parameters come through the instance report; a later success clears the error")
     func callbackThroughReport() async throws {
         try await withCallbackServer { base in
-            let pool = try await TestPool.make { $0.callbacks.allow = ["127.0.0.0/8"] }
+            let pool = try await TestPool.make {
+                $0.callbacks.allow = ["127.0.0.0/8"]
+                $0.callbacks.ports = []
+            }
             try await pool.app.test(.router) { client in
                 _ = try await client.checkIn(pool, "rack-2", instances: [InstanceSummary(name: "offer-1", state: .onOffer), InstanceSummary(name: "offer-2", state: .onOffer)])
                 #expect(try await client.reserve(pool, "alice", #"{"instance": "offer-1", "callback_url": "\#(base)/hop/3"}"#).status == .created)
