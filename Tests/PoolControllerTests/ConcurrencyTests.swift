@@ -26,7 +26,14 @@ struct PoolConcurrencyTests {
             configuration: PoolConfiguration(host: "127.0.0.1", port: 0), store: store, logger: quietLogger)
         let http = HTTPClient(
             eventLoopGroup: HTTPClient.defaultEventLoopGroup,
-            configuration: .init(connectionPool: .init(idleTimeout: .seconds(30), concurrentHTTP1ConnectionsPerHostSoftLimit: 32)))
+            // 600 requests wait their turn for 32 connections: on a machine
+            // loaded by the rest of the suite a turn took over AHC's default
+            // 10 s (getConnectionFromPoolTimeout), so waiting is not bounded
+            // tighter than the requests themselves. This test is about
+            // consistent records, not latency.
+            configuration: .init(
+                timeout: .init(connect: .seconds(120)),
+                connectionPool: .init(idleTimeout: .seconds(30), concurrentHTTP1ConnectionsPerHostSoftLimit: 32)))
         let allTokens = tokens
         let outcomes = try await app.test(.live) { client in
             let base = "http://127.0.0.1:\(try #require(client.port))"
@@ -38,7 +45,7 @@ struct PoolConcurrencyTests {
                 request.method = .POST
                 request.body = .bytes(ByteBuffer(bytes: try JSONEncoder().encode(body)))
                 do {
-                    let response = try await http.execute(request, timeout: .seconds(60))
+                    let response = try await http.execute(request, timeout: .seconds(120))
                     _ = try await response.body.collect(upTo: 1 << 20)
                     return Int(response.status.code)
                 } catch {
