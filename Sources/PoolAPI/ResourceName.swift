@@ -17,10 +17,13 @@ public enum ResourceName {
         guard bytes.allSatisfy({ lowerAlphanumeric($0) || $0 == 0x2D }) else {
             return "may hold only lowercase letters, digits and '-'"
         }
-        if bytes.count == 32, bytes.allSatisfy({ (0x30...0x39).contains($0) || (0x61...0x66).contains($0) }) {
-            return "must not be 32 hexadecimal digits, the form of ids"
-        }
+        if hasIDForm(name) { return "must not be 32 hexadecimal digits, the form of ids" }
         return nil
+    }
+
+    /// Whether `text` has the form of an id: 32 lowercase hexadecimal digits.
+    public static func hasIDForm(_ text: String) -> Bool {
+        text.utf8.count == 32 && text.utf8.allSatisfy { (0x30...0x39).contains($0) || (0x61...0x66).contains($0) }
     }
 
     /// Whether `name` keeps the rule.

@@ -377,8 +377,7 @@ extension SQLiteStore {
     /// (32 hexadecimal digits) by its `uuid`, anything else by its `name`.
     /// Names are never of an id's form, so one text finds one record.
     static func idOrName(_ text: String) -> String {
-        let isID = text.utf8.count == 32 && text.utf8.allSatisfy { (0x30...0x39).contains($0) || (0x61...0x66).contains($0) }
-        return isID ? "uuid = ?" : "name = ?"
+        ResourceName.hasIDForm(text) ? "uuid = ?" : "name = ?"
     }
 
     /// Gives users access to an instance (the owner has it already).

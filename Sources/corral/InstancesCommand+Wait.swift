@@ -43,7 +43,7 @@ extension UserAPIOptions {
             let timeline = try await call(.GET, instancePath(id) + "/timeline", as: [ServerTimelineEntry].self)
             for entry in timeline.dropFirst(shown) { progress(entry) }
             shown = max(shown, timeline.count)
-            let ssh = timeline.last { $0.phase == LaunchPhase.sshReachable.rawValue }.flatMap { $0.detail.flatMap(SSHEndpoint.init) }
+            let ssh = sshEndpoint(in: timeline)
             switch instance.status {
             case "ACTIVE" where ssh != nil:
                 return LaunchOutcome(instance: instance, ssh: ssh)
@@ -109,6 +109,12 @@ extension UserAPIOptions {
     }
 }
 
+/// Where the guest's SSH server answered its appliance: the newest
+/// `ssh-reachable` phase's detail.
+func sshEndpoint(in timeline: [ServerTimelineEntry]) -> SSHEndpoint? {
+    timeline.last { $0.phase == LaunchPhase.sshReachable.rawValue }?.detail.flatMap(SSHEndpoint.init)
+}
+
 /// A line from a guest or an appliance made safe to print on a terminal:
 /// control characters (escape sequences among them) are shown as `^X` or
 /// `<XX>` rather than acted on.
@@ -164,8 +170,7 @@ extension Corral.InstancesCommand {
         func run() async throws {
             let instance = try await api.one(id)
             let timeline = try await api.call(.GET, instancePath(id) + "/timeline", as: [ServerTimelineEntry].self)
-            guard let endpoint = timeline.last(where: { $0.phase == LaunchPhase.sshReachable.rawValue })?.detail.flatMap(SSHEndpoint.init)
-            else {
+            guard let endpoint = sshEndpoint(in: timeline) else {
                 fail("\(id)'s SSH server has not answered its appliance yet (status \(instance.status)); `corral instances create --wait` waits for it")
             }
             var arguments = ["ssh", "-p", "\(endpoint.port)"]
