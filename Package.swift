@@ -40,6 +40,13 @@ let package = Package(
         ),
         .target(name: "PoolAPI"),
         .target(
+            name: "Egress",
+            dependencies: [
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ]
+        ),
+        .target(
             name: "Support",
             dependencies: [.product(name: "TOMLKit", package: "TOMLKit")]
         ),
@@ -50,7 +57,7 @@ let package = Package(
         .target(
             name: "Agent",
             dependencies: [
-                "CloudInit", "Libvirt", "PoolAPI", "Support",
+                "CloudInit", "Egress", "Libvirt", "PoolAPI", "Support",
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "GRDB", package: "GRDB.swift"),
@@ -63,7 +70,7 @@ let package = Package(
         .target(
             name: "PoolController",
             dependencies: [
-                "PoolAPI", "Support",
+                "Egress", "PoolAPI", "Support",
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "GRDB", package: "GRDB.swift"),
@@ -106,7 +113,7 @@ let package = Package(
         .testTarget(
             name: "PoolControllerTests",
             dependencies: [
-                "PoolAPI", "PoolController", "TestSupport",
+                "Egress", "PoolAPI", "PoolController", "TestSupport",
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "HummingbirdTesting", package: "hummingbird"),
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -121,7 +128,7 @@ let package = Package(
         .testTarget(
             name: "AgentTests",
             dependencies: [
-                "Agent", "Libvirt", "PoolAPI", "TestSupport",
+                "Agent", "Egress", "Libvirt", "PoolAPI", "TestSupport",
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HummingbirdTesting", package: "hummingbird"),

@@ -38,13 +38,28 @@ public final class Agent: Service, Sendable {
     let paths: Paths
 
     /// Where instance files live under the state directory.
+    /// Where an instance's files live. A name becomes a path only if it
+    /// keeps the pool's name rule, and only if the path it makes lies
+    /// inside its directory: a hostile name touches nothing.
     struct Paths: Sendable {
         var disks: String
         var consoles: String
 
-        func disk(_ name: String) -> String { "\(disks)/\(name).qcow2" }
-        func seed(_ name: String) -> String { "\(disks)/\(name).seed.iso" }
-        func console(_ name: String) -> String { "\(consoles)/\(name).log" }
+        func disk(_ name: String) throws -> String { try inside(disks, name, ".qcow2") }
+        func seed(_ name: String) throws -> String { try inside(disks, name, ".seed.iso") }
+        func console(_ name: String) throws -> String { try inside(consoles, name, ".log") }
+
+        private func inside(_ directory: String, _ name: String, _ suffix: String) throws -> String {
+            if let problem = ResourceName.problem(name) {
+                throw BuildError("the instance name \(String(reflecting: String(name.prefix(80)))) is refused: it \(problem)")
+            }
+            let root = URL(fileURLWithPath: directory).standardizedFileURL.path
+            let path = URL(fileURLWithPath: "\(directory)/\(name)\(suffix)").standardizedFileURL.path
+            guard path.hasPrefix(root + "/"), !path.dropFirst(root.count + 1).contains("/") else {
+                throw BuildError("the path for instance \(name) leaves \(directory)")
+            }
+            return path
+        }
     }
 
     private struct Reported: Equatable {
@@ -86,8 +101,14 @@ public final class Agent: Service, Sendable {
             try fileManager.createDirectory(atPath: directory, withIntermediateDirectories: true)
             try fileManager.setAttributes([.posixPermissions: 0o755], ofItemAtPath: directory)
         }
+        if case .user = configuration.network, configuration.isolateHost {
+            try await GuestIsolation.apply(qemuUser: configuration.qemuUser, scratch: state)
+            logger.info("guests are kept from the host's loopback (nftables table inet \(GuestIsolation.table))")
+        }
         let store = try AgentStore(path: "\(state)/agent.sqlite")
-        let images = try ImageCache(directory: configuration.imageDirectory, store: store, logger: logger)
+        let images = try ImageCache(
+            directory: configuration.imageDirectory, store: store, limits: configuration.images, qemuUser: configuration.qemuUser,
+            logger: logger)
         let connection: Connection
         do {
             connection = try await Connection.open(configuration.libvirtURI)
@@ -281,6 +302,15 @@ public final class Agent: Service, Sendable {
         let name = action.instance
         do {
             guard try await !store.wasApplied(action.id) else { return }
+            // The name becomes file names and a domain name: one that breaks
+            // the pool's rule is refused before anything is touched.
+            if let problem = ResourceName.problem(name) {
+                _ = try await store.apply(action, at: Date()) { _ in }
+                logger.error(
+                    "\(action.kind.rawValue) refused: the instance name \(String(reflecting: String(name.prefix(80)))) \(problem)",
+                    metadata: ["action": "\(action.id)"])
+                return
+            }
             let known = try await store.instance(named: name)
             logger.info("action \(action.kind.rawValue) for \(name)", metadata: ["action": "\(action.id)"])
             switch action.kind {
@@ -464,15 +494,15 @@ public final class Agent: Service, Sendable {
             sshKeys: parameters.sshKeys, postCreate: parameters.postCreate.joined(separator: "\n"),
             macAddress: instance.macAddress)
         do {
-            try await seed.writeImage(to: paths.seed(name))
+            try await seed.writeImage(to: try paths.seed(name))
         } catch {
             throw BuildError("cannot write the cloud-init seed: \(error)")
         }
         try await store.record(.seedWritten, of: name, at: Date())
         try Task.checkCancellation()
         let template = DomainTemplate(
-            name: name, uuid: instance.uuid, virtType: virtType.rawValue, flavor: instance.flavor, disk: paths.disk(name),
-            seed: paths.seed(name), consoleLog: paths.console(name), macAddress: instance.macAddress,
+            name: name, uuid: instance.uuid, virtType: virtType.rawValue, flavor: instance.flavor, disk: try paths.disk(name),
+            base: (base, parameters.image.diskFormat), seed: try paths.seed(name), consoleLog: try paths.console(name), macAddress: instance.macAddress,
             network: configuration.network, sshPort: instance.sshPort, kernel: kernel, metadata: metadata(for: instance))
         let domain: Domain
         do {
@@ -552,7 +582,7 @@ public final class Agent: Service, Sendable {
             throw BuildError(
                 "the image is \(virtualSize) bytes, larger than the flavor's disk of \(instance.flavor.disk) GiB; choose a bigger flavor")
         }
-        let path = paths.disk(instance.name)
+        let path = try paths.disk(instance.name)
         let result = try await runProgram(
             "qemu-img", ["create", "-q", "-f", "qcow2", "-F", format, "-b", base, path, "\(wanted)"])
         guard result.status == 0 else {
@@ -571,7 +601,8 @@ public final class Agent: Service, Sendable {
                 try await domain.undefine()
             } catch let error as LibvirtError where error.code == .noDomain {}
         }
-        for path in [paths.disk(instance.name), paths.seed(instance.name), paths.seed(instance.name) + ".part", paths.console(instance.name)] {
+        let seed = try paths.seed(instance.name)
+        for path in [try paths.disk(instance.name), seed, seed + ".part", try paths.console(instance.name)] {
             if FileManager.default.fileExists(atPath: path) { try FileManager.default.removeItem(atPath: path) }
         }
     }
@@ -666,7 +697,8 @@ public final class Agent: Service, Sendable {
                 decommission = true
             }
             if instance.phase == .booting {
-                let up = (try? FileManager.default.attributesOfItem(atPath: self.paths.console(name))[.size] as? NSNumber)?.intValue ?? 0 > 0
+                let console = try self.paths.console(name)
+                let up = (try? FileManager.default.attributesOfItem(atPath: console)[.size] as? NSNumber)?.intValue ?? 0 > 0
                 if case .running = domainState, up {
                     instance.phase = .active
                     self.logger.info("\(name) is up", metadata: ["seconds": "\(now.timeIntervalSince(instance.bootedAt ?? now))"])
@@ -760,7 +792,7 @@ public final class Agent: Service, Sendable {
     /// The newest lines of the instance's serial console.
     func consoleTail(_ name: String) -> [String] {
         let limit = configuration.consoleTailLines
-        guard limit > 0, let handle = FileHandle(forReadingAtPath: paths.console(name)) else { return [] }
+        guard limit > 0, let path = try? paths.console(name), let handle = FileHandle(forReadingAtPath: path) else { return [] }
         defer { try? handle.close() }
         let size = (try? handle.seekToEnd()) ?? 0
         // At most 128 KiB of console: even escaped as JSON (\u001b is six

@@ -1,3 +1,4 @@
+import Egress
 import Foundation
 import Libvirt
 import Support
@@ -31,6 +32,31 @@ public struct AgentConfiguration: Sendable, Equatable {
     public var leaseGraceSeconds: Int
     /// vCPUs offered per host CPU (memory and disk are never overcommitted).
     public var cpuOvercommit: Int
+    /// Where and how images, kernels and initrds are downloaded.
+    public var images = Images()
+    /// Whether guests under user-mode networking are kept from the host's
+    /// loopback services (see ``GuestIsolation``).
+    public var isolateHost = true
+    /// The user QEMU runs as (libvirt's qemu.conf `user`): the isolation
+    /// rules match it, and `qemu-img` runs as it on untrusted images.
+    public var qemuUser = "libvirt-qemu"
+
+    /// The image downloads' guard and bounds (`[images]`).
+    public struct Images: Sendable, Equatable {
+        /// Networks image URLs may reach besides public addresses.
+        public var allow: [String] = []
+        /// Ports image URLs may use; empty means any.
+        public var ports: [Int] = []
+        /// The largest file downloaded (an image is also bounded by its
+        /// flavor's disk).
+        public var maxBytes: Int64 = 64 << 30
+        /// The whole download, headers and body, must end within this.
+        public var downloadTimeoutSeconds = 3600
+        /// Whether an image, kernel or initrd without a sha256 is refused.
+        public var requireSHA256 = true
+
+        public init() {}
+    }
 
     /// How instances reach the network.
     public enum Network: Sendable, Equatable {
@@ -71,7 +97,8 @@ public struct AgentConfiguration: Sendable, Equatable {
         "pool": ["url", "token_file"],
         "libvirt": ["uri", "virt_type"],
         "paths": ["state_dir", "image_dir"],
-        "network": ["mode", "name", "ssh_forward_ports"],
+        "network": ["mode", "name", "ssh_forward_ports", "isolate_host", "qemu_user"],
+        "images": ["allow", "ports", "max_bytes", "download_timeout_seconds", "require_sha256"],
         "check_in": ["period_seconds", "jitter_seconds"],
         "builds": ["max_concurrent", "boot_timeout_seconds"],
         "console": ["tail_lines"],
@@ -134,6 +161,25 @@ public struct AgentConfiguration: Sendable, Equatable {
             guard ports == nil else { throw reader.invalid("network", "ssh_forward_ports", "is only for mode \"user\"") }
             configuration.network = mode == "network" ? .network(name) : .bridge(name)
         }
+        configuration.isolateHost = try reader.bool("network", "isolate_host") ?? configuration.isolateHost
+        if let user = try reader.string("network", "qemu_user") {
+            guard !user.isEmpty, user.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7f && $0 != 0x22 && $0 != 0x5c }) else {
+                throw reader.invalid("network", "qemu_user", "must be a user name such as \"libvirt-qemu\"")
+            }
+            configuration.qemuUser = user
+        }
+        configuration.images.allow = try reader.strings("images", "allow") ?? []
+        for network in configuration.images.allow where IPNetwork(network) == nil {
+            throw reader.invalid("images", "allow", "'\(network)' is not an address or network such as \"127.0.0.0/8\" or \"fd00::/8\"")
+        }
+        configuration.images.ports = try reader.ints("images", "ports") ?? []
+        for port in configuration.images.ports where !(1...65535).contains(port) {
+            throw reader.invalid("images", "ports", "\(port) is not a port (1-65535)")
+        }
+        if let bytes = try reader.int("images", "max_bytes", in: 1...(1 << 50)) { configuration.images.maxBytes = Int64(bytes) }
+        configuration.images.downloadTimeoutSeconds =
+            try reader.int("images", "download_timeout_seconds", in: 1...86_400) ?? configuration.images.downloadTimeoutSeconds
+        configuration.images.requireSHA256 = try reader.bool("images", "require_sha256") ?? configuration.images.requireSHA256
         configuration.checkInSeconds = try reader.int("check_in", "period_seconds", in: 1...3600) ?? configuration.checkInSeconds
         configuration.checkInJitterSeconds =
             try reader.int("check_in", "jitter_seconds", in: 0...3600) ?? configuration.checkInJitterSeconds
@@ -169,6 +215,7 @@ public struct AgentConfiguration: Sendable, Equatable {
         case .network(let name): network = "mode = \"network\"\nname = \(quoted(name))"
         case .bridge(let name): network = "mode = \"bridge\"\nname = \(quoted(name))"
         }
+        network += "\nisolate_host = \(isolateHost)\nqemu_user = \(quoted(qemuUser))"
         return """
             # Corral agent configuration (see etc/corral/agent.toml for every key).
             [pool]
@@ -185,6 +232,13 @@ public struct AgentConfiguration: Sendable, Equatable {
 
             [network]
             \(network)
+
+            [images]
+            allow = [\(images.allow.map(quoted).joined(separator: ", "))]
+            ports = [\(images.ports.map(String.init).joined(separator: ", "))]
+            max_bytes = \(images.maxBytes)
+            download_timeout_seconds = \(images.downloadTimeoutSeconds)
+            require_sha256 = \(images.requireSHA256)
 
             [check_in]
             period_seconds = \(checkInSeconds)

@@ -11,6 +11,10 @@ struct DomainTemplate: Sendable {
     var virtType: String
     var flavor: InstanceFlavor
     var disk: String
+    /// The cached image the disk's overlay stands on, and its format: the
+    /// domain states the whole chain, so libvirt never probes an image for
+    /// what it stands on.
+    var base: (path: String, format: String)
     var seed: String
     var consoleLog: String
     var macAddress: String
@@ -76,6 +80,11 @@ struct DomainTemplate: Sendable {
                 <disk type='file' device='disk'>
                   <driver name='qemu' type='qcow2'/>
                   <source file='\(escape(disk))'/>
+                  <backingStore type='file'>
+                    <format type='\(escape(base.format))'/>
+                    <source file='\(escape(base.path))'/>
+                    <backingStore/>
+                  </backingStore>
                   <target dev='vda' bus='virtio'/>
                 </disk>
                 <disk type='file' device='cdrom'>

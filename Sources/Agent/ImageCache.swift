@@ -1,5 +1,6 @@
 import AsyncHTTPClient
 import Crypto
+import Egress
 import Foundation
 import Logging
 import NIOCore
@@ -15,25 +16,42 @@ public struct ImageError: Error, CustomStringConvertible, Equatable {
 /// The content-addressed image cache: each file lives once, at
 /// `<dir>/sha256/<hex digest>`, whatever URL it came from.
 ///
-/// A download goes to a temporary file in the same directory, is hashed as
-/// it streams, checked (the SHA-256 when the pool gives one; the format
-/// with `qemu-img info -f`), and only then renamed into place: a file in the
-/// cache is always complete and checked. Concurrent requests for one URL
-/// share one download.
+/// Every URL, and every redirect, passes the ``EgressGuard`` (public
+/// addresses only, unless `[images] allow` names a network). A download goes
+/// to a temporary file in the same directory, is hashed as it streams, is
+/// cut off at `max_bytes` and at `download_timeout_seconds` (headers and
+/// body), is checked (the SHA-256, which is required unless
+/// `require_sha256 = false`; a disk image's format by ``ImageGate``), and
+/// only then renamed into place. A disk image passes ``ImageGate`` again on
+/// every later use, with the format that use declares. Concurrent requests
+/// for one URL share one download.
 public actor ImageCache {
     public let directory: String
     private let store: AgentStore
     private let client: HTTPClient
     private let logger: Logger
+    private let limits: AgentConfiguration.Images
+    private let guardrail: EgressGuard
+    private let qemuUser: String
     private var downloads: [String: Task<String, any Error>] = [:]
+    /// Redirects followed per download, each through the guard again.
+    static let maxRedirects = 5
 
-    public init(directory: String, store: AgentStore, logger: Logger) throws {
+    public init(
+        directory: String, store: AgentStore, limits: AgentConfiguration.Images = .init(), qemuUser: String = "libvirt-qemu",
+        logger: Logger
+    ) throws {
         self.directory = directory
         self.store = store
         self.logger = logger
+        self.limits = limits
+        self.qemuUser = qemuUser
+        self.guardrail = EgressGuard(
+            allow: limits.allow.compactMap(IPNetwork.init), ports: limits.ports, purpose: "image downloads",
+            allowSetting: "images.allow in agent.toml", portsSetting: "images.ports")
         self.client = HTTPClient(
             eventLoopGroup: HTTPClient.defaultEventLoopGroup,
-            configuration: .init(redirectConfiguration: .follow(max: 5, allowCycles: false), timeout: .init(connect: .seconds(15))))
+            configuration: .init(redirectConfiguration: .disallow, timeout: .init(connect: .seconds(15))))
         for sub in ["sha256", "tmp"] {
             try FileManager.default.createDirectory(
                 atPath: "\(directory)/\(sub)", withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
@@ -50,19 +68,25 @@ public actor ImageCache {
         try? await client.shutdown()
     }
 
-    /// The cached path of a disk image, fetching it when needed.
+    /// The cached path of a disk image, fetching it when needed; on every
+    /// call, fetched or cached, the file passes ``ImageGate`` as the format
+    /// this image declares.
     public func image(_ image: ImageReference) async throws -> String {
+        let what = "image '\(image.name)'"
         guard ["qcow2", "raw"].contains(image.diskFormat) else {
-            throw ImageError("image '\(image.name)': disk_format must be qcow2 or raw (it is '\(image.diskFormat)')")
+            throw ImageError("\(what): disk_format must be qcow2 or raw (it is '\(image.diskFormat)')")
         }
         guard image.containerFormat == "bare" else {
-            throw ImageError("image '\(image.name)': container_format must be bare (it is '\(image.containerFormat)')")
+            throw ImageError("\(what): container_format must be bare (it is '\(image.containerFormat)')")
         }
-        return try await file(RemoteFile(url: image.url, sha256: image.sha256), format: image.diskFormat, what: "image '\(image.name)'")
+        let path = try await file(RemoteFile(url: image.url, sha256: image.sha256), format: image.diskFormat, what: what)
+        try await ImageGate.admit(path, declared: image.diskFormat, what: what, qemuUser: qemuUser)
+        return path
     }
 
     /// The cached path of a file (a kernel, an initrd), fetching it when
-    /// needed; `format` is checked with qemu-img when given.
+    /// needed; a download with a `format` passes ``ImageGate`` before it
+    /// enters the cache.
     public func file(_ remote: RemoteFile, format: String? = nil, what: String) async throws -> String {
         let wanted = remote.sha256?.lowercased()
         if let wanted {
@@ -71,6 +95,9 @@ public actor ImageCache {
             }
             let path = cachedPath(wanted)
             if FileManager.default.fileExists(atPath: path) { return path }
+        } else if limits.requireSHA256 {
+            throw ImageError(
+                "\(what) has no sha256: this appliance only downloads files with a checksum (give the image one, or set images.require_sha256 = false in agent.toml)")
         } else if let known = try await store.cachedFile(url: remote.url), FileManager.default.fileExists(atPath: cachedPath(known.sha256)) {
             return cachedPath(known.sha256)
         }
@@ -85,9 +112,6 @@ public actor ImageCache {
     private func cachedPath(_ digest: String) -> String { "\(directory)/sha256/\(digest)" }
 
     private func download(_ url: String, expecting wanted: String?, format: String?, what: String) async throws -> String {
-        guard let parsed = URL(string: url), ["http", "https"].contains(parsed.scheme?.lowercased()) else {
-            throw ImageError("\(what): '\(url)' is not an http or https URL")
-        }
         let started = ContinuousClock.now
         let partial = "\(directory)/tmp/\(UUID().uuidString).part"
         guard FileManager.default.createFile(atPath: partial, contents: nil, attributes: [.posixPermissions: 0o644]),
@@ -98,19 +122,10 @@ public actor ImageCache {
             try? handle.close()
             if !keep { try? FileManager.default.removeItem(atPath: partial) }
         }
-        var hasher = SHA256()
-        var bytes: Int64 = 0
+        let seconds = limits.downloadTimeoutSeconds
+        let fetched: (digest: String, bytes: Int64)?
         do {
-            let response = try await client.execute(HTTPClientRequest(url: url), timeout: .hours(2))
-            guard response.status == .ok else {
-                throw ImageError("\(what): \(url) answered \(response.status.code) \(response.status.reasonPhrase)")
-            }
-            for try await chunk in response.body {
-                chunk.withUnsafeReadableBytes { hasher.update(bufferPointer: $0) }
-                try handle.write(contentsOf: Data(chunk.readableBytesView))
-                bytes += Int64(chunk.readableBytes)
-            }
-            try handle.synchronize()
+            fetched = try await withDeadline(.seconds(seconds)) { try await self.fetch(url, into: handle, what: what) }
         } catch let error as ImageError {
             throw error
         } catch is CancellationError {
@@ -118,11 +133,13 @@ public actor ImageCache {
         } catch {
             throw ImageError("\(what): cannot download \(url): \(error)")
         }
-        let digest = hasher.finalize().map { String(format: "%02x", $0) }.joined()
+        guard let (digest, bytes) = fetched else {
+            throw ImageError("\(what): the download of \(url) did not end within \(seconds) s (images.download_timeout_seconds)")
+        }
         if let wanted, digest != wanted {
             throw ImageError("\(what): the file at \(url) has sha256 \(digest), not the expected \(wanted)")
         }
-        if let format { try await Self.checkFormat(partial, format: format, what: what) }
+        if let format { try await ImageGate.admit(partial, declared: format, what: what, qemuUser: qemuUser) }
         let path = cachedPath(digest)
         guard rename(partial, path) == 0 else {
             throw ImageError("\(what): cannot move the download into the cache: \(String(cString: strerror(errno)))")
@@ -135,28 +152,45 @@ public actor ImageCache {
         return path
     }
 
-    /// Checks with `qemu-img info -f FORMAT` that the file is that format,
-    /// and refuses qcow2 files that point at other files (a backing file
-    /// or an external data file would let an image read the host's files).
-    static func checkFormat(_ path: String, format: String, what: String) async throws {
-        let result = try await runProgram("qemu-img", ["info", "-f", format, "--output=json", path])
-        guard result.status == 0 else {
-            let reason = result.stderr.trimmingCharacters(in: .whitespacesAndNewlines)
-            throw ImageError("\(what) is not a valid \(format) image: \(reason)")
+    /// Streams `url` into `handle`, following at most ``maxRedirects``
+    /// redirects, each through the guard; at most `max_bytes`.
+    private func fetch(_ url: String, into handle: FileHandle, what: String) async throws -> (digest: String, bytes: Int64) {
+        var next = url
+        for _ in 0...Self.maxRedirects {
+            let request: HTTPClientRequest
+            do {
+                request = try await guardrail.request(for: next)
+            } catch {
+                throw ImageError("\(what): \(next) is refused: \(error.reason)")
+            }
+            let response = try await client.execute(request, timeout: .seconds(Int64(limits.downloadTimeoutSeconds) + 1))
+            if [301, 302, 303, 307, 308].contains(response.status.code) {
+                guard let location = response.headers.first(name: "Location"),
+                    let target = URL(string: location, relativeTo: URL(string: next))?.absoluteString
+                else { throw ImageError("\(what): \(next) answered \(response.status.code) without a usable Location") }
+                next = target
+                continue
+            }
+            guard response.status == .ok else {
+                throw ImageError("\(what): \(next) answered \(response.status.code) \(response.status.reasonPhrase)")
+            }
+            let cap = limits.maxBytes
+            if let declared = response.headers.first(name: "Content-Length").flatMap(Int64.init), declared > cap {
+                throw ImageError("\(what): \(next) is \(declared) bytes, more than images.max_bytes (\(cap))")
+            }
+            var hasher = SHA256()
+            var bytes: Int64 = 0
+            for try await chunk in response.body {
+                bytes += Int64(chunk.readableBytes)
+                guard bytes <= cap else {
+                    throw ImageError("\(what): \(next) sent more than images.max_bytes (\(cap) bytes); the download was stopped there")
+                }
+                chunk.withUnsafeReadableBytes { hasher.update(bufferPointer: $0) }
+                try handle.write(contentsOf: Data(chunk.readableBytesView))
+            }
+            try handle.synchronize()
+            return (hasher.finalize().map { String(format: "%02x", $0) }.joined(), bytes)
         }
-        guard let info = try? JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: Any] else {
-            throw ImageError("\(what): qemu-img info gave no readable answer")
-        }
-        guard info["format"] as? String == format else {
-            throw ImageError("\(what) is \(info["format"] ?? "unknown"), not \(format)")
-        }
-        if let backing = info["backing-filename"] as? String {
-            throw ImageError("\(what) is refused: it names a backing file (\(backing)); upload a self-contained image (qemu-img convert)")
-        }
-        if let specific = info["format-specific"] as? [String: Any], let data = specific["data"] as? [String: Any],
-            let dataFile = data["data-file"] as? String
-        {
-            throw ImageError("\(what) is refused: it names an external data file (\(dataFile)); upload a self-contained image")
-        }
+        throw ImageError("\(what): \(url) redirected more than \(Self.maxRedirects) times")
     }
 }

@@ -26,7 +26,7 @@ extension Agent {
             guard let instance = try? await store.instance(named: name), [.booting, .active].contains(instance.phase)
             else { return }
             let target = phases.contains(.sshReachable) ? nil : await sshTarget(of: instance)
-            if !phases.contains(.postCreateDone), let finished = console.scan(paths.console(name)) {
+            if !phases.contains(.postCreateDone), let path = try? paths.console(name), let finished = console.scan(path) {
                 try? await store.record(.postCreateDone, of: name, at: Date(), detail: finished.detail, replacing: false)
                 phases.insert(.postCreateDone)
                 logger.info("\(name): cloud-init finished (\(finished.detail))")

@@ -28,8 +28,10 @@ extension Connection {
     /// crawl or never boot (nested virtualisation without hardware support).
     /// It boots a tiny probe kernel that enters 64-bit mode and prints a
     /// marker, first under software emulation, then under KVM, and picks
-    /// `kvm` only when KVM got there faster. The KVM attempt is cut off once
-    /// it is slower, so the whole probe ends within twice `timeout`.
+    /// `kvm` only when KVM got there faster. Each probe's clock starts before
+    /// its domain is created, and the KVM attempt is cut off once it is
+    /// slower, so the whole probe ends within twice `timeout` plus the time
+    /// libvirt takes to destroy the two probe guests.
     ///
     /// - Parameter workDirectory: a directory the hypervisor can read and
     ///   write, for the probe kernel and its console file.
@@ -87,8 +89,8 @@ extension Connection {
         }
         let xml = KVMProbe.domainXML(
             name: "\(KVMProbe.namePrefix)\(id)", virtType: virtType, kernel: kernel.path, console: console.path)
-        let started = ContinuousClock.now
         let domain: Domain
+        let started = ContinuousClock.now
         do {
             domain = try await createTransientDomain(xml: xml)
         } catch {

@@ -101,6 +101,12 @@ public struct TOMLReader {
         return int
     }
 
+    public func bool(_ section: String, _ key: String) throws -> Bool? {
+        guard let value = value(section, key) else { return nil }
+        guard let bool = value.bool else { throw invalid(section, key, "must be true or false") }
+        return bool
+    }
+
     public func ints(_ section: String, _ key: String) throws -> [Int]? {
         guard let value = value(section, key) else { return nil }
         guard let array = value.array else { throw invalid(section, key, "must be an array of integers") }

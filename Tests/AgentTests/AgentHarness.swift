@@ -44,6 +44,20 @@ func withFileServer(
         reports.record(context.parameters.get("name") ?? "")
         return Response(status: .noContent)
     }
+    // A redirect to the cloud metadata address, which downloads must refuse.
+    router.get("/redirect-out/:name") { _, _ -> Response in
+        Response(status: .found, headers: [.location: "http://169.254.169.254/latest/meta-data/"])
+    }
+    // A body that never ends (bounded here at 1 GiB): downloads must stop at their cap.
+    router.get("/endless/:name") { _, _ -> Response in
+        Response(
+            status: .ok,
+            body: ResponseBody { writer in
+                let chunk = ByteBuffer(repeating: 0, count: 1 << 20)
+                for _ in 0..<1024 { try await writer.write(chunk) }
+                try await writer.finish(nil)
+            })
+    }
     router.get("/slow/:name") { _, context -> Response in
         guard let file = files[context.parameters.get("name") ?? ""] else { return Response(status: .notFound) }
         let data = try Data(contentsOf: file)
@@ -129,7 +143,7 @@ final class Harness: @unchecked Sendable {
     /// `sshForwardPorts`: a range for the agent's `network.ssh_forward_ports` (nil: none).
     func setUp(
         imageBase: String, files: GuestFiles, imageSHA256: String? = nil, leaseGrace: Int = 3600, bootTimeout: Int = 90,
-        sshForwardPorts: ClosedRange<Int>? = nil
+        sshForwardPorts: ClosedRange<Int>? = nil, imageSettings: String = ""
     ) async throws {
         try await poolCommand(["init"])
         userToken = try await poolCommand(["user", "add", "alice", "--max-instances", "10"])
@@ -163,6 +177,11 @@ final class Harness: @unchecked Sendable {
             grace_seconds = \(leaseGrace)
             [network]
             mode = "user"\(sshForwardPorts.map { "\nssh_forward_ports = \"\($0.lowerBound)-\($0.upperBound)\"" } ?? "")
+            [images]
+            # The tests' image server is on loopback, which downloads may
+            # otherwise never reach.
+            allow = ["127.0.0.0/8"]
+            \(imageSettings)
             """.write(to: agentConfig, atomically: true, encoding: .utf8)
     }
 
@@ -320,7 +339,7 @@ final class Harness: @unchecked Sendable {
 func withHarness(
     _ label: String, imageSHA256: String? = nil, leaseGrace: Int = 3600, restartsLibvirtd: Bool = false,
     bootTimeout: Int = 90, sshForwardPorts: ClosedRange<Int>? = nil, extraFiles: [String: URL] = [:],
-    reports: GuestReports = GuestReports(),
+    reports: GuestReports = GuestReports(), imageSettings: String = "",
     _ body: @Sendable @escaping (Harness, String) async throws -> Void
 ) async throws {
     let lock: (@Sendable () async throws -> Void) async throws -> Void = { work in
@@ -333,7 +352,7 @@ func withHarness(
             try await withFileServer(files.served.merging(extraFiles) { first, _ in first }, reports: reports) { base in
                 try await harness.setUp(
                     imageBase: base, files: files, imageSHA256: imageSHA256, leaseGrace: leaseGrace, bootTimeout: bootTimeout,
-                    sshForwardPorts: sshForwardPorts)
+                    sshForwardPorts: sshForwardPorts, imageSettings: imageSettings)
                 try await body(harness, base)
             }
         } catch {

@@ -96,7 +96,9 @@ struct AgentLifecycleTests {
             try await harness.poolCommand([
                 "image", "add", "wrong-sum", "--url", "\(base)/disk.qcow2", "--sha256", String(repeating: "0", count: 64),
             ])
-            try await harness.poolCommand(["image", "add", "nowhere", "--url", "http://127.0.0.1:1/disk.qcow2"])
+            try await harness.poolCommand([
+                "image", "add", "nowhere", "--url", "http://127.0.0.1:1/disk.qcow2", "--sha256", String(repeating: "1", count: 64),
+            ])
             try await harness.poolCommand(["wisp", "add", "wrong-sum", "--owner", "alice", "--image", "wrong-sum"])
             try await harness.poolCommand(["wisp", "add", "nowhere", "--owner", "alice", "--image", "nowhere"])
             try await harness.poolCommand([

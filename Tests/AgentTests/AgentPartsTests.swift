@@ -89,25 +89,47 @@ struct AgentPartsTests {
         try await qemuImg(["create", "-q", "-f", "qcow2", "-o", "data_file=\(directory.path)/data.raw", external, "16M"])
         try await qemuImg(["create", "-q", "-f", "raw", raw, "16M"])
 
-        try await ImageCache.checkFormat(base, format: "qcow2", what: "image 'base'")
-        try await ImageCache.checkFormat(raw, format: "raw", what: "image 'plain'")
-        await #expect(throws: ImageError.self) { try await ImageCache.checkFormat(backed, format: "qcow2", what: "image 'backed'") }
-        do {
-            try await ImageCache.checkFormat(backed, format: "qcow2", what: "image 'backed'")
-        } catch let error as ImageError {
-            #expect(error.description == "image 'backed' is refused: it names a backing file (\(base)); upload a self-contained image (qemu-img convert)")
+        func admit(_ path: String, _ format: String, _ what: String) async throws {
+            try await ImageGate.admit(path, declared: format, what: what, qemuUser: "libvirt-qemu")
         }
-        do {
-            try await ImageCache.checkFormat(external, format: "qcow2", what: "image 'external'")
-            Issue.record("an image with an external data file was accepted")
-        } catch let error as ImageError {
-            #expect(error.description.hasPrefix("image 'external' is refused: it names an external data file"))
+        func refusal(_ path: String, _ format: String, _ what: String) async -> String {
+            do {
+                try await admit(path, format, what)
+                return "accepted"
+            } catch {
+                return "\(error)"
+            }
         }
+        try await admit(base, "qcow2", "image 'base'")
+        try await admit(raw, "raw", "image 'plain'")
+        #expect(
+            await refusal(backed, "qcow2", "image 'backed'")
+                == "image 'backed' is refused: its qcow2 header names a backing file; upload a self-contained image (qemu-img convert)")
+        #expect(
+            await refusal(backed, "raw", "image 'backed'")
+                == "image 'backed' is declared raw but its bytes are qcow2; declare its real format or convert it (qemu-img convert -O raw)")
+        #expect(await refusal(external, "qcow2", "image 'external'").hasPrefix("image 'external' is refused: its qcow2 header names an external data file"))
+        #expect(await refusal(base, "raw", "image 'base'").hasPrefix("image 'base' is declared raw but its bytes are qcow2"))
+        #expect(
+            await refusal(raw, "qcow2", "image 'plain'")
+                == "image 'plain' is not a valid qcow2 image: its bytes are not a disk image format, so raw")
+        #expect(await refusal(raw, "vmdk", "image 'plain'") == "image 'plain': disk_format must be qcow2 or raw (it is 'vmdk')")
+        // A VMDK descriptor names host files as its extents; qemu-img would open them.
+        let descriptor = directory.appendingPathComponent("descriptor.raw")
+        try "# Disk DescriptorFile\nversion=1\ncreateType=\"monolithicFlat\"\nRW 2048 FLAT \"/etc/shadow\" 0\n".write(
+            to: descriptor, atomically: true, encoding: .utf8)
+        #expect(await refusal(descriptor.path, "raw", "image 'flat'").hasPrefix("image 'flat' is declared raw but its bytes are a VMDK descriptor"))
+        for (name, format) in [("vmdk", "vmdk"), ("vhdx", "vhdx"), ("vdi", "vdi"), ("vpc", "vpc"), ("qed", "qed")] {
+            let path = directory.appendingPathComponent("disk.\(name)").path
+            try await qemuImg(["create", "-q", "-f", format, path, "16M"])
+            #expect(await refusal(path, "raw", "image '\(name)'").contains("is declared raw but its bytes are"), "\(name)")
+        }
+        // qemu-img's own reading agrees with the header check, run as QEMU's user.
         do {
-            try await ImageCache.checkFormat(raw, format: "qcow2", what: "image 'plain'")
-            Issue.record("a raw file was accepted as qcow2")
+            try await ImageGate.checkWithQemuImg(backed, format: "qcow2", what: "image 'backed'", qemuUser: "libvirt-qemu")
+            Issue.record("qemu-img accepted a backing file")
         } catch let error as ImageError {
-            #expect(error.description.hasPrefix("image 'plain' is not a valid qcow2 image"))
+            #expect(error.description.hasPrefix("image 'backed' is refused: it names a backing file (\(base))"))
         }
     }
 
@@ -121,7 +143,7 @@ struct AgentPartsTests {
             let template = DomainTemplate(
                 name: name, uuid: uuid.uuidString.lowercased(), virtType: "test",
                 flavor: InstanceFlavor(name: "small", vcpus: 2, memory: 256, disk: 1), disk: "/var/lib/x/\(name).qcow2",
-                seed: "/var/lib/x/\(name).seed.iso", consoleLog: "/var/lib/x/\(name).log", macAddress: macAddress(for: uuid),
+                base: ("/var/lib/images/sha256/ab", "raw"), seed: "/var/lib/x/\(name).seed.iso", consoleLog: "/var/lib/x/\(name).log", macAddress: macAddress(for: uuid),
                 network: network, sshPort: nil, kernel: ("/k/vmlinuz", "/k/initrd.img", "console=ttyS0 <&>"),
                 metadata: InstanceMetadata(instance: name, appliance: "rack & co", pool: "http://127.0.0.1:1", leaseExpires: expires))
             let domain = try await connection.defineDomain(xml: template.xml())
@@ -145,7 +167,7 @@ struct AgentPartsTests {
         let uuid = UUID()
         let template = DomainTemplate(
             name: "i-1", uuid: uuid.uuidString, virtType: "qemu", flavor: InstanceFlavor(vcpus: 1, memory: 128, disk: 1),
-            disk: "/d", seed: "/s", consoleLog: "/c", macAddress: "52:54:00:00:00:01", network: .user(sshForwardPorts: 22000...22010),
+            disk: "/d", base: ("/b", "qcow2"), seed: "/s", consoleLog: "/c", macAddress: "52:54:00:00:00:01", network: .user(sshForwardPorts: 22000...22010),
             sshPort: 22003, kernel: nil, metadata: InstanceMetadata(instance: "i-1", appliance: "rack"))
         let xml = template.xml()
         #expect(xml.contains("<qemu:arg value='user,id=corral0,net=10.0.2.0/24,dhcpstart=10.0.2.15,hostfwd=tcp:127.0.0.1:22003-:22'/>"))

@@ -79,15 +79,18 @@ struct EndToEndTests {
                 let key = harness.directory.appendingPathComponent("id_ed25519").path
                 let keygen = try await runProgram("ssh-keygen", ["-q", "-t", "ed25519", "-N", "", "-C", "corral-e2e", "-f", key])
                 #expect(keygen.status == 0, "\(keygen.stderr)")
-                // The script writes a marker, then reports back to the image server (QEMU's
-                // user-mode NAT takes the guest's 10.0.2.2 to the host's loopback).
+                // The script writes a marker, then tries the host's loopback services
+                // (QEMU's user-mode NAT takes the guest's 10.0.2.2 to the host's
+                // 127.0.0.1): the image server and the pool. The agent's nftables
+                // table must refuse both.
                 let port = try #require(URL(string: base)?.port)
                 let script = harness.directory.appendingPathComponent("post-create.sh")
                 try """
                     #!/bin/sh
-                    set -e
                     echo "made by corral for $(hostname)" > /var/tmp/corral-marker
-                    curl -fsS -X POST "http://10.0.2.2:\(port)/report/$(hostname)"
+                    for url in "http://10.0.2.2:\(port)/report/$(hostname)" "http://10.0.2.2:\(harness.port)/openapi.yaml"; do
+                        if curl -m 20 -fsS -o /dev/null -X POST "$url"; then echo reached; else echo "refused $?"; fi
+                    done > /var/tmp/corral-host
                     """.write(to: script, atomically: true, encoding: .utf8)
                 try await harness.poolCommand(["flavor", "add", "debian", "--vcpus", "1", "--memory-mib", "768", "--disk-gib", "3"])
                 try await harness.poolCommand([
@@ -118,7 +121,19 @@ struct EndToEndTests {
                 #expect(status.stdout.contains("status: done"), "cloud-init: \(status.stdout) \(status.stderr)")
                 let marker = try await shell.run("cat /var/tmp/corral-marker")
                 #expect(marker.stdout == "made by corral for \(name)\n")
-                #expect(reports.first(name) != nil, "the post-create script reported back")
+                // The host's loopback services were out of the guest's reach (curl's
+                // exit 7 when the connection is refused), while its SSH forward and
+                // cloud-init worked.
+                let host = try await shell.run("cat /var/tmp/corral-host")
+                let tries = host.stdout.split(separator: "\n")
+                #expect(tries.count == 2 && tries.allSatisfy { $0.hasPrefix("refused") }, "the guest's tries of the host's loopback: \(host.stdout)")
+                #expect(reports.first(name) == nil, "the guest reached the image server on the host's loopback")
+                // The rules match only QEMU's own connections out through loopback.
+                let rules = try await runProgram("nft", ["list", "table", "inet", "corral_guests"])
+                let lines = rules.stdout.split(separator: "\n").map { $0.trimmingCharacters(in: .whitespaces) }
+                let matching = lines.filter { $0.contains("accept") || $0.contains("reject") }.filter { !$0.hasPrefix("type ") }
+                #expect(matching.count == 4, "\(rules.stdout)")
+                #expect(matching.allSatisfy { $0.hasPrefix("oifname \"lo\" meta skuid ") }, "\(rules.stdout)")
 
                 // The launch timeline has every phase, through the API and on the agent.
                 var timeline: [[String: Any]] = []

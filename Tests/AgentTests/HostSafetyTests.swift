@@ -1,0 +1,187 @@
+import Foundation
+import Synchronization
+import Hummingbird
+import HummingbirdTesting
+import Libvirt
+import NIOCore
+import PoolAPI
+import Support
+import Testing
+import TestSupport
+
+@testable import Agent
+
+/// The appliance host against hostile images, URLs and names, on
+/// qemu:///system with the agent as a process.
+@Suite("the appliance host against hostile input")
+struct HostSafetyTests {
+    @Test("an image naming a host file as backing is refused as raw and as qcow2, on download and on a cache hit; refused, endless and unchecked downloads end errored")
+    func hostileImages() async throws {
+        let scratch = try Paths.scratchDirectory("hostile-images")
+        defer { try? FileManager.default.removeItem(at: scratch) }
+        // A "secret" of the host, and a qcow2 whose header names it as backing.
+        let secret = scratch.appendingPathComponent("host-secret.raw")
+        try Data(repeating: 0x53, count: 1 << 20).write(to: secret)
+        let evil = scratch.appendingPathComponent("evil.qcow2")
+        let made = try await runProgram("qemu-img", ["create", "-q", "-f", "qcow2", "-F", "raw", "-b", secret.path, evil.path, "1M"])
+        try #require(made.status == 0, "\(made.stderr)")
+        let evilSHA = try await sha256(of: evil)
+        let zeros = String(repeating: "0", count: 64)
+
+        try await withHarness("hostile-images", extraFiles: ["evil.qcow2": evil], imageSettings: "max_bytes = 8388608") { harness, base in
+            let images: [(name: String, arguments: [String])] = [
+                ("evil-raw", ["--url", "\(base)/evil.qcow2", "--sha256", evilSHA, "--disk-format", "raw"]),
+                ("evil-qcow2", ["--url", "\(base)/evil.qcow2", "--sha256", evilSHA, "--disk-format", "qcow2"]),
+                ("redirected", ["--url", "\(base)/redirect-out/disk.qcow2", "--sha256", zeros]),
+                ("metadata", ["--url", "http://169.254.169.254/latest/meta-data/disk.qcow2", "--sha256", zeros]),
+                ("endless", ["--url", "\(base)/endless/disk.qcow2", "--sha256", zeros]),
+                ("unchecked", ["--url", "\(base)/disk.qcow2"]),
+            ]
+            for image in images {
+                try await harness.poolCommand(["image", "add", image.name] + image.arguments)
+                try await harness.poolCommand(["wisp", "add", image.name, "--owner", "alice", "--image", image.name])
+            }
+            // An earlier agent left the file in the cache (it checked only the
+            // format its first download declared): every use is checked again.
+            let cache = harness.directory.appendingPathComponent("images/sha256")
+            try FileManager.default.createDirectory(at: cache, withIntermediateDirectories: true)
+            try FileManager.default.copyItem(at: evil, to: cache.appendingPathComponent(evilSHA))
+            try await harness.startAgent()
+
+            let expectations = [
+                ("evil-raw", "is declared raw but its bytes are qcow2"),
+                ("evil-qcow2", "is refused: its qcow2 header names a backing file"),
+                ("redirected", "169.254.169.254 is a link-local (cloud metadata) address; image downloads may only reach public addresses"),
+                ("metadata", "169.254.169.254 is a link-local (cloud metadata) address"),
+                ("endless", "sent more than images.max_bytes (8388608 bytes)"),
+                ("unchecked", "has no sha256: this appliance only downloads files with a checksum"),
+            ]
+            func expectRefused(_ cases: [(String, String)]) async throws {
+                var names: [String] = []
+                for (wisp, _) in cases { names.append(try await harness.reserve(wisp: wisp)) }
+                for (name, (wisp, reason)) in zip(names, cases) {
+                    let record = try await harness.waitForPoolState(name, 5, timeout: .seconds(90))
+                    let error = record["last_error"] as? String ?? ""
+                    #expect(error.contains(reason), "\(wisp): \(error)")
+                    #expect(try await harness.domains(named: name).isEmpty, "\(wisp)")
+                }
+            }
+            try await expectRefused(expectations)
+
+            // A fresh download of the same file is refused the same way, and
+            // never enters the cache.
+            try FileManager.default.removeItem(at: cache.appendingPathComponent(evilSHA))
+            try await expectRefused(Array(expectations.prefix(2)))
+            #expect(!FileManager.default.fileExists(atPath: cache.appendingPathComponent(evilSHA).path))
+            #expect(harness.instanceFiles().isEmpty)
+            let partial = try FileManager.default.contentsOfDirectory(atPath: harness.directory.appendingPathComponent("images/tmp").path)
+            #expect(partial.isEmpty)
+        }
+    }
+
+    @Test("instance names that would leave the agent's directories are refused with nothing touched")
+    func hostileNames() async throws {
+        try await SystemLibvirt.shared {
+            let scratch = try Paths.scratchDirectory("hostile-names")
+            defer { try? FileManager.default.removeItem(at: scratch) }
+            let state = scratch.appendingPathComponent("state")
+            // Files a traversal from state/disks and state/consoles would hit.
+            let victims = ["victim.qcow2", "victim.seed.iso", "victim.log"].map { scratch.appendingPathComponent($0) }
+            for victim in victims { try Data("keep me\n".utf8).write(to: victim) }
+            let hostile = ["../../victim", "../victim", "a/../../../victim", "Victim", "-victim", "victim\n"]
+            let flavor = InstanceFlavor(name: "small", vcpus: 1, memory: 128, disk: 1)
+            var actions: [Action] = []
+            for (index, name) in hostile.enumerated() {
+                for kind in [Action.Kind.start, .delete, .reboot] {
+                    actions.append(Action(id: "a-\(index)-\(kind.rawValue)", kind: kind, instance: name, flavor: flavor))
+                }
+            }
+            let pool = FakePool(actions: actions)
+            try await pool.serve { url in
+                let token = scratch.appendingPathComponent("token")
+                FileManager.default.createFile(atPath: token.path, contents: Data("t\n".utf8), attributes: [.posixPermissions: 0o600])
+                let config = scratch.appendingPathComponent("agent.toml")
+                try """
+                    [pool]
+                    url = "\(url)"
+                    token_file = "\(token.path)"
+                    [libvirt]
+                    uri = "\(SystemLibvirt.uri)"
+                    virt_type = "qemu"
+                    [paths]
+                    state_dir = "\(state.path)"
+                    image_dir = "\(scratch.appendingPathComponent("images").path)"
+                    [check_in]
+                    period_seconds = 1
+                    jitter_seconds = 0
+                    """.write(to: config, atomically: true, encoding: .utf8)
+                let agent = try BackgroundProcess(Paths.corralBinary, ["agent", "run", "--config", config.path, "--log-level", "info"])
+                let deadline = ContinuousClock.now + .seconds(60)
+                while ContinuousClock.now < deadline, pool.acknowledged.count < pool.actions.count {
+                    try await Task.sleep(for: .milliseconds(200))
+                }
+                _ = await agent.terminate()
+                #expect(Set(pool.acknowledged) == Set(pool.actions.map(\.id)), "every action is answered as done\n\(agent.stderr)")
+                for victim in victims {
+                    #expect(try String(contentsOf: victim, encoding: .utf8) == "keep me\n", "\(victim.lastPathComponent)")
+                }
+                #expect(try FileManager.default.contentsOfDirectory(atPath: scratch.path).sorted()
+                    == ["agent.toml", "images", "state", "token", "victim.log", "victim.qcow2", "victim.seed.iso"])
+                for sub in ["disks", "consoles"] {
+                    #expect(try FileManager.default.contentsOfDirectory(atPath: state.appendingPathComponent(sub).path).isEmpty)
+                }
+                #expect(agent.stderr.contains("start refused: the instance name \"../../victim\" must start with a lowercase letter or a digit"))
+                #expect(!agent.stderr.contains("victim\n"), "a hostile name is logged escaped")
+                let connection = try await Connection.open(SystemLibvirt.uri, keepAlive: nil)
+                #expect(try await connection.domains().allSatisfy { !$0.name.contains("victim") })
+                await connection.close()
+            }
+        }
+    }
+}
+
+/// A pool that authorizes anyone, hands out `actions` at the first
+/// check-in (and again until they are listed as done), and refuses
+/// everything else.
+final class FakePool: Sendable {
+    let actions: [Action]
+    private let done = Mutex<[String]>([])
+
+    init(actions: [Action]) { self.actions = actions }
+
+    var acknowledged: [String] { done.withLock { $0 } }
+
+    func serve(_ body: @Sendable @escaping (String) async throws -> Void) async throws {
+        let router = Router()
+        router.post("/api/v1/authorization/") { _, _ -> Response in
+            try Self.json(Envelope(response: .success, result: AuthorizationResult(name: "rack", owner: "alice")))
+        }
+        router.get("/api/v1/flavors/") { _, _ -> Response in
+            try Self.json(Envelope(response: .success, result: [Flavor]()))
+        }
+        router.post("/api/v1/broker/") { request, _ -> Response in
+            let body = try await request.body.collect(upTo: 1 << 20)
+            let checkIn = try JSONDecoder().decode(CheckInRequest.self, from: Data(body.readableBytesView))
+            let pending = self.done.withLock { done in
+                done.append(contentsOf: checkIn.done.filter { !done.contains($0) })
+                return self.actions.filter { !done.contains($0.id) }
+            }
+            return try Self.json(Envelope(response: .success, result: CheckInResult(actions: pending)))
+        }
+        router.post("/api/v1/instances/{name}/") { _, _ -> Response in
+            var response = try Self.json(Envelope<NoResult>(response: .fail, message: "no such instance"))
+            response.status = .notFound
+            return response
+        }
+        let app = Application(router: router, configuration: .init(address: .hostname("127.0.0.1", port: 0)))
+        try await app.test(.live) { client in
+            try await body("http://127.0.0.1:\(try #require(client.port))")
+        }
+    }
+
+    private static func json(_ value: some Encodable) throws -> Response {
+        Response(
+            status: .ok, headers: [.contentType: "application/json"],
+            body: ResponseBody(byteBuffer: ByteBuffer(bytes: try JSONEncoder().encode(value))))
+    }
+}
