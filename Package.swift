@@ -85,6 +85,7 @@ let package = Package(
             name: "corral",
             dependencies: [
                 "Agent",
+                "Egress",
                 "Libvirt",
                 "PoolAPI",
                 "PoolController",

@@ -201,7 +201,11 @@ public final class Agent: Service, Sendable {
         let fileManager = FileManager.default
         for (directory, suffixes) in [(paths.disks, [".qcow2", ".seed.iso", ".seed.iso.part"]), (paths.consoles, [".log"])] {
             for file in (try? fileManager.contentsOfDirectory(atPath: directory)) ?? [] {
-                let owner = suffixes.lazy.filter { file.hasSuffix($0) }.map { String(file.dropLast($0.count)) }.first
+                // A rotated console log (NAME.log.N) belongs to NAME too.
+                let unrotated = file.lastIndex(of: ".").map { index in
+                    file[file.index(after: index)...].allSatisfy(\.isNumber) && file[..<index].hasSuffix(".log") ? String(file[..<index]) : file
+                } ?? file
+                let owner = suffixes.lazy.filter { unrotated.hasSuffix($0) }.map { String(unrotated.dropLast($0.count)) }.first
                 guard owner.map({ !names.contains($0) }) ?? true else { continue }
                 logger.notice("removing \(directory)/\(file): no instance owns it")
                 try? fileManager.removeItem(atPath: "\(directory)/\(file)")
@@ -602,7 +606,12 @@ public final class Agent: Service, Sendable {
             } catch let error as LibvirtError where error.code == .noDomain {}
         }
         let seed = try paths.seed(instance.name)
-        for path in [try paths.disk(instance.name), seed, seed + ".part", try paths.console(instance.name)] {
+        let console = try paths.console(instance.name)
+        // virtlogd rotates the console log to CONSOLE.0, .1, ... (max_backups).
+        let rotated = ((try? FileManager.default.contentsOfDirectory(atPath: paths.consoles)) ?? [])
+            .filter { $0.hasPrefix(instance.name + ".log.") && $0.dropFirst(instance.name.count + 5).allSatisfy(\.isNumber) }
+            .map { "\(paths.consoles)/\($0)" }
+        for path in [try paths.disk(instance.name), seed, seed + ".part", console] + rotated {
             if FileManager.default.fileExists(atPath: path) { try FileManager.default.removeItem(atPath: path) }
         }
     }

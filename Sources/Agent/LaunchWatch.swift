@@ -103,7 +103,7 @@ func sshGreets(host: String, port: Int, timeout: Duration) async -> Bool {
 struct ConsoleScanner {
     private var offset: UInt64 = 0
     /// The start of a line whose end has not been read yet.
-    private var partial: [UInt8] = []
+    private(set) var partial: [UInt8] = []
     private var scriptFailed = false
 
     /// What the finished line and the lines before it said.
@@ -120,12 +120,24 @@ struct ConsoleScanner {
         }
     }
 
-    /// Reads what was added to the file since the last call; the finished
-    /// line, once it appears.
+    /// The most read per scan, and the longest line kept: a guest that
+    /// floods its console costs the agent a bounded window, never memory
+    /// in proportion to what it wrote.
+    static let readLimit = 1 << 20
+    static let lineLimit = 4096
+
+    /// Reads what was added to the file since the last call (at most
+    /// ``readLimit``); the finished line, once it appears. A file shorter
+    /// than what was read (virtlogd rotated it) is read from its start.
     mutating func scan(_ path: String) -> Finished? {
         guard let handle = FileHandle(forReadingAtPath: path) else { return nil }
         defer { try? handle.close() }
-        guard (try? handle.seek(toOffset: offset)) != nil, let data = try? handle.readToEnd(), !data.isEmpty else { return nil }
+        if let size = try? handle.seekToEnd(), size < offset {
+            offset = 0
+            partial = []
+        }
+        guard (try? handle.seek(toOffset: offset)) != nil, let data = try? handle.read(upToCount: Self.readLimit), !data.isEmpty
+        else { return nil }
         offset += UInt64(data.count)
         return feed(data)
     }
@@ -135,7 +147,9 @@ struct ConsoleScanner {
     /// `\r\n` as one character, the split is made on bytes).
     mutating func feed<Bytes: Sequence<UInt8>>(_ bytes: Bytes) -> Finished? {
         var lines = (partial + bytes).split(separator: UInt8(ascii: "\n"), omittingEmptySubsequences: false)
-        partial = Array(lines.removeLast())
+        // A line longer than the limit keeps only its start.
+        partial = Array(lines.removeLast().prefix(Self.lineLimit))
+        lines = lines.map { $0.prefix(Self.lineLimit) }
         for bytes in lines {
             let line = String(decoding: bytes, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines.union(.controlCharacters))
             let lowered = line.lowercased()

@@ -1,5 +1,6 @@
 import Agent
 import ArgumentParser
+import Egress
 import Foundation
 import Libvirt
 import Logging
@@ -108,7 +109,15 @@ extension Corral.AgentCommand {
         @Option(help: "With user-mode networking: host ports (on 127.0.0.1) forwarded to guests' SSH, e.g. 22000-22999.")
         var sshForwardPorts: String?
 
+        @Option(
+            name: .customLong("image-allow"),
+            help: "A network image URLs may reach besides public addresses, e.g. 127.0.0.0/8 for an image server on this host (repeatable; replaces the file's images.allow).")
+        var imageAllow: [String] = []
+
         func validate() throws {
+            for network in imageAllow where IPNetwork(network) == nil {
+                throw ValidationError("--image-allow must be an address or network such as 127.0.0.0/8 (it was '\(network)').")
+            }
             try validateHTTPURL(pool, option: "--pool")
             if let virtType, VirtualizationType(rawValue: virtType) == nil {
                 throw ValidationError("--virt-type must be auto, kvm or qemu (it was '\(virtType)').")
@@ -127,6 +136,7 @@ extension Corral.AgentCommand {
             if let virtType { configuration.virtualization = VirtualizationType(rawValue: virtType)! }
             if let stateDir { configuration.stateDirectory = stateDir }
             if let imageDir { configuration.imageDirectory = imageDir }
+            if !imageAllow.isEmpty { configuration.images.allow = imageAllow }
             if let sshForwardPorts {
                 guard let ports = AgentConfiguration.portRange(sshForwardPorts) else {
                     fail("--ssh-forward-ports must be a range such as 22000-22999 within 1024-65535 (it was '\(sshForwardPorts)')")

@@ -21,6 +21,12 @@ struct AgentConfigurationTests {
         var configuration = AgentConfiguration(poolURL: "https://pool.example.org", tokenFile: "/etc/corral/\"odd\".token")
         configuration.network = .user(sshForwardPorts: 22000...22099)
         configuration.virtualization = .qemu
+        configuration.images.allow = ["127.0.0.0/8", "fd00::/8"]
+        configuration.images.ports = [8080]
+        configuration.images.requireSHA256 = false
+        configuration.images.maxBytes = 1 << 30
+        configuration.isolateHost = false
+        configuration.qemuUser = "qemu"
         #expect(try AgentConfiguration.parse(configuration.rendered()) == configuration)
         configuration.network = .bridge("br0")
         #expect(try AgentConfiguration.parse(configuration.rendered()) == configuration)

@@ -91,6 +91,8 @@ struct EndToEndTests {
                     for url in "http://10.0.2.2:\(port)/report/$(hostname)" "http://10.0.2.2:\(harness.port)/openapi.yaml"; do
                         if curl -m 20 -fsS -o /dev/null -X POST "$url"; then echo reached; else echo "refused $?"; fi
                     done > /var/tmp/corral-host
+                    # Later the test asks for a console flood (10 MiB), which only root can write.
+                    setsid sh -c 'while [ ! -e /var/tmp/corral-flood ]; do sleep 1; done; dd if=/dev/zero of=/dev/ttyS0 bs=64k count=160' >/dev/null 2>&1 </dev/null &
                     """.write(to: script, atomically: true, encoding: .utf8)
                 try await harness.poolCommand(["flavor", "add", "debian", "--vcpus", "1", "--memory-mib", "768", "--disk-gib", "3"])
                 try await harness.poolCommand([
@@ -163,6 +165,24 @@ struct EndToEndTests {
                 #expect(onAgent.status == 0, "\(onAgent.stderr)")
                 for phase in LaunchPhase.allCases { #expect(onAgent.stdout.contains(phase.rawValue), "\(onAgent.stdout)") }
 
+                // A guest that floods its serial console leaves at most virtlogd's
+                // cap on the host (max_size 2 MiB, max_backups 3, the defaults).
+                #expect(try await shell.run("touch /var/tmp/corral-flood").status == 0)
+                let consoles = harness.stateDirectory + "/consoles"
+                func consoleLogs() -> [String: Int] {
+                    var sizes: [String: Int] = [:]
+                    for file in (try? FileManager.default.contentsOfDirectory(atPath: consoles)) ?? [] where file.hasPrefix(name + ".log") {
+                        sizes[file] = (try? FileManager.default.attributesOfItem(atPath: "\(consoles)/\(file)")[.size] as? Int) ?? 0
+                    }
+                    return sizes
+                }
+                let floodDeadline = ContinuousClock.now + .seconds(180)
+                while consoleLogs().keys.count < 4, ContinuousClock.now < floodDeadline { try await Task.sleep(for: .seconds(1)) }
+                try await Task.sleep(for: .seconds(5))
+                let logs = consoleLogs()
+                #expect(Set(logs.keys) == Set(["", ".0", ".1", ".2"].map { "\(name).log\($0)" }), "rotated logs: \(logs)")
+                #expect(logs.values.allSatisfy { $0 <= 2 << 20 }, "each log within max_size: \(logs)")
+
                 let domain = try #require(try await harness.domains(named: name).first)
                 // Reboot: the guest boots again (a new boot id), the pool shows it running.
                 let bootID = try await shell.run("cat /proc/sys/kernel/random/boot_id").stdout
@@ -193,7 +213,7 @@ struct EndToEndTests {
                 try await harness.waitForStatus(id, "DELETED", timeout: .seconds(120))
                 #expect(try await harness.poolInstance(name)?["state"] as? Int == 7)
                 #expect(try await harness.domains(named: name).isEmpty)
-                #expect(harness.instanceFiles().filter { $0.hasPrefix("disks/") && $0.contains(name) }.isEmpty, "no overlay, no seed")
+                #expect(harness.instanceFiles().filter { $0.contains(name) }.isEmpty, "no overlay, no seed, no console logs")
             } catch {
                 let console = (try? String(contentsOfFile: harness.consolePath(name), encoding: .utf8)) ?? "(no console log)"
                 throw SetupError("\(error)\n--- console tail of \(name) ---\n\(console.replacingOccurrences(of: "\r", with: "").split(separator: "\n").suffix(60).joined(separator: "\n"))")

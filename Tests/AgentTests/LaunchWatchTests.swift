@@ -31,6 +31,21 @@ struct LaunchWatchTests {
         #expect(clean.scan("/nonexistent/console.log") == nil)
     }
 
+    @Test("a flooded console costs a bounded window; a rotated log is read from its start")
+    func consoleFlood() throws {
+        var scanner = ConsoleScanner()
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent("flood-\(UUID()).log")
+        defer { try? FileManager.default.removeItem(at: file) }
+        // 3 MiB without a newline: one scan reads at most readLimit, and the
+        // unfinished line is kept to lineLimit bytes.
+        try Data(repeating: UInt8(ascii: "x"), count: 3 << 20).write(to: file)
+        for _ in 0..<4 { #expect(scanner.scan(file.path) == nil) }
+        #expect(scanner.partial.count <= ConsoleScanner.lineLimit)
+        // virtlogd rotates: the file starts again, shorter than what was read.
+        try Data("\ncorral: cloud-init finished after 41.5 s of uptime\n".utf8).write(to: file)
+        #expect(scanner.scan(file.path) == ConsoleScanner.Finished(uptime: "41.5", scriptFailed: false))
+    }
+
     @Test("an SSH greeting counts; a port that says something else, closes at once, or is not listening does not")
     func sshGreeting() async throws {
         try await withGreeter("SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n") { port in
