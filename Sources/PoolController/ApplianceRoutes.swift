@@ -68,7 +68,13 @@ struct ApplianceRoutes: Sendable {
         for change in recorded.changes { events.publish(change) }
         var actions = recorded.actions
         if actions.isEmpty, hold > 0 {
-            actions = try await heldActions(appliance.name, until: .now + .seconds(hold))
+            let limit = configuration.limits.maxHeldCheckInsPerAppliance
+            guard let changes = store.actionsChanged.changes(for: appliance.name, until: .now + .seconds(hold), limit: limit) else {
+                throw Refusal(
+                    .tooManyRequests,
+                    "appliance '\(appliance.name)' already has \(limit) check-ins held open (limits.max_held_check_ins_per_appliance); send hold_seconds 0 or wait for one to return")
+            }
+            actions = try await heldActions(appliance.name, changes: changes)
         }
         return try reply(.ok, Envelope.success(CheckInResult(actions: actions)))
     }
@@ -78,9 +84,8 @@ struct ApplianceRoutes: Sendable {
 
     /// Long polling: waits until an action for the appliance is pending, the
     /// deadline passes, or the pool shuts down; returns what is pending then.
-    private func heldActions(_ appliance: String, until deadline: ContinuousClock.Instant) async throws -> [Action] {
-        // Listening starts before the first look, so no change is missed.
-        let changes = store.actionsChanged.changes(until: deadline)
+    private func heldActions(_ appliance: String, changes: AsyncStream<Void>) async throws -> [Action] {
+        // Listening started before the first look, so no change is missed.
         let actions = try await store.pendingActions(appliance: appliance)
         guard actions.isEmpty else { return actions }
         do {

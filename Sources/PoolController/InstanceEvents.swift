@@ -14,6 +14,10 @@ public final class InstanceEvents: Sendable {
     }
 
     private struct Watcher {
+        /// The digest of the token that opened it (for the per-token cap).
+        var key: String
+        /// Who opened it: `user:NAME` or `appliance:NAME`.
+        var principal: String
         var filter: @Sendable (InstanceEvent) -> Bool
         var continuation: AsyncStream<Item>.Continuation
     }
@@ -23,15 +27,29 @@ public final class InstanceEvents: Sendable {
     public init() {}
 
     /// A stream of the events `filter` accepts, until the watcher stops
-    /// reading or ``finishAll()`` is called.
-    public func watch(filter: @escaping @Sendable (InstanceEvent) -> Bool) -> AsyncStream<Item> {
+    /// reading or ``finish(key:)`` or ``finishAll()`` is called; nil when
+    /// `key` already holds `limit` streams.
+    public func watch(
+        key: String = "", principal: String = "", limit: Int = .max, filter: @escaping @Sendable (InstanceEvent) -> Bool
+    ) -> AsyncStream<Item>? {
         let id = UUID()
         let (stream, continuation) = AsyncStream.makeStream(of: Item.self, bufferingPolicy: .bufferingNewest(1000))
+        let added = watchers.withLock { watchers in
+            guard watchers.values.count(where: { $0.key == key }) < limit else { return false }
+            watchers[id] = Watcher(key: key, principal: principal, filter: filter, continuation: continuation)
+            return true
+        }
+        guard added else { return nil }
         continuation.onTermination = { [weak self] _ in
             _ = self?.watchers.withLock { $0.removeValue(forKey: id) }
         }
-        watchers.withLock { $0[id] = Watcher(filter: filter, continuation: continuation) }
         return stream
+    }
+
+    /// Ends the streams `principal` opened (its token was disabled or replaced).
+    public func finish(principal: String) {
+        let targets = watchers.withLock { $0.values.filter { $0.principal == principal }.map(\.continuation) }
+        for continuation in targets { continuation.finish() }
     }
 
     /// Sends `event` to every watcher whose filter accepts it.

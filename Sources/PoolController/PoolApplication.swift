@@ -62,7 +62,7 @@ func buildPoolRouter(
         store: store, configuration: configuration, events: events,
         warmPools: warmPools ?? WarmPoolService(store: store, configuration: configuration, events: events, logger: logger))
     router.post("api/stream/:template", use: templates.launch)
-    let watchers = EventRoutes(store: store, events: events)
+    let watchers = EventRoutes(store: store, events: events, limits: configuration.limits)
     router.get("api/v1/events", use: watchers.stream)
     let document = openAPIDocument(publicURL: configuration.publicURL)
     router.get("openapi.yaml") { _, _ in

@@ -44,6 +44,14 @@ public struct PoolConfiguration: Sendable, Equatable {
         /// The most instances one check-in may list, and the most instance
         /// records one appliance may hold in the pool.
         public var maxInstancesPerAppliance: Int = 1000
+        /// The most check-ins of one appliance held open at once (429 beyond).
+        public var maxHeldCheckInsPerAppliance: Int = 4
+        /// The most event streams one token may hold open (429 beyond).
+        public var maxEventStreamsPerToken: Int = 8
+        /// The most server-instances one `GET /v1/server-instance` page
+        /// holds, and the page size when `limit` is not given.
+        public var maxPageSize: Int = 1000
+        public var defaultPageSize: Int = 100
 
         public init() {}
     }
@@ -130,6 +138,7 @@ public struct PoolConfiguration: Sendable, Equatable {
         "warm_pools": ["interval_seconds", "max_age_seconds"],
         "limits": [
             "max_lease_seconds", "max_flavor_vcpus", "max_flavor_memory_mib", "max_flavor_disk_gib", "max_instances_per_appliance",
+            "max_held_check_ins_per_appliance", "max_event_streams_per_token", "max_page_size", "default_page_size",
         ],
     ]
 
@@ -206,6 +215,15 @@ public struct PoolConfiguration: Sendable, Equatable {
         limits.maxDiskGiB = try reader.int("limits", "max_flavor_disk_gib", in: 1...(1 << 30)) ?? limits.maxDiskGiB
         limits.maxInstancesPerAppliance =
             try reader.int("limits", "max_instances_per_appliance", in: 1...100_000) ?? limits.maxInstancesPerAppliance
+        limits.maxHeldCheckInsPerAppliance =
+            try reader.int("limits", "max_held_check_ins_per_appliance", in: 1...1000) ?? limits.maxHeldCheckInsPerAppliance
+        limits.maxEventStreamsPerToken =
+            try reader.int("limits", "max_event_streams_per_token", in: 1...1000) ?? limits.maxEventStreamsPerToken
+        limits.maxPageSize = try reader.int("limits", "max_page_size", in: 1...100_000) ?? limits.maxPageSize
+        limits.defaultPageSize = try reader.int("limits", "default_page_size", in: 1...100_000) ?? limits.defaultPageSize
+        guard limits.defaultPageSize <= limits.maxPageSize else {
+            throw reader.invalid("limits", "default_page_size", "must be at most limits.max_page_size (\(limits.maxPageSize))")
+        }
         configuration.limits = limits
         guard configuration.leases.defaultSeconds <= limits.maxLeaseSeconds else {
             throw reader.invalid("leases", "default_seconds", "must be at most limits.max_lease_seconds (\(limits.maxLeaseSeconds))")

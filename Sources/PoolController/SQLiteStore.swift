@@ -8,7 +8,7 @@ import PoolAPI
 public final class SQLiteStore: PoolStore {
     let database: DatabasePool
     public let actionsChanged: ChangeSignal
-    private let actionObservation: AnyDatabaseCancellable
+    private let actionObserver: NewActionObserver
 
     /// Opens (creating when missing) the database at `path`.
     public init(path: String) throws {
@@ -22,14 +22,12 @@ public final class SQLiteStore: PoolStore {
         } catch {
             throw PoolError.storage("cannot open the pool database at \(path): \(error)")
         }
-        // Every committed change to the action table wakes held check-ins.
+        // A committed new action wakes the held check-ins of its appliance only.
         let signal = ChangeSignal()
         actionsChanged = signal
-        actionObservation = DatabaseRegionObservation(tracking: Table("action"))
-            .start(in: database, onError: { _ in }, onChange: { _ in signal.signal() })
+        actionObserver = NewActionObserver(signal: signal)
+        database.add(transactionObserver: actionObserver, extent: .databaseLifetime)
     }
-
-    deinit { actionObservation.cancel() }
 
     static var migrator: DatabaseMigrator {
         var migrator = DatabaseMigrator()
@@ -196,6 +194,11 @@ public final class SQLiteStore: PoolStore {
                 table.column("at", .double).notNull()
                 table.column("detail", .text)
                 table.primaryKey(["instanceID", "phase"])
+            }
+        }
+        migrator.registerMigration("7-user-enabled") { db in
+            try db.alter(table: "user") { table in
+                table.add(column: "enabled", .boolean).notNull().defaults(to: true)
             }
         }
         return migrator
@@ -528,6 +531,64 @@ public final class SQLiteStore: PoolStore {
     public func user(tokenDigest: String) async throws -> User? {
         try await database.read { db in
             try Row.fetchOne(db, sql: Self.userQuery + " WHERE user.tokenDigest = ?", arguments: [tokenDigest]).map(Self.user)
+        }
+    }
+
+    public func user(named name: String) async throws -> User {
+        try await database.read { db in
+            guard let row = try Row.fetchOne(db, sql: Self.userQuery + " WHERE user.name = ?", arguments: [name]) else {
+                throw PoolError.notFound(what: "user", name: name)
+            }
+            return try Self.user(row)
+        }
+    }
+
+    public func setUser(_ name: String, enabled: Bool) async throws -> User {
+        try await database.write { db in
+            try db.execute(sql: "UPDATE user SET enabled = ? WHERE name = ?", arguments: [enabled, name])
+            guard db.changesCount == 1 else { throw PoolError.notFound(what: "user", name: name) }
+            guard let row = try Row.fetchOne(db, sql: Self.userQuery + " WHERE user.name = ?", arguments: [name]) else {
+                throw PoolError.notFound(what: "user", name: name)
+            }
+            return try Self.user(row)
+        }
+    }
+
+    public func setUserToken(_ name: String, tokenDigest: String) async throws -> User {
+        try await database.write { db in
+            try db.execute(sql: "UPDATE user SET tokenDigest = ? WHERE name = ?", arguments: [tokenDigest, name])
+            guard db.changesCount == 1 else { throw PoolError.notFound(what: "user", name: name) }
+            guard let row = try Row.fetchOne(db, sql: Self.userQuery + " WHERE user.name = ?", arguments: [name]) else {
+                throw PoolError.notFound(what: "user", name: name)
+            }
+            return try Self.user(row)
+        }
+    }
+
+    public func instancesPage(owners: Set<String>?, includeWarm: Bool, ownerID: String?, after marker: String?, limit: Int)
+        async throws -> [Instance]
+    {
+        try await database.read { db in
+            var conditions: [String] = []
+            var arguments: StatementArguments = []
+            if let owners {
+                conditions.append("user.name IN (\(owners.map { _ in "?" }.joined(separator: ",")))")
+                for owner in owners.sorted() { arguments += [owner] }
+                if owners.isEmpty { conditions.append("0") }
+            }
+            if !includeWarm { conditions.append("instance.warm = 0") }
+            if let ownerID {
+                conditions.append("user.uuid = ?")
+                arguments += [ownerID]
+            }
+            if let marker {
+                conditions.append("instance.uuid > ?")
+                arguments += [marker]
+            }
+            let filter = conditions.isEmpty ? "" : " WHERE " + conditions.joined(separator: " AND ")
+            arguments += [limit]
+            return try Row.fetchAll(db, sql: Self.instanceQuery + filter + " ORDER BY instance.uuid LIMIT ?", arguments: arguments)
+                .map(Self.instance)
         }
     }
 
@@ -925,7 +986,8 @@ public final class SQLiteStore: PoolStore {
     static func user(_ row: Row) throws -> User {
         User(
             id: try row.decode(forColumn: "uuid"), name: try row.decode(forColumn: "name"), superuser: try row.decode(forColumn: "superuser"), maxInstances: try row.decode(forColumn: "maxInstances"),
-            manager: try row.decode(forColumn: "manager"), leaseSeconds: try row.decode(forColumn: "leaseSeconds"), createdAt: try row.decode(forColumn: "createdAt"))
+            manager: try row.decode(forColumn: "manager"), leaseSeconds: try row.decode(forColumn: "leaseSeconds"), createdAt: try row.decode(forColumn: "createdAt"),
+            enabled: try row.decode(forColumn: "enabled"))
     }
 
     static func appliance(_ row: Row) throws -> Appliance {
@@ -943,4 +1005,39 @@ public final class SQLiteStore: PoolStore {
         }
         return try appliance(row)
     }
+}
+
+/// Wakes the held check-ins of the appliances whose actions were inserted
+/// by a committed transaction of this process (a `corral pool` command run
+/// in another process is seen at the appliance's next check-in).
+final class NewActionObserver: TransactionObserver, @unchecked Sendable {
+    private let signal: ChangeSignal
+    /// Row ids inserted by the current transaction; touched only on the
+    /// database's writer, which runs one transaction at a time.
+    private var inserted: [Int64] = []
+
+    init(signal: ChangeSignal) { self.signal = signal }
+
+    func observes(eventsOfKind eventKind: DatabaseEventKind) -> Bool {
+        if case .insert(let table) = eventKind { return table == "action" }
+        return false
+    }
+
+    func databaseDidChange(with event: DatabaseEvent) { inserted.append(event.rowID) }
+
+    func databaseDidCommit(_ db: Database) {
+        let rows = inserted
+        inserted = []
+        guard !rows.isEmpty else { return }
+        let names = try? String.fetchAll(
+            db,
+            sql: """
+                SELECT DISTINCT appliance.name FROM action JOIN appliance ON appliance.id = action.applianceID
+                WHERE action.rowid IN (\(rows.map(String.init).joined(separator: ",")))
+                """)
+        guard let names else { return signal.signal() }  // cannot tell whose: wake all
+        for name in names { signal.signal(name) }
+    }
+
+    func databaseDidRollback(_ db: Database) { inserted = [] }
 }

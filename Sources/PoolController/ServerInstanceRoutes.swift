@@ -25,18 +25,35 @@ struct ServerInstanceRoutes: Sendable {
         v1.delete("server-instance/:id", use: delete)
         v1.get("server-flavor", use: flavors)
         v1.get("server-image", use: images)
+        UserRoutes(store: store, events: events).register(in: v1)
     }
 
-    /// `GET /v1/server-instance[?cloudauth-id=ID]`: 200 with the instances
-    /// the caller sees (owned by that user, when given).
+    /// `GET /v1/server-instance[?cloudauth-id=ID][&limit=N][&marker=ID]`:
+    /// 200 with one page of the instances the caller sees (owned by that
+    /// user, when given), ordered by id: at most `limit` (1 to
+    /// `limits.max_page_size`, default `limits.default_page_size`), those
+    /// after the id `marker` (the last id of the previous page). A page
+    /// shorter than `limit` is the last. 400 for a bad `limit` or `marker`.
     @Sendable func list(_ request: Request, context: BasicRequestContext) async throws -> Response {
         let caller = try await authenticate(request)
-        let managed = try await managedUsers(of: caller)
-        let owner = request.uri.queryParameters["cloudauth-id"].map(String.init)
-        let visible = try await store.instances().filter { instance in
-            Self.sees(caller, instance, managed: managed) && (owner == nil || instance.ownerID == owner)
+        let query = request.uri.queryParameters
+        let limits = configuration.limits
+        var limit = limits.defaultPageSize
+        if let text = query["limit"] {
+            guard let number = Int(String(text)), (1...limits.maxPageSize).contains(number) else {
+                throw Refusal(.badRequest, "query 'limit' must be a whole number from 1 to \(limits.maxPageSize)")
+            }
+            limit = number
         }
-        return try reply(.ok, ServerEnvelope(data: visible.map(ServerInstance.init)))
+        let marker = query["marker"].map(String.init)
+        if let marker, !ResourceName.hasIDForm(marker) {
+            throw Refusal(.badRequest, "query 'marker' must be a server-instance id (32 hex digits), the last of the previous page")
+        }
+        let owner = query["cloudauth-id"].map(String.init)
+        let owners: Set<String>? = caller.superuser ? nil : try await managedUsers(of: caller).union([caller.name])
+        let page = try await store.instancesPage(
+            owners: owners, includeWarm: caller.superuser, ownerID: owner, after: marker, limit: limit)
+        return try reply(.ok, ServerEnvelope(data: page.map(ServerInstance.init)))
     }
 
     /// `POST /v1/server-instance`: 201 with the new instance; 400 for a

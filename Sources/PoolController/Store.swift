@@ -14,6 +14,13 @@ public struct User: Sendable, Equatable, Codable {
     /// How long this user's new instances are leased for (nil: the pool's default).
     public var leaseSeconds: Int?
     public var createdAt: Date
+    /// A disabled user's token is refused everywhere (401).
+    public var enabled: Bool = true
+
+    /// The refusal a disabled user's token gets.
+    public static func disabledMessage(_ name: String) -> String {
+        "user '\(name)' is disabled; an admin can enable it (corral pool user enable \(name))"
+    }
 }
 
 /// A compute appliance (a libvirt host running the agent).
@@ -297,6 +304,17 @@ public protocol PoolStore: Sendable {
 
     /// The user whose token has this digest.
     func user(tokenDigest: String) async throws -> User?
+    /// The user named `name`, or ``PoolError/notFound(what:name:)``.
+    func user(named name: String) async throws -> User
+    /// Enables or disables a user.
+    func setUser(_ name: String, enabled: Bool) async throws -> User
+    /// Replaces a user's token (the old one is refused from then on).
+    func setUserToken(_ name: String, tokenDigest: String) async throws -> User
+    /// One page of instances, ordered by id: those of `owners` (all when
+    /// nil), warm ones only with `includeWarm`, of the user with id
+    /// `ownerID` when given, with ids after `marker`, at most `limit`.
+    func instancesPage(owners: Set<String>?, includeWarm: Bool, ownerID: String?, after marker: String?, limit: Int)
+        async throws -> [Instance]
 
     /// Records a check-in (its appliance block goes through
     /// ``recordCheckIn(_:block:at:)``): last seen, stats, the state of each summarized

@@ -128,9 +128,24 @@ extension Corral.InstancesCommand {
         @OptionGroup var api: UserAPIOptions
         @Option(name: .customLong("cloudauth-id"), help: "Only those owned by this user id.") var cloudauthID: String?
 
+        /// Instances asked for per page; the pool answers pages in id order.
+        static let pageSize = 500
+
         func run() async throws {
-            let query = cloudauthID.map { "?cloudauth-id=" + ($0.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? $0) }
-            try api.show(try await api.call(.GET, "/v1/server-instance" + (query ?? "")))
+            var query = "?limit=\(Self.pageSize)"
+            if let cloudauthID {
+                query += "&cloudauth-id=" + (cloudauthID.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? cloudauthID)
+            }
+            // Follow the pages to the end: a page shorter than asked for is the last.
+            var all: [ServerInstance] = []
+            var marker: String?
+            while true {
+                let page = try await api.call(.GET, "/v1/server-instance" + query + (marker.map { "&marker=\($0)" } ?? ""))
+                all += page
+                guard page.count == Self.pageSize, let last = page.last?.id else { break }
+                marker = last
+            }
+            try api.show(all)
         }
     }
 

@@ -136,7 +136,45 @@ extension Corral.Pool {
 
     struct Users: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            commandName: "user", abstract: "Manage the pool's users.", subcommands: [Add.self, List.self])
+            commandName: "user", abstract: "Manage the pool's users.",
+            subcommands: [Add.self, List.self, Disable.self, Enable.self, RotateToken.self])
+
+        struct Disable: AsyncParsableCommand {
+            static let configuration = CommandConfiguration(
+                abstract: "Refuse the user's token everywhere (401) until they are enabled again; open event streams end within 15 s.")
+            @OptionGroup var store: PoolDatabaseOptions
+            @Argument(help: "The user's name.") var name: String
+
+            func run() async throws {
+                _ = try await administer { try await store.openExisting().setUser(name, enabled: false) }
+                print("user '\(name)' disabled")
+            }
+        }
+
+        struct Enable: AsyncParsableCommand {
+            static let configuration = CommandConfiguration(abstract: "Accept the user's token again.")
+            @OptionGroup var store: PoolDatabaseOptions
+            @Argument(help: "The user's name.") var name: String
+
+            func run() async throws {
+                _ = try await administer { try await store.openExisting().setUser(name, enabled: true) }
+                print("user '\(name)' enabled")
+            }
+        }
+
+        struct RotateToken: AsyncParsableCommand {
+            static let configuration = CommandConfiguration(
+                commandName: "rotate-token",
+                abstract: "Give the user a new token (printed once); the old one is refused at once, its event streams within 15 s.")
+            @OptionGroup var store: PoolDatabaseOptions
+            @Argument(help: "The user's name.") var name: String
+
+            func run() async throws {
+                let token = Token.generate()
+                _ = try await administer { try await store.openExisting().setUserToken(name, tokenDigest: Token.digest(token)) }
+                print(token)
+            }
+        }
 
         struct Add: AsyncParsableCommand {
             static let configuration = CommandConfiguration(
@@ -181,10 +219,11 @@ extension Corral.Pool {
             func run() async throws {
                 let users = try await administer { try await store.openExisting().users() }
                 if json { return try printJSON(users) }
-                var table = Table(header: ["NAME", "ID", "SUPERUSER", "MANAGER", "MAX INSTANCES", "LEASE", "CREATED"])
+                var table = Table(header: ["NAME", "ID", "SUPERUSER", "ENABLED", "MANAGER", "MAX INSTANCES", "LEASE", "CREATED"])
                 for user in users {
                     table.rows.append([
-                        user.name, user.id, user.superuser ? "yes" : "no", user.manager ?? "-", "\(user.maxInstances)",
+                        user.name, user.id, user.superuser ? "yes" : "no", user.enabled ? "yes" : "no", user.manager ?? "-",
+                        "\(user.maxInstances)",
                         user.leaseSeconds.map { "\($0) s" } ?? "default", user.createdAt.formatted(.iso8601),
                     ])
                 }

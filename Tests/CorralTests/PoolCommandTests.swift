@@ -147,6 +147,27 @@ struct PoolCommandTests {
         let appliances = try #require(try JSONSerialization.jsonObject(with: Data(listed.stdout.utf8)) as? [[String: Any]])
         #expect(appliances.first?["version"] as? String == "test")
 
+        // User tokens: disable, enable and rotate from the command line reach the running pool.
+        let userToken = try await Self.pool(["user", "add", "carol"], database: database).stdout.trimmingCharacters(in: .newlines)
+        func listStatus(_ token: String) async throws -> Int {
+            var request = URLRequest(url: try #require(URL(string: "\(baseURL)/v1/server-instance")))
+            request.setValue(token, forHTTPHeaderField: "X-Auth-Token")
+            return (try await URLSession.shared.data(for: request).1 as? HTTPURLResponse)?.statusCode ?? 0
+        }
+        #expect(try await listStatus(userToken) == 200)
+        #expect(try await Self.pool(["user", "disable", "carol"], database: database).stdout == "user 'carol' disabled\n")
+        #expect(try await listStatus(userToken) == 401)
+        let users = try await Self.pool(["user", "list"], database: database).stdout
+        let carol = users.split(separator: "\n").first { $0.hasPrefix("carol ") }?.split(separator: " ", omittingEmptySubsequences: true)
+        #expect(carol.map { Array($0.prefix(4)).map(String.init) }?[2...3] == ["no", "no"], "SUPERUSER and ENABLED: \(users)")
+        _ = try await Self.pool(["user", "enable", "carol"], database: database)
+        #expect(try await listStatus(userToken) == 200)
+        let newUserToken = try await Self.pool(["user", "rotate-token", "carol"], database: database).stdout
+            .trimmingCharacters(in: .newlines)
+        #expect(try await listStatus(userToken) == 401)
+        #expect(try await listStatus(newUserToken) == 200)
+        #expect(try await Self.pool(["user", "disable", "nobody"], database: database).status != 0)
+
         // An instance report is answered with start parameters and shows in the listing.
         _ = try await Self.pool(["image", "add", "cirros", "--url", "http://127.0.0.1:9/c.img"], database: database)
         _ = try await Self.pool(["wisp", "add", "fallback", "--owner", "alice", "--image", "cirros", "--system-default"], database: database)

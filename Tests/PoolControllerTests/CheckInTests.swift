@@ -11,7 +11,7 @@ struct CheckInTests {
     @Test("a check-in records stats and last-seen, creates and updates its own instances, and leaves others' alone")
     func records() async throws {
         let pool = try await TestPool.make()
-        let watched = pool.events.watch { _ in true }
+        let watched = try #require(pool.events.watch { _ in true })
         try await pool.app.test(.router) { client in
             let none = try await client.checkIn(pool, "rack-2", instances: [InstanceSummary(name: "theirs", state: .running)])
             #expect(none.isEmpty)

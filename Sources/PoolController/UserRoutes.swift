@@ -1,0 +1,81 @@
+import Foundation
+import Hummingbird
+import PoolAPI
+
+/// A user as the user API shows it.
+struct UserView: Codable, Sendable, Equatable {
+    var id: String
+    var name: String
+    var superuser: Bool
+    var enabled: Bool
+    /// Only in the reply to a token rotation: the new token, shown once.
+    var token: String?
+
+    init(_ user: User, token: String? = nil) {
+        id = user.id
+        name = user.name
+        superuser = user.superuser
+        enabled = user.enabled
+        self.token = token
+    }
+}
+
+/// `/v1/user/<name>`: a user's own record and token, and a superuser's
+/// control of every user's: rotate a token (the old one is refused from
+/// then on, open event streams included) and disable or enable a user.
+struct UserRoutes: Sendable {
+    let store: any PoolStore
+    let events: InstanceEvents
+
+    func register(in group: RouterGroup<BasicRequestContext>) {
+        group.get("user/:name", use: show)
+        group.put("user/:name", use: modify)
+        group.post("user/:name/token", use: rotateToken)
+    }
+
+    /// The caller and the user the path names: 404 unless it is the caller
+    /// or the caller is a superuser.
+    private func target(_ request: Request, context: BasicRequestContext) async throws -> (caller: User, user: User) {
+        let caller = try await authenticateUser(request, store: store)
+        let name = try context.parameters.require("name")
+        guard caller.superuser || caller.name == name,
+            let user = try? await store.user(named: name)
+        else { throw Refusal(.notFound, "there is no user '\(name)' you may see; GET /v1/user/<your name> shows yours") }
+        return (caller, user)
+    }
+
+    /// `GET /v1/user/<name>`: 200 with the user; 401; 404.
+    @Sendable func show(_ request: Request, context: BasicRequestContext) async throws -> Response {
+        let (_, user) = try await target(request, context: context)
+        return try reply(.ok, ServerEnvelope(data: [UserView(user)]))
+    }
+
+    /// `PUT /v1/user/<name>` `{"enabled": BOOL}`, superusers only: 200 with
+    /// the user; 400 for another body; 401; 403 for others; 404; 409 for a
+    /// superuser disabling themself.
+    @Sendable func modify(_ request: Request, context: BasicRequestContext) async throws -> Response {
+        let (caller, user) = try await target(request, context: context)
+        guard caller.superuser else { throw Refusal(.forbidden, "only a superuser may enable or disable users") }
+        let body = try JSONBody(try await collectBody(request, upTo: maximumUserBody))
+        try body.only(["enabled"], required: ["enabled"])
+        guard let enabled = body.fields["enabled"] as? Bool else {
+            throw Refusal(.badRequest, "field 'enabled' must be true or false")
+        }
+        if !enabled, user.name == caller.name {
+            throw Refusal(.conflict, "you cannot disable yourself; another superuser (or corral pool user disable) can")
+        }
+        let changed = try await refusingPoolErrors { try await store.setUser(user.name, enabled: enabled) }
+        if !enabled { events.finish(principal: "user:\(user.name)") }
+        return try reply(.ok, ServerEnvelope(data: [UserView(changed)]))
+    }
+
+    /// `POST /v1/user/<name>/token`, by the user or a superuser: 200 with
+    /// the user and its new token (shown only here); 401; 404.
+    @Sendable func rotateToken(_ request: Request, context: BasicRequestContext) async throws -> Response {
+        let (_, user) = try await target(request, context: context)
+        let token = Token.generate()
+        let changed = try await refusingPoolErrors { try await store.setUserToken(user.name, tokenDigest: Token.digest(token)) }
+        events.finish(principal: "user:\(user.name)")
+        return try reply(.ok, ServerEnvelope(data: [UserView(changed, token: token)]))
+    }
+}

@@ -1,0 +1,77 @@
+"""Schemathesis hooks for scripts/fuzz (loaded through SCHEMATHESIS_HOOKS).
+
+The fuzz run's pool is made fresh by scripts/fuzz, which passes what it made
+in environment variables. The hooks only steer generated requests towards
+objects that exist, so that more of them get past authentication and
+lookups; every change is a function of the generated data alone, so a run
+is reproducible from its seed:
+
+- the appliance token travels in the body (`appliance.apitoken`), where no
+  OpenAPI security scheme can put it: a generated non-empty token is replaced
+  by the real one (an empty one is kept and exercises the 401);
+- a check-in's `hold_seconds` above 1 (valid up to 120) becomes 1, so that a
+  held check-in cannot stall the run for two minutes;
+- an instance report's `instance.name` is set to the name in the path for
+  most generated names, so reports get past the name comparison;
+- `{id}` of the /v1 instance routes and `{template}` of the launch route name
+  an existing instance or template for most generated values;
+- `X-Auth-Cloudauth-Id` of two or more characters becomes the superuser's
+  own id (shorter values are kept: empty is ignored by the pool, one
+  character exercises the 401).
+"""
+
+import os
+import zlib
+
+import schemathesis
+
+APPLIANCE_TOKEN = os.environ["CORRAL_FUZZ_APPLIANCE_TOKEN"]
+SUPERUSER_ID = os.environ["CORRAL_FUZZ_SUPERUSER_ID"]
+INSTANCES = os.environ.get("CORRAL_FUZZ_INSTANCES", "").split()
+TEMPLATES = os.environ.get("CORRAL_FUZZ_TEMPLATES", "").split()
+
+
+def _pick(value, choices):
+    """One of `choices` for three in four values (chosen by the value's
+    CRC-32, so the same value always maps the same way), else None."""
+    if not choices or not isinstance(value, str) or value == "":
+        return None
+    digest = zlib.crc32(value.encode("utf-8", "surrogatepass"))
+    if digest % 4 == 0:
+        return None
+    return choices[digest % len(choices)]
+
+
+@schemathesis.hook
+def before_call(context, case, kwargs):
+    body = case.body
+    if isinstance(body, dict):
+        block = body.get("appliance")
+        if isinstance(block, dict) and isinstance(block.get("apitoken"), str) and block["apitoken"] != "":
+            block["apitoken"] = APPLIANCE_TOKEN
+        hold = body.get("hold_seconds")
+        if case.path == "/api/v1/broker/" and type(hold) is int and 1 < hold <= 120:
+            body["hold_seconds"] = 1
+        instance = body.get("instance")
+        name = case.path_parameters.get("name") if case.path_parameters else None
+        if (
+            case.path == "/api/v1/instances/{name}/"
+            and isinstance(instance, dict)
+            and isinstance(instance.get("name"), str)
+            and isinstance(name, str)
+            and _pick(name, ["same"]) is not None
+        ):
+            instance["name"] = name
+    if case.path_parameters:
+        if case.path.startswith("/v1/server-instance/{id}"):
+            chosen = _pick(case.path_parameters.get("id"), INSTANCES)
+            if chosen is not None:
+                case.path_parameters["id"] = chosen
+        if case.path == "/api/stream/{template}":
+            chosen = _pick(case.path_parameters.get("template"), TEMPLATES)
+            if chosen is not None:
+                case.path_parameters["template"] = chosen
+    if case.headers:
+        claimed = case.headers.get("X-Auth-Cloudauth-Id")
+        if isinstance(claimed, str) and len(claimed) >= 2:
+            case.headers["X-Auth-Cloudauth-Id"] = SUPERUSER_ID
