@@ -17,7 +17,13 @@ is reproducible from its seed:
   an existing instance or template for most generated values;
 - `X-Auth-Cloudauth-Id` of two or more characters becomes the superuser's
   own id (shorter values are kept: empty is ignored by the pool, one
-  character exercises the 401).
+  character exercises the 401);
+- a reservation's `callback_url` that starts with `http` becomes
+  `http://127.0.0.1:9/start`: the pool fetches a reserved instance's callback
+  when its appliance reports it, and a generated host name would make it look
+  the name up and connect to wherever it points. The pool refuses loopback
+  callbacks (502) without a lookup or a connection, so nothing but
+  127.0.0.1 is ever reached.
 """
 
 import os
@@ -29,6 +35,7 @@ APPLIANCE_TOKEN = os.environ["CORRAL_FUZZ_APPLIANCE_TOKEN"]
 SUPERUSER_ID = os.environ["CORRAL_FUZZ_SUPERUSER_ID"]
 INSTANCES = os.environ.get("CORRAL_FUZZ_INSTANCES", "").split()
 TEMPLATES = os.environ.get("CORRAL_FUZZ_TEMPLATES", "").split()
+LOOPBACK_CALLBACK = "http://127.0.0.1:9/start"
 
 
 def _pick(value, choices):
@@ -49,6 +56,9 @@ def before_call(context, case, kwargs):
         block = body.get("appliance")
         if isinstance(block, dict) and isinstance(block.get("apitoken"), str) and block["apitoken"] != "":
             block["apitoken"] = APPLIANCE_TOKEN
+        callback = body.get("callback_url")
+        if isinstance(callback, str) and callback[:4].lower() == "http":
+            body["callback_url"] = LOOPBACK_CALLBACK
         hold = body.get("hold_seconds")
         if case.path == "/api/v1/broker/" and type(hold) is int and 1 < hold <= 120:
             body["hold_seconds"] = 1

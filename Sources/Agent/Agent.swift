@@ -455,7 +455,13 @@ public final class Agent: Service, Sendable {
 
     private func runBuild(_ name: String) async {
         do {
-            try await buildSlots.withPermit { try await self.build(name) }
+            // The start parameters come first, outside the build slots: the
+            // pool may be following a slow callback for them, which must
+            // delay only this instance, never the others' builds.
+            guard let instance = try await store.instance(named: name), instance.phase == .building else { return }
+            let parameters = try await startParameters(for: instance)
+            try Task.checkCancellation()
+            try await buildSlots.withPermit { try await self.build(name, parameters: parameters) }
         } catch is CancellationError {
             logger.notice("build of \(name) interrupted; it starts over when the agent runs again")
         } catch {
@@ -471,14 +477,12 @@ public final class Agent: Service, Sendable {
     /// Builds and starts an instance: start parameters, image, overlay,
     /// seed, domain. A step that fails removes what it made; what earlier
     /// steps made stays for inspection until the instance is deleted.
-    func build(_ name: String) async throws {
+    func build(_ name: String, parameters: StartParameters) async throws {
         guard let instance = try await store.instance(named: name), instance.phase == .building else { return }
         let started = ContinuousClock.now
         // A build that was interrupted starts over from nothing: one domain,
         // one disk, whatever happened before.
         try await removeArtifacts(of: instance)
-        let parameters = try await startParameters(for: instance)
-        try Task.checkCancellation()
         let base = try await images.image(parameters.image)
         var kernel: (kernel: String, initrd: String?, cmdline: String)?
         if let boot = parameters.image.kernelBoot {
@@ -556,7 +560,9 @@ public final class Agent: Service, Sendable {
                 let report = InstanceReport(
                     name: instance.name, state: .starting, flavor: instance.flavor,
                     expires: instance.expires.map { Int($0.timeIntervalSince1970) }, timeline: timeline)
-                let parameters = try await client.report(report)
+                // Long enough for the pool to follow the longest callback chain
+                // it allows (callbacks.timeout_seconds is at most 60 s).
+                let parameters = try await client.report(report, timeout: .seconds(75))
                 state.withLock {
                     $0.reported[instance.name] = Reported(
                         state: .starting, error: nil, addresses: [], phases: Reported.agentPhases(timeline))

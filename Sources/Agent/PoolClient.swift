@@ -79,10 +79,11 @@ public final class PoolClient: Sendable {
     }
 
     /// `POST /api/v1/instances/<name>/`: the instance's start parameters.
-    public func report(_ report: InstanceReport) async throws -> StartParameters {
+    public func report(_ report: InstanceReport, timeout: TimeAmount? = nil) async throws -> StartParameters {
         let name = report.name.addingPercentEncoding(withAllowedCharacters: .urlPathAllowed.subtracting(["/"])) ?? report.name
         return try await post(
-            "/api/v1/instances/\(name)/", InstanceReportRequest(appliance: block, instance: report), as: StartParameters.self)
+            "/api/v1/instances/\(name)/", InstanceReportRequest(appliance: block, instance: report), as: StartParameters.self,
+            timeout: timeout)
     }
 
     private func post<Body: Encodable, Result: Codable & Sendable>(

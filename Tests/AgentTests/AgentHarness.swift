@@ -58,6 +58,11 @@ func withFileServer(
                 try await writer.finish(nil)
             })
     }
+    // A callback that answers only after 33 s (the pool gives up before).
+    router.get("/slow-callback/:name") { _, _ -> Response in
+        try? await Task.sleep(for: .seconds(33))
+        return Response(status: .serviceUnavailable)
+    }
     router.get("/slow/:name") { _, context -> Response in
         guard let file = files[context.parameters.get("name") ?? ""] else { return Response(status: .notFound) }
         let data = try Data(contentsOf: file)
@@ -117,6 +122,8 @@ final class Harness: @unchecked Sendable {
     var port = 0
     var userToken = ""
     var applianceToken = ""
+    /// The pool's configuration file (pool.toml text), when not empty.
+    var poolSettings = ""
     let http = HTTPClient(eventLoopGroup: HTTPClient.defaultEventLoopGroup)
 
     init(_ label: String) throws {
@@ -143,8 +150,9 @@ final class Harness: @unchecked Sendable {
     /// `sshForwardPorts`: a range for the agent's `network.ssh_forward_ports` (nil: none).
     func setUp(
         imageBase: String, files: GuestFiles, imageSHA256: String? = nil, leaseGrace: Int = 3600, bootTimeout: Int = 90,
-        sshForwardPorts: ClosedRange<Int>? = nil, imageSettings: String = ""
+        sshForwardPorts: ClosedRange<Int>? = nil, imageSettings: String = "", poolSettings: String = "", maxConcurrentBuilds: Int = 2
     ) async throws {
+        self.poolSettings = poolSettings
         try await poolCommand(["init"])
         userToken = try await poolCommand(["user", "add", "alice", "--max-instances", "10"])
         applianceToken = try await poolCommand(["appliance", "add", "rack", "--owner", "alice"])
@@ -171,6 +179,7 @@ final class Harness: @unchecked Sendable {
             jitter_seconds = 0
             [builds]
             boot_timeout_seconds = \(bootTimeout)
+            max_concurrent = \(maxConcurrentBuilds)
             [console]
             tail_lines = 20
             [leases]
@@ -204,8 +213,13 @@ final class Harness: @unchecked Sendable {
 
     /// Starts the pool (again, on the same port after the first time).
     func startPool() async throws {
-        let server = try BackgroundProcess(
-            Paths.corralBinary, ["pool", "serve", "--database", database, "--port", "\(port)", "--log-level", "warning"])
+        var arguments = ["pool", "serve", "--database", database, "--port", "\(port)", "--log-level", "warning"]
+        if !poolSettings.isEmpty {
+            let file = directory.appendingPathComponent("pool.toml")
+            try poolSettings.write(to: file, atomically: true, encoding: .utf8)
+            arguments += ["--config", file.path]
+        }
+        let server = try BackgroundProcess(Paths.corralBinary, arguments)
         let line = try await server.line(containing: "pool listening on ", timeout: .seconds(30))
         poolURL = String(line.dropFirst("pool listening on ".count))
         port = Int(poolURL.split(separator: ":").last!)!
@@ -339,7 +353,7 @@ final class Harness: @unchecked Sendable {
 func withHarness(
     _ label: String, imageSHA256: String? = nil, leaseGrace: Int = 3600, restartsLibvirtd: Bool = false,
     bootTimeout: Int = 90, sshForwardPorts: ClosedRange<Int>? = nil, extraFiles: [String: URL] = [:],
-    reports: GuestReports = GuestReports(), imageSettings: String = "",
+    reports: GuestReports = GuestReports(), imageSettings: String = "", poolSettings: String = "", maxConcurrentBuilds: Int = 2,
     _ body: @Sendable @escaping (Harness, String) async throws -> Void
 ) async throws {
     let lock: (@Sendable () async throws -> Void) async throws -> Void = { work in
@@ -352,7 +366,8 @@ func withHarness(
             try await withFileServer(files.served.merging(extraFiles) { first, _ in first }, reports: reports) { base in
                 try await harness.setUp(
                     imageBase: base, files: files, imageSHA256: imageSHA256, leaseGrace: leaseGrace, bootTimeout: bootTimeout,
-                    sshForwardPorts: sshForwardPorts, imageSettings: imageSettings)
+                    sshForwardPorts: sshForwardPorts, imageSettings: imageSettings, poolSettings: poolSettings,
+                    maxConcurrentBuilds: maxConcurrentBuilds)
                 try await body(harness, base)
             }
         } catch {

@@ -90,6 +90,36 @@ struct AgentLifecycleTests {
         }
     }
 
+    @Test("a slow callback delays only its own instance: with one build slot, another instance boots meanwhile")
+    func slowCallback() async throws {
+        let settings = """
+            [callbacks]
+            timeout_seconds = 30
+            allow = ["127.0.0.0/8"]
+            ports = []
+            """
+        try await withHarness("slow-callback", poolSettings: settings, maxConcurrentBuilds: 1) { harness, base in
+            try await harness.poolCommand([
+                "wisp", "add", "slow", "--owner", "alice", "--image", "busybox", "--callback-url", "\(base)/slow-callback/x",
+            ])
+            try await harness.startAgent()
+            let slow = try await harness.reserve(wisp: "slow")
+            // The slow instance is picked up first and its start parameters are awaited.
+            let deadline = ContinuousClock.now + .seconds(30)
+            while try await harness.agentStatus(slow) == nil, ContinuousClock.now < deadline {
+                try await Task.sleep(for: .milliseconds(200))
+            }
+            let quick = try await harness.reserve()
+            try await harness.waitForPoolState(quick, 4, timeout: .seconds(40))
+            let waiting = try #require(try await harness.poolInstance(slow))
+            #expect(waiting["state"] as? Int == 3, "the slow instance is still waiting for its callback: \(waiting)")
+            #expect(waiting["last_error"] == nil || waiting["last_error"] is NSNull)
+            let record = try await harness.waitForPoolState(slow, 5, timeout: .seconds(90))
+            #expect((record["last_error"] as? String ?? "").contains("no start parameters within 30 s"), "\(record)")
+            #expect(try await harness.domains(named: slow).isEmpty)
+        }
+    }
+
     @Test("a wrong image checksum, an unreachable image URL and a refused callback each end errored with nothing left behind")
     func buildFailures() async throws {
         try await withHarness("failures") { harness, base in
