@@ -14,7 +14,11 @@ is reproducible from its seed:
 - an instance report's `instance.name` is set to the name in the path for
   most generated names, so reports get past the name comparison;
 - `{id}` of the /v1 instance routes and `{template}` of the launch route name
-  an existing instance or template for most generated values;
+  an existing instance or template for most generated values, and so do
+  most names in a reservation (`appliance`, `flavor`, `wisp`, `instance`);
+- most check-in capacities with `free` above `total` get `free = total`, and
+  most reported `expires` and timeline times outside the window the pool
+  takes (ten years back to a day ahead) are moved to within it;
 - `X-Auth-Cloudauth-Id` of two or more characters becomes the superuser's
   own id (shorter values are kept: empty is ignored by the pool, one
   character exercises the 401);
@@ -27,6 +31,7 @@ is reproducible from its seed:
 """
 
 import os
+import time
 import zlib
 
 import schemathesis
@@ -35,12 +40,20 @@ APPLIANCE_TOKEN = os.environ["CORRAL_FUZZ_APPLIANCE_TOKEN"]
 SUPERUSER_ID = os.environ["CORRAL_FUZZ_SUPERUSER_ID"]
 INSTANCES = os.environ.get("CORRAL_FUZZ_INSTANCES", "").split()
 TEMPLATES = os.environ.get("CORRAL_FUZZ_TEMPLATES", "").split()
+NAMES = {
+    "appliance": os.environ.get("CORRAL_FUZZ_APPLIANCES", "").split(),
+    "flavor": os.environ.get("CORRAL_FUZZ_FLAVORS", "").split(),
+    "wisp": os.environ.get("CORRAL_FUZZ_WISPS", "").split(),
+    "instance": os.environ.get("CORRAL_FUZZ_OFFERS", "").split(),
+}
 LOOPBACK_CALLBACK = "http://127.0.0.1:9/start"
 
 
 def _pick(value, choices):
     """One of `choices` for three in four values (chosen by the value's
     CRC-32, so the same value always maps the same way), else None."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
     if not choices or not isinstance(value, str) or value == "":
         return None
     digest = zlib.crc32(value.encode("utf-8", "surrogatepass"))
@@ -59,6 +72,29 @@ def before_call(context, case, kwargs):
         callback = body.get("callback_url")
         if isinstance(callback, str) and callback[:4].lower() == "http":
             body["callback_url"] = LOOPBACK_CALLBACK
+        if case.path == "/api/v1/bids/":
+            for field, choices in NAMES.items():
+                chosen = _pick(body.get(field), choices)
+                if chosen is not None:
+                    body[field] = chosen
+        stats = body.get("stats")
+        if case.path == "/api/v1/broker/" and isinstance(stats, dict):
+            for capacity in stats.values():
+                if isinstance(capacity, dict):
+                    total, free = capacity.get("total"), capacity.get("free")
+                    if type(total) is int and type(free) is int and 0 <= total < free and _pick(free, ["fit"]):
+                        capacity["free"] = total
+        report = body.get("instance")
+        if case.path == "/api/v1/instances/{name}/" and isinstance(report, dict):
+            now = int(time.time())
+            expires = report.get("expires")
+            if type(expires) is int and not now - 9 * 365 * 86400 < expires < now + 86400 and _pick(expires, ["move"]):
+                report["expires"] = now + 3600
+            timeline = report.get("timeline")
+            for entry in timeline if isinstance(timeline, list) else []:
+                at = entry.get("at") if isinstance(entry, dict) else None
+                if type(at) in (int, float) and not now - 9 * 365 * 86400 < at < now + 3600 and _pick(str(at), ["move"]):
+                    entry["at"] = now
         hold = body.get("hold_seconds")
         if case.path == "/api/v1/broker/" and type(hold) is int and 1 < hold <= 120:
             body["hold_seconds"] = 1

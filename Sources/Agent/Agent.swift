@@ -89,6 +89,8 @@ public final class Agent: Service, Sendable {
     private let buildSlots: Semaphore
     private let outboxWakeup = Wakeup()
     let reconcileWakeup = Wakeup()
+    /// QEMU's group: the files QEMU reads are 0640 to it.
+    let qemuGroup: gid_t
 
     /// Opens the agent's store, image cache and libvirt connection, and
     /// settles the virtualization type.
@@ -96,10 +98,14 @@ public final class Agent: Service, Sendable {
         let fileManager = FileManager.default
         let state = configuration.stateDirectory
         let paths = Paths(disks: "\(state)/disks", consoles: "\(state)/consoles")
+        guard let qemuGroup = FileModes.groupID(configuration.qemuGroup) else {
+            throw AgentFatalError(
+                "libvirt.qemu_group '\(configuration.qemuGroup)' is not a group on this host; set it to the group in libvirt's qemu.conf")
+        }
         for directory in [state, paths.disks, paths.consoles] {
-            // QEMU (the libvirt-qemu user) must reach the disks and seeds.
+            // Root's, and QEMU's group may pass through to the disks and seeds; nobody else.
             try fileManager.createDirectory(atPath: directory, withIntermediateDirectories: true)
-            try fileManager.setAttributes([.posixPermissions: 0o755], ofItemAtPath: directory)
+            try FileModes.set(directory, mode: 0o710, group: qemuGroup)
         }
         if case .user = configuration.network, configuration.isolateHost {
             try await GuestIsolation.apply(qemuUser: configuration.qemuUser, scratch: state)
@@ -108,7 +114,7 @@ public final class Agent: Service, Sendable {
         let store = try AgentStore(path: "\(state)/agent.sqlite")
         let images = try ImageCache(
             directory: configuration.imageDirectory, store: store, limits: configuration.images, qemuUser: configuration.qemuUser,
-            logger: logger)
+            qemuGroup: qemuGroup, logger: logger)
         let connection: Connection
         do {
             connection = try await Connection.open(configuration.libvirtURI)
@@ -123,13 +129,14 @@ public final class Agent: Service, Sendable {
         let client = PoolClient(baseURL: configuration.poolURL, token: token, version: version)
         return Agent(
             configuration: configuration, logger: logger, client: client, store: store, images: images,
-            connection: connection, virtType: resolved.type, paths: paths)
+            connection: connection, virtType: resolved.type, paths: paths, qemuGroup: qemuGroup)
     }
 
     init(
         configuration: AgentConfiguration, logger: Logger, client: PoolClient, store: AgentStore, images: ImageCache,
-        connection: Connection, virtType: VirtualizationType, paths: Paths
+        connection: Connection, virtType: VirtualizationType, paths: Paths, qemuGroup: gid_t
     ) {
+        self.qemuGroup = qemuGroup
         self.configuration = configuration
         self.logger = logger
         self.client = client
@@ -503,6 +510,8 @@ public final class Agent: Service, Sendable {
             macAddress: instance.macAddress)
         do {
             try await seed.writeImage(to: try paths.seed(name))
+            // It holds the post-create script: root's, readable by QEMU's group only.
+            try FileModes.set(try paths.seed(name), mode: 0o640, group: qemuGroup)
         } catch {
             throw BuildError("cannot write the cloud-init seed: \(error)")
         }
@@ -599,6 +608,7 @@ public final class Agent: Service, Sendable {
             try? FileManager.default.removeItem(atPath: path)
             throw BuildError("cannot create the instance's disk: \(result.stderr.trimmingCharacters(in: .whitespacesAndNewlines))")
         }
+        try FileModes.set(path, mode: 0o640, group: qemuGroup)
     }
 
     /// Removes the instance's domain and files, whatever exists of them.

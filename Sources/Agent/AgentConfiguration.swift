@@ -40,6 +40,9 @@ public struct AgentConfiguration: Sendable, Equatable {
     /// The user QEMU runs as (libvirt's qemu.conf `user`): the isolation
     /// rules match it, and `qemu-img` runs as it on untrusted images.
     public var qemuUser = "libvirt-qemu"
+    /// QEMU's group (qemu.conf `group`): the agent's directories and the
+    /// files QEMU reads belong to it, closed to everyone else.
+    public var qemuGroup = "libvirt-qemu"
 
     /// The image downloads' guard and bounds (`[images]`).
     public struct Images: Sendable, Equatable {
@@ -95,9 +98,9 @@ public struct AgentConfiguration: Sendable, Equatable {
 
     static let keys: [String: Set<String>] = [
         "pool": ["url", "token_file"],
-        "libvirt": ["uri", "virt_type"],
+        "libvirt": ["uri", "virt_type", "qemu_user", "qemu_group"],
         "paths": ["state_dir", "image_dir"],
-        "network": ["mode", "name", "ssh_forward_ports", "isolate_host", "qemu_user"],
+        "network": ["mode", "name", "ssh_forward_ports", "isolate_host"],
         "images": ["allow", "ports", "max_bytes", "download_timeout_seconds", "require_sha256"],
         "check_in": ["period_seconds", "jitter_seconds"],
         "builds": ["max_concurrent", "boot_timeout_seconds"],
@@ -162,11 +165,12 @@ public struct AgentConfiguration: Sendable, Equatable {
             configuration.network = mode == "network" ? .network(name) : .bridge(name)
         }
         configuration.isolateHost = try reader.bool("network", "isolate_host") ?? configuration.isolateHost
-        if let user = try reader.string("network", "qemu_user") {
-            guard !user.isEmpty, user.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7f && $0 != 0x22 && $0 != 0x5c }) else {
-                throw reader.invalid("network", "qemu_user", "must be a user name such as \"libvirt-qemu\"")
+        for (key, path) in [("qemu_user", \AgentConfiguration.qemuUser), ("qemu_group", \.qemuGroup)] {
+            guard let name = try reader.string("libvirt", key) else { continue }
+            guard !name.isEmpty, name.utf8.count <= 32, name.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7f && $0 != 0x22 && $0 != 0x5c }) else {
+                throw reader.invalid("libvirt", key, "must be a name such as \"libvirt-qemu\"")
             }
-            configuration.qemuUser = user
+            configuration[keyPath: path] = name
         }
         configuration.images.allow = try reader.strings("images", "allow") ?? []
         for network in configuration.images.allow where IPNetwork(network) == nil {
@@ -215,7 +219,7 @@ public struct AgentConfiguration: Sendable, Equatable {
         case .network(let name): network = "mode = \"network\"\nname = \(quoted(name))"
         case .bridge(let name): network = "mode = \"bridge\"\nname = \(quoted(name))"
         }
-        network += "\nisolate_host = \(isolateHost)\nqemu_user = \(quoted(qemuUser))"
+        network += "\nisolate_host = \(isolateHost)"
         return """
             # Corral agent configuration (see etc/corral/agent.toml for every key).
             [pool]
@@ -225,6 +229,8 @@ public struct AgentConfiguration: Sendable, Equatable {
             [libvirt]
             uri = \(quoted(libvirtURI))
             virt_type = "\(virtualization.rawValue)"
+            qemu_user = \(quoted(qemuUser))
+            qemu_group = \(quoted(qemuGroup))
 
             [paths]
             state_dir = \(quoted(stateDirectory))

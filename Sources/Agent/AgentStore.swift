@@ -1,4 +1,5 @@
 import Foundation
+import Support
 import GRDB
 import PoolAPI
 
@@ -92,6 +93,10 @@ public final class AgentStore: Sendable {
         configuration.busyMode = .timeout(10)
         database = try DatabaseQueue(path: path, configuration: configuration)
         try Self.migrator.migrate(database)
+        // Root's alone (SQLite gives its journal files the same mode).
+        for file in [path, path + "-wal", path + "-shm"] where FileManager.default.fileExists(atPath: file) {
+            try FileModes.set(file, mode: 0o600)
+        }
     }
 
     static var migrator: DatabaseMigrator {

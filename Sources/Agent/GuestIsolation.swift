@@ -6,7 +6,7 @@ import Support
 /// QEMU's user-mode NAT maps the guest's gateway, 10.0.2.2, to the host's
 /// 127.0.0.1: without this a guest reaches the pool, image servers and
 /// every other guest's SSH forward. Each guest connection becomes a socket
-/// of the QEMU process, which runs as `qemu_user`, so one nftables table
+/// of the QEMU process, which runs as `libvirt.qemu_user`, so one nftables table
 /// refuses that user's new connections that leave through the loopback
 /// interface: a TCP SYN gets a reset, a UDP datagram an ICMP refusal. DNS
 /// (port 53) stays open, because user-mode NAT forwards the guest's
@@ -56,7 +56,7 @@ enum GuestIsolation {
         }
         guard result.status == 0 else {
             throw AgentFatalError(
-                "cannot keep guests from the host's loopback: nft -f failed: \(result.stderr.trimmingCharacters(in: .whitespacesAndNewlines)); check network.qemu_user (\(qemuUser)) names the user QEMU runs as, or set network.isolate_host = false in agent.toml")
+                "cannot keep guests from the host's loopback: nft -f failed: \(result.stderr.trimmingCharacters(in: .whitespacesAndNewlines)); check libvirt.qemu_user (\(qemuUser)) names the user QEMU runs as, or set network.isolate_host = false in agent.toml")
         }
     }
 }

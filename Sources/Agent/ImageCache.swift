@@ -33,15 +33,18 @@ public actor ImageCache {
     private let limits: AgentConfiguration.Images
     private let guardrail: EgressGuard
     private let qemuUser: String
+    /// QEMU's group: the cache's directories are 0710 and its files 0640 to it.
+    private let qemuGroup: gid_t?
     private var downloads: [String: Task<String, any Error>] = [:]
     /// Redirects followed per download, each through the guard again.
     static let maxRedirects = 5
 
     public init(
         directory: String, store: AgentStore, limits: AgentConfiguration.Images = .init(), qemuUser: String = "libvirt-qemu",
-        logger: Logger
+        qemuGroup: gid_t? = nil, logger: Logger
     ) throws {
         self.directory = directory
+        self.qemuGroup = qemuGroup
         self.store = store
         self.logger = logger
         self.limits = limits
@@ -53,10 +56,11 @@ public actor ImageCache {
             eventLoopGroup: HTTPClient.defaultEventLoopGroup,
             configuration: .init(redirectConfiguration: .disallow, timeout: .init(connect: .seconds(15))))
         for sub in ["sha256", "tmp"] {
-            try FileManager.default.createDirectory(
-                atPath: "\(directory)/\(sub)", withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
+            try FileManager.default.createDirectory(atPath: "\(directory)/\(sub)", withIntermediateDirectories: true)
         }
-        try? FileManager.default.setAttributes([.posixPermissions: 0o755], ofItemAtPath: directory)
+        for path in [directory, "\(directory)/sha256", "\(directory)/tmp"] {
+            try FileModes.set(path, mode: qemuGroup == nil ? 0o755 : 0o710, group: qemuGroup)
+        }
         // Partial downloads of an agent that was killed are never resumed.
         for leftover in (try? FileManager.default.contentsOfDirectory(atPath: "\(directory)/tmp")) ?? [] {
             try? FileManager.default.removeItem(atPath: "\(directory)/tmp/\(leftover)")
@@ -114,7 +118,8 @@ public actor ImageCache {
     private func download(_ url: String, expecting wanted: String?, format: String?, what: String) async throws -> String {
         let started = ContinuousClock.now
         let partial = "\(directory)/tmp/\(UUID().uuidString).part"
-        guard FileManager.default.createFile(atPath: partial, contents: nil, attributes: [.posixPermissions: 0o644]),
+        guard FileManager.default.createFile(atPath: partial, contents: nil, attributes: [.posixPermissions: 0o600]),
+            (try? FileModes.set(partial, mode: qemuGroup == nil ? 0o644 : 0o640, group: qemuGroup)) != nil,
             let handle = FileHandle(forWritingAtPath: partial)
         else { throw ImageError("\(what): cannot write to the image cache at \(directory)/tmp") }
         var keep = false

@@ -1,4 +1,5 @@
 import Foundation
+import Support
 import GRDB
 import PoolAPI
 
@@ -19,6 +20,11 @@ public final class SQLiteStore: PoolStore {
             configuration.busyMode = .timeout(10)
             database = try DatabasePool(path: path, configuration: configuration)
             try Self.migrator.migrate(database)
+            // Token digests, callbacks and scripts: the pool's alone (SQLite
+            // gives its -wal and -shm files the same mode).
+            for file in [path, path + "-wal", path + "-shm"] where FileManager.default.fileExists(atPath: file) {
+                try FileModes.set(file, mode: 0o600)
+            }
         } catch {
             throw PoolError.storage("cannot open the pool database at \(path): \(error)")
         }

@@ -1,5 +1,6 @@
 import Foundation
 import Libvirt
+import Support
 import Testing
 import TestSupport
 
@@ -38,6 +39,28 @@ struct AgentLifecycleTests {
             #expect(status["reported_at"] != nil)
             let domainsList = try await runCorral(["domains", "list"])
             #expect(domainsList.stdout.contains(name))
+
+            // Private files: the state is root's; what QEMU reads is its group's; nothing is anyone else's.
+            let state = harness.stateDirectory
+            let images = harness.directory.appendingPathComponent("images").path
+            let cached = try FileManager.default.contentsOfDirectory(atPath: images + "/sha256").map { "\(images)/sha256/\($0)" }
+            #expect(cached.count == 3, "the disk, kernel and initrd: \(cached)")
+            var expected: [(String, mode_t)] = [
+                (state, 0o710), ("\(state)/disks", 0o710), ("\(state)/consoles", 0o710), ("\(state)/agent.sqlite", 0o600),
+                ("\(state)/disks/\(name).seed.iso", 0o640), (images, 0o710), (images + "/sha256", 0o710), (images + "/tmp", 0o710),
+                (harness.database, 0o600),
+            ]
+            expected += cached.map { ($0, 0o640) }
+            for (path, mode) in expected {
+                let actual = try #require(FileModes.mode(of: path), "\(path) exists")
+                #expect(String(actual, radix: 8) == String(mode, radix: 8), "mode of \(path)")
+            }
+            // The overlay QEMU writes (libvirt lends it to QEMU's user while the VM runs)
+            // and the console virtlogd writes are no one else's.
+            for path in ["\(state)/disks/\(name).qcow2", harness.consolePath(name)] {
+                let actual = try #require(FileModes.mode(of: path), "\(path) exists")
+                #expect(actual & 0o007 == 0, "\(path) is closed to others: \(String(actual, radix: 8))")
+            }
 
             // SIGTERM stops the agent, not the VM; the next run adopts it as it is.
             #expect(await harness.stopAgent() == 0)

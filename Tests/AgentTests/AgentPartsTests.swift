@@ -27,6 +27,7 @@ struct AgentConfigurationTests {
         configuration.images.maxBytes = 1 << 30
         configuration.isolateHost = false
         configuration.qemuUser = "qemu"
+        configuration.qemuGroup = "kvm"
         #expect(try AgentConfiguration.parse(configuration.rendered()) == configuration)
         configuration.network = .bridge("br0")
         #expect(try AgentConfiguration.parse(configuration.rendered()) == configuration)
