@@ -16,6 +16,8 @@ is reproducible from its seed:
 - `{id}` of the /v1 instance routes and `{template}` of the launch route name
   an existing instance or template for most generated values, and so do
   most names in a reservation (`appliance`, `flavor`, `wisp`, `instance`);
+- most reservations that name both an offered instance and a flavor slot,
+  or both a wisp and a callback, keep only one of them;
 - most check-in capacities with `free` above `total` get `free = total`, and
   most reported `expires` and timeline times outside the window the pool
   takes (ten years back to a day ahead) are moved to within it;
@@ -73,6 +75,17 @@ def before_call(context, case, kwargs):
         if isinstance(callback, str) and callback[:4].lower() == "http":
             body["callback_url"] = LOOPBACK_CALLBACK
         if case.path == "/api/v1/bids/":
+            # Most requests naming both targets, or both boot sources, keep one.
+            instance = body.get("instance")
+            if isinstance(instance, str) and (body.get("appliance") is not None or body.get("flavor") is not None):
+                keep = _pick(instance, ["instance", "slot", "slot"])
+                for field in ["appliance", "flavor", "lease_seconds"] if keep == "instance" else ["instance"] if keep else []:
+                    body.pop(field, None)
+            callback = body.get("callback_url")
+            if isinstance(callback, str) and body.get("wisp") is not None:
+                keep = _pick(callback, ["wisp", "callback_url"])
+                if keep:
+                    body.pop("callback_url" if keep == "wisp" else "wisp", None)
             for field, choices in NAMES.items():
                 chosen = _pick(body.get(field), choices)
                 if chosen is not None:

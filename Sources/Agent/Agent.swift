@@ -490,14 +490,14 @@ public final class Agent: Service, Sendable {
         // A build that was interrupted starts over from nothing: one domain,
         // one disk, whatever happened before.
         try await removeArtifacts(of: instance)
-        let base = try await images.image(parameters.image)
+        let base = try await images.image(parameters.image, forInstance: name)
         var kernel: (kernel: String, initrd: String?, cmdline: String)?
         if let boot = parameters.image.kernelBoot {
             let what = "the kernel of image '\(parameters.image.name)'"
-            let kernelPath = try await images.file(boot.kernel, what: what)
+            let kernelPath = try await images.file(boot.kernel, what: what, forInstance: name)
             var initrdPath: String?
             if let initrd = boot.initrd {
-                initrdPath = try await images.file(initrd, what: "the initrd of image '\(parameters.image.name)'")
+                initrdPath = try await images.file(initrd, what: "the initrd of image '\(parameters.image.name)'", forInstance: name)
             }
             kernel = (kernelPath, initrdPath, boot.cmdline)
         }

@@ -57,6 +57,9 @@ public struct AgentConfiguration: Sendable, Equatable {
         public var downloadTimeoutSeconds = 3600
         /// Whether an image, kernel or initrd without a sha256 is refused.
         public var requireSHA256 = true
+        /// The image cache's size: after each download, the least recently
+        /// used files no instance uses are removed until the cache fits.
+        public var cacheMaxBytes: Int64 = 50 << 30
 
         public init() {}
     }
@@ -101,7 +104,7 @@ public struct AgentConfiguration: Sendable, Equatable {
         "libvirt": ["uri", "virt_type", "qemu_user", "qemu_group"],
         "paths": ["state_dir", "image_dir"],
         "network": ["mode", "name", "ssh_forward_ports", "isolate_host"],
-        "images": ["allow", "ports", "max_bytes", "download_timeout_seconds", "require_sha256"],
+        "images": ["allow", "ports", "max_bytes", "download_timeout_seconds", "require_sha256", "cache_max_bytes"],
         "check_in": ["period_seconds", "jitter_seconds"],
         "builds": ["max_concurrent", "boot_timeout_seconds"],
         "console": ["tail_lines"],
@@ -184,6 +187,7 @@ public struct AgentConfiguration: Sendable, Equatable {
         configuration.images.downloadTimeoutSeconds =
             try reader.int("images", "download_timeout_seconds", in: 1...86_400) ?? configuration.images.downloadTimeoutSeconds
         configuration.images.requireSHA256 = try reader.bool("images", "require_sha256") ?? configuration.images.requireSHA256
+        if let bytes = try reader.int("images", "cache_max_bytes", in: 1...(1 << 50)) { configuration.images.cacheMaxBytes = Int64(bytes) }
         configuration.checkInSeconds = try reader.int("check_in", "period_seconds", in: 1...3600) ?? configuration.checkInSeconds
         configuration.checkInJitterSeconds =
             try reader.int("check_in", "jitter_seconds", in: 0...3600) ?? configuration.checkInJitterSeconds
@@ -245,6 +249,7 @@ public struct AgentConfiguration: Sendable, Equatable {
             max_bytes = \(images.maxBytes)
             download_timeout_seconds = \(images.downloadTimeoutSeconds)
             require_sha256 = \(images.requireSHA256)
+            cache_max_bytes = \(images.cacheMaxBytes)
 
             [check_in]
             period_seconds = \(checkInSeconds)

@@ -150,6 +150,15 @@ public final class AgentStore: Sendable {
                 table.primaryKey(["instance", "phase"])
             }
         }
+        migrator.registerMigration("3-image-use") { db in
+            // Which cached files (by digest) each instance was built from:
+            // eviction never removes a file an existing instance uses.
+            try db.create(table: "imageUse") { table in
+                table.column("instance", .text).notNull()
+                table.column("sha256", .text).notNull()
+                table.primaryKey(["instance", "sha256"])
+            }
+        }
         return migrator
     }
 
@@ -313,5 +322,20 @@ public final class AgentStore: Sendable {
 
     func recordCachedFile(_ file: CachedFile) async throws {
         try await database.write { db in try file.save(db) }
+    }
+
+    /// Records that `instance` uses the cached file with this digest.
+    func recordImageUse(instance: String, sha256: String) async throws {
+        try await database.write { db in
+            try db.execute(sql: "INSERT OR IGNORE INTO imageUse (instance, sha256) VALUES (?, ?)", arguments: [instance, sha256])
+        }
+    }
+
+    /// The digests existing instances use; uses of instances that are gone are forgotten.
+    func digestsInUse() async throws -> Set<String> {
+        try await database.write { db in
+            try db.execute(sql: "DELETE FROM imageUse WHERE instance NOT IN (SELECT name FROM instance)")
+            return Set(try String.fetchAll(db, sql: "SELECT DISTINCT sha256 FROM imageUse"))
+        }
     }
 }

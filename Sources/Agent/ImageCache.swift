@@ -75,7 +75,7 @@ public actor ImageCache {
     /// The cached path of a disk image, fetching it when needed; on every
     /// call, fetched or cached, the file passes ``ImageGate`` as the format
     /// this image declares.
-    public func image(_ image: ImageReference) async throws -> String {
+    public func image(_ image: ImageReference, forInstance instance: String? = nil) async throws -> String {
         let what = "image '\(image.name)'"
         guard ["qcow2", "raw"].contains(image.diskFormat) else {
             throw ImageError("\(what): disk_format must be qcow2 or raw (it is '\(image.diskFormat)')")
@@ -83,7 +83,8 @@ public actor ImageCache {
         guard image.containerFormat == "bare" else {
             throw ImageError("\(what): container_format must be bare (it is '\(image.containerFormat)')")
         }
-        let path = try await file(RemoteFile(url: image.url, sha256: image.sha256), format: image.diskFormat, what: what)
+        let path = try await file(
+            RemoteFile(url: image.url, sha256: image.sha256), format: image.diskFormat, what: what, forInstance: instance)
         try await ImageGate.admit(path, declared: image.diskFormat, what: what, qemuUser: qemuUser)
         return path
     }
@@ -91,7 +92,17 @@ public actor ImageCache {
     /// The cached path of a file (a kernel, an initrd), fetching it when
     /// needed; a download with a `format` passes ``ImageGate`` before it
     /// enters the cache.
-    public func file(_ remote: RemoteFile, format: String? = nil, what: String) async throws -> String {
+    public func file(_ remote: RemoteFile, format: String? = nil, what: String, forInstance instance: String? = nil) async throws
+        -> String
+    {
+        let path = try await fetchedFile(remote, format: format, what: what)
+        // Used now: the file is the most recently used, and the instance's.
+        _ = utimes(path, nil)
+        if let instance { try await store.recordImageUse(instance: instance, sha256: URL(fileURLWithPath: path).lastPathComponent) }
+        return path
+    }
+
+    private func fetchedFile(_ remote: RemoteFile, format: String?, what: String) async throws -> String {
         let wanted = remote.sha256?.lowercased()
         if let wanted {
             guard wanted.count == 64, wanted.allSatisfy(\.isHexDigit) else {
@@ -154,7 +165,43 @@ public actor ImageCache {
         logger.info(
             "cached \(what)",
             metadata: ["url": "\(url)", "sha256": "\(digest)", "bytes": "\(bytes)", "seconds": "\(ContinuousClock.now - started)"])
+        await evict()
         return path
+    }
+
+    /// Files used (or downloaded) this recently are never evicted: a build
+    /// may hold one it has not yet recorded as its own.
+    static let evictionGrace: TimeInterval = 600
+
+    /// Removes the least recently used cached files that no instance uses
+    /// until the cache is within `cache_max_bytes`.
+    func evict() async {
+        let cap = limits.cacheMaxBytes
+        let folder = "\(directory)/sha256"
+        var files: [(name: String, bytes: Int64, used: Date)] = []
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: folder)) ?? [] {
+            guard let attributes = try? FileManager.default.attributesOfItem(atPath: "\(folder)/\(name)"),
+                let bytes = (attributes[.size] as? NSNumber)?.int64Value, let used = attributes[.modificationDate] as? Date
+            else { continue }
+            files.append((name, bytes, used))
+        }
+        var total = files.reduce(Int64(0)) { $0 &+ $1.bytes }
+        guard total > cap else { return }
+        // Without knowing what is in use, nothing is removed.
+        guard let inUse = try? await store.digestsInUse() else { return }
+        let recent = Date().addingTimeInterval(-Self.evictionGrace)
+        for file in files.sorted(by: { $0.used < $1.used }) where total > cap && !inUse.contains(file.name) && file.used < recent {
+            do {
+                try FileManager.default.removeItem(atPath: "\(folder)/\(file.name)")
+                total -= file.bytes
+                logger.info("evicted \(file.name) from the image cache", metadata: ["bytes": "\(file.bytes)", "cache_bytes": "\(total)"])
+            } catch {
+                logger.warning("cannot evict \(file.name) from the image cache: \(error)")
+            }
+        }
+        if total > cap {
+            logger.warning("the image cache holds \(total) bytes, more than images.cache_max_bytes (\(cap)): the rest is in use or recent")
+        }
     }
 
     /// Streams `url` into `handle`, following at most ``maxRedirects``

@@ -3,6 +3,7 @@ import Synchronization
 import Hummingbird
 import HummingbirdTesting
 import Libvirt
+import Logging
 import NIOCore
 import PoolAPI
 import Support
@@ -183,5 +184,52 @@ final class FakePool: Sendable {
         Response(
             status: .ok, headers: [.contentType: "application/json"],
             body: ResponseBody(byteBuffer: ByteBuffer(bytes: try JSONEncoder().encode(value))))
+    }
+}
+
+@Suite("the image cache's size")
+struct ImageCacheEvictionTests {
+    @Test("past cache_max_bytes, the least recently used file no instance uses is evicted; used and recent files stay")
+    func eviction() async throws {
+        let scratch = try Paths.scratchDirectory("eviction")
+        defer { try? FileManager.default.removeItem(at: scratch) }
+        var served: [String: URL] = [:]
+        for name in ["a", "b", "c"] {
+            let file = scratch.appendingPathComponent("\(name).bin")
+            try Data((0..<(1 << 20)).map { _ in UInt8.random(in: 0...255) }).write(to: file)
+            served[name] = file
+        }
+        let store = try AgentStore(path: scratch.appendingPathComponent("agent.sqlite").path)
+        // Instance i-b exists and uses b.
+        _ = try await store.apply(Action(id: "start-b", kind: .start, instance: "i-b"), at: Date()) { db in
+            try LocalInstance(
+                name: "i-b", phase: .active, state: .running, flavor: InstanceFlavor(vcpus: 1, memory: 128, disk: 1), expires: nil,
+                uuid: UUID().uuidString.lowercased(), macAddress: "52:54:00:00:00:0b", createdAt: Date()
+            ).insert(db)
+        }
+        var limits = AgentConfiguration.Images()
+        limits.allow = ["127.0.0.0/8"]
+        limits.requireSHA256 = false
+        limits.cacheMaxBytes = (5 << 20) / 2  // room for two and a half files
+        let cache = try ImageCache(
+            directory: scratch.appendingPathComponent("images").path, store: store, limits: limits, logger: Logger(label: "test"))
+        try await withFileServer(served) { base in
+            let a = try await cache.file(RemoteFile(url: "\(base)/a"), what: "a")
+            let b = try await cache.file(RemoteFile(url: "\(base)/b"), what: "b", forInstance: "i-b")
+            // Used an hour ago (a) and half an hour ago (b): past the grace period.
+            for (path, age) in [(a, 3600.0), (b, 1800.0)] {
+                let then = Date().addingTimeInterval(-age)
+                try FileManager.default.setAttributes([.modificationDate: then], ofItemAtPath: path)
+            }
+            let c = try await cache.file(RemoteFile(url: "\(base)/c"), what: "c")
+            #expect(!FileManager.default.fileExists(atPath: a), "a: least recently used and unused, evicted")
+            #expect(FileManager.default.fileExists(atPath: b), "b: used by instance i-b")
+            #expect(FileManager.default.fileExists(atPath: c), "c: just downloaded")
+            // Asked for again, a comes back; nothing else may go (in use or recent), so the cache runs over.
+            let again = try await cache.file(RemoteFile(url: "\(base)/a"), what: "a")
+            #expect(again == a)
+            for path in [a, b, c] { #expect(FileManager.default.fileExists(atPath: path)) }
+        }
+        await cache.shutdown()
     }
 }
