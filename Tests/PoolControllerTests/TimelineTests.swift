@@ -80,7 +80,7 @@ struct TimelineTests {
             #expect(try await client.report(pool, "rack-1", InstanceReport(name: name, state: .starting, timeline: reported)).status == .ok)
             #expect(
                 try await client.report(
-                    pool, "rack-1", InstanceReport(name: name, state: .running, timeline: reported + [TimelineEntry(phase: .postCreateDone, at: base.addingTimeInterval(2), detail: "guest uptime 9.5 s")])
+                    pool, "rack-1", InstanceReport(name: name, state: .running, timeline: reported + [TimelineEntry(phase: .postCreateDone, at: base.addingTimeInterval(60), detail: "guest uptime 9.5 s")])
                 ).status == .ok)
             let firstRunning = try #require(try await pool.store.timeline(ofInstance: name).first { $0.phase == .runningReported })
             try await Task.sleep(for: .milliseconds(20))
