@@ -1,4 +1,5 @@
 import CloudInit
+import Crypto
 import Foundation
 import Libvirt
 import Logging
@@ -95,6 +96,13 @@ public final class Agent: Service, Sendable {
     /// Opens the agent's store, image cache and libvirt connection, and
     /// settles the virtualization type.
     public static func open(configuration: AgentConfiguration, token: String, logger: Logger) async throws -> Agent {
+        // Nothing from the pool is acted on unless signed by its pinned key.
+        guard let keyText = configuration.signingKey, let keyBytes = ReplySignature.publicKeyBytes(keyText),
+            let signingKey = try? Curve25519.Signing.PublicKey(rawRepresentation: keyBytes)
+        else {
+            throw AgentFatalError(
+                "pool.signing_key is not set: run `corral agent register` again (it pins the pool's key), or set it to what `corral pool signing-key` prints on the pool")
+        }
         let fileManager = FileManager.default
         let state = configuration.stateDirectory
         let paths = Paths(disks: "\(state)/disks", consoles: "\(state)/consoles")
@@ -126,7 +134,7 @@ public final class Agent: Service, Sendable {
         let resolved = await connection.resolveVirtualization(
             configuration.virtualization, workDirectory: URL(fileURLWithPath: state))
         logger.info("virtualization: \(resolved.type) (\(resolved.reason))")
-        let client = PoolClient(baseURL: configuration.poolURL, token: token, version: version)
+        let client = PoolClient(baseURL: configuration.poolURL, token: token, version: version, signingKey: signingKey)
         return Agent(
             configuration: configuration, logger: logger, client: client, store: store, images: images,
             connection: connection, virtType: resolved.type, paths: paths, qemuGroup: qemuGroup)

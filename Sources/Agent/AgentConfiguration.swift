@@ -1,6 +1,7 @@
 import Egress
 import Foundation
 import Libvirt
+import PoolAPI
 import Support
 
 /// Everything the agent is configured with, read from a TOML file (see
@@ -11,6 +12,11 @@ public struct AgentConfiguration: Sendable, Equatable {
     public var poolURL: String
     /// The file holding the appliance's API token (mode 0600).
     public var tokenFile: String
+    /// The pool's public key (base64 Ed25519), pinned by `register`: every
+    /// reply to a check-in or report must be signed by it.
+    public var signingKey: String?
+    /// Whether a pool reached over plain http on another host is accepted.
+    public var insecure = false
     public var libvirtURI: String
     public var virtualization: VirtualizationType
     /// Durable state (`agent.sqlite`), instance disks, seeds and consoles.
@@ -100,7 +106,7 @@ public struct AgentConfiguration: Sendable, Equatable {
     }
 
     static let keys: [String: Set<String>] = [
-        "pool": ["url", "token_file"],
+        "pool": ["url", "token_file", "signing_key", "insecure"],
         "libvirt": ["uri", "virt_type", "qemu_user", "qemu_group"],
         "paths": ["state_dir", "image_dir"],
         "network": ["mode", "name", "ssh_forward_ports", "isolate_host"],
@@ -136,6 +142,20 @@ public struct AgentConfiguration: Sendable, Equatable {
             configuration.poolURL = url
         }
         configuration.tokenFile = try reader.string("pool", "token_file") ?? configuration.tokenFile
+        if let key = try reader.string("pool", "signing_key") {
+            guard ReplySignature.publicKeyBytes(key) != nil else {
+                throw reader.invalid("pool", "signing_key", "must be the pool's public key as `corral pool signing-key` prints it (base64 of 32 bytes)")
+            }
+            configuration.signingKey = key
+        }
+        configuration.insecure = try reader.bool("pool", "insecure") ?? configuration.insecure
+        if !configuration.insecure, let url = URLComponents(string: configuration.poolURL), url.scheme == "http",
+            !Self.isLoopback(url.host ?? "")
+        {
+            throw reader.invalid(
+                "pool", "url",
+                "plain http to another host (\(url.host ?? "")) lets anyone on the path read the token; use https, or set pool.insecure = true")
+        }
         configuration.libvirtURI = try reader.string("libvirt", "uri") ?? configuration.libvirtURI
         if let type = try reader.choice("libvirt", "virt_type", of: VirtualizationType.allCases.map(\.rawValue)) {
             configuration.virtualization = VirtualizationType(rawValue: type)!
@@ -229,6 +249,8 @@ public struct AgentConfiguration: Sendable, Equatable {
             [pool]
             url = \(quoted(poolURL))
             token_file = \(quoted(tokenFile))
+            \(signingKey.map { "signing_key = \(quoted($0))" } ?? "# signing_key: run corral agent register")
+            insecure = \(insecure)
 
             [libvirt]
             uri = \(quoted(libvirtURI))
@@ -273,6 +295,14 @@ public struct AgentConfiguration: Sendable, Equatable {
 
     /// Reads the API token: the file must exist, hold one non-empty line,
     /// and be readable by its owner only.
+    /// Whether `host` names this machine's loopback.
+    public static func isLoopback(_ host: String) -> Bool {
+        let bare = host.trimmingCharacters(in: CharacterSet(charactersIn: "[]"))
+        if bare == "localhost" { return true }
+        guard let address = IPAddressBytes(bare) else { return false }
+        return IPNetwork("127.0.0.0/8")!.contains(address) || IPNetwork("::1/128")!.contains(address)
+    }
+
     /// A port range `FIRST-LAST` within 1024-65535, or nil.
     public static func portRange(_ text: String) -> ClosedRange<Int>? {
         let bounds = text.split(separator: "-").compactMap { Int($0) }

@@ -116,7 +116,9 @@ public actor ImageCache {
         } else if let known = try await store.cachedFile(url: remote.url), FileManager.default.fileExists(atPath: cachedPath(known.sha256)) {
             return cachedPath(known.sha256)
         }
-        let key = "\(remote.url) \(wanted ?? "")"
+        // One download per URL, digest and declared format: a download is
+        // checked as the format its requester declared.
+        let key = "\(remote.url) \(wanted ?? "") \(format ?? "file")"
         if let running = downloads[key] { return try await running.value }
         let task = Task { try await self.download(remote.url, expecting: wanted, format: format, what: what) }
         downloads[key] = task

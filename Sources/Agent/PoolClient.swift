@@ -1,4 +1,5 @@
 import AsyncHTTPClient
+import Crypto
 import Foundation
 import NIOCore
 import PoolAPI
@@ -9,6 +10,9 @@ public enum PoolClientError: Error, CustomStringConvertible, Equatable {
     case refused(status: Int, message: String)
     /// The pool could not be reached or gave no readable reply.
     case unreachable(String)
+    /// A reply that was not signed by the pool's pinned key, or was changed
+    /// on the way: refused, and never acted on.
+    case forged(String)
 
     public var description: String {
         switch self {
@@ -16,6 +20,7 @@ public enum PoolClientError: Error, CustomStringConvertible, Equatable {
         case .refused(409, let message): "the pool disabled this appliance (409): \(message)"
         case .refused(let status, let message): "the pool answered \(status): \(message)"
         case .unreachable(let reason): "the pool is unreachable: \(reason)"
+        case .forged(let reason): "refused a reply not signed by the pool's pinned key (pool.signing_key): \(reason)"
         }
     }
 
@@ -23,7 +28,7 @@ public enum PoolClientError: Error, CustomStringConvertible, Equatable {
     /// its side), as opposed to a refusal of this request.
     public var isTransient: Bool {
         switch self {
-        case .unreachable: true
+        case .unreachable, .forged: true
         // 502 and 503 are answers about this request (no start parameters).
         case .refused(let status, _): status == 429 || (status >= 500 && status != 502 && status != 503)
         }
@@ -38,10 +43,20 @@ public final class PoolClient: Sendable {
     private let block: ApplianceBlock
     private let client: HTTPClient
     private let timeout: TimeAmount
+    /// The pool's public key: replies to check-ins and reports must be
+    /// signed by it (see ``ReplySignature``). Nil only for `register`,
+    /// which has not pinned it yet, and for status queries.
+    private let signingKey: Curve25519.Signing.PublicKey?
+    private let tokenDigest: String
 
-    public init(baseURL: String, token: String, version: String, timeout: TimeAmount = .seconds(10)) {
+    public init(
+        baseURL: String, token: String, version: String, signingKey: Curve25519.Signing.PublicKey? = nil,
+        timeout: TimeAmount = .seconds(10)
+    ) {
         self.baseURL = baseURL.hasSuffix("/") ? String(baseURL.dropLast()) : baseURL
         self.block = ApplianceBlock(apitoken: token, version: version, dynamicimages: true)
+        self.signingKey = signingKey
+        self.tokenDigest = SHA256.hash(data: Data(token.utf8)).map { String(format: "%02x", $0) }.joined()
         // A pool that is down fails a request at its deadline (the client
         // retries connecting until then), so the deadline is short.
         self.client = HTTPClient(
@@ -60,9 +75,17 @@ public final class PoolClient: Sendable {
         try await post("/api/v1/authorization/", AuthorizationRequest(appliance: block), as: AuthorizationResult.self)
     }
 
+    /// `GET /api/v1/signing-key/`: the pool's public key, base64.
+    public func poolSigningKey() async throws -> String {
+        let result = try await send(
+            HTTPClientRequest(url: baseURL + "/api/v1/signing-key/"), path: "/api/v1/signing-key/", as: [String: String].self)
+        guard let key = result["ed25519"] else { throw PoolClientError.unreachable("\(baseURL) gave no ed25519 key") }
+        return key
+    }
+
     /// `GET /api/v1/flavors/`.
     public func flavors() async throws -> [Flavor] {
-        try await send(HTTPClientRequest(url: baseURL + "/api/v1/flavors/"), as: [Flavor].self)
+        try await send(HTTPClientRequest(url: baseURL + "/api/v1/flavors/"), path: "/api/v1/flavors/", as: [Flavor].self)
     }
 
     /// `POST /api/v1/broker/`: the pending actions. With `holdSeconds`, a
@@ -74,7 +97,7 @@ public final class PoolClient: Sendable {
         let request = CheckInRequest(
             appliance: block, stats: stats, instances: instances, done: done, holdSeconds: holdSeconds > 0 ? holdSeconds : nil)
         return try await post(
-            "/api/v1/broker/", request, as: CheckInResult.self, timeout: timeout + .seconds(Int64(holdSeconds))
+            "/api/v1/broker/", request, as: CheckInResult.self, timeout: timeout + .seconds(Int64(holdSeconds)), signed: true
         ).actions
     }
 
@@ -83,35 +106,54 @@ public final class PoolClient: Sendable {
         let name = report.name.addingPercentEncoding(withAllowedCharacters: .urlPathAllowed.subtracting(["/"])) ?? report.name
         return try await post(
             "/api/v1/instances/\(name)/", InstanceReportRequest(appliance: block, instance: report), as: StartParameters.self,
-            timeout: timeout)
+            timeout: timeout, signed: true)
     }
 
     private func post<Body: Encodable, Result: Codable & Sendable>(
-        _ path: String, _ body: Body, as type: Result.Type, timeout: TimeAmount? = nil
+        _ path: String, _ body: Body, as type: Result.Type, timeout: TimeAmount? = nil, signed: Bool = false
     ) async throws -> Result {
         var request = HTTPClientRequest(url: baseURL + path)
         request.method = .POST
         request.headers.add(name: "Content-Type", value: "application/json")
         request.body = .bytes(ByteBuffer(bytes: try JSONEncoder().encode(body)))
-        return try await send(request, as: type, timeout: timeout)
+        return try await send(request, path: path, as: type, timeout: timeout, signed: signed)
     }
 
+    /// Sends `request` (for `path`); with `signed` and a pinned key, a
+    /// success must carry the pool's signature over this request's fresh
+    /// nonce, the request line and the body, or it is ``PoolClientError/forged(_:)``.
     private func send<Result: Codable & Sendable>(
-        _ request: HTTPClientRequest, as type: Result.Type, timeout: TimeAmount? = nil
+        _ request: HTTPClientRequest, path: String, as type: Result.Type, timeout: TimeAmount? = nil, signed: Bool = false
     ) async throws -> Result {
         var request = request
         request.headers.add(name: "Accept", value: "application/json")
         request.headers.add(name: "User-Agent", value: "corral-agent")
+        var generator = SystemRandomNumberGenerator()
+        let nonce = (0..<2).map { _ in String(format: "%016llx", generator.next() as UInt64) }.joined()
+        let verifying = signed ? signingKey : nil
+        if verifying != nil { request.headers.add(name: ReplySignature.nonceHeader, value: nonce) }
         let status: Int
         let body: ByteBuffer
+        let signature: String?
         do {
             let response = try await client.execute(request, timeout: timeout ?? self.timeout)
             status = Int(response.status.code)
+            signature = response.headers.first(name: ReplySignature.header)
             body = try await response.body.collect(upTo: 16 << 20)
         } catch {
             throw PoolClientError.unreachable("\(baseURL): \(error)")
         }
         let data = Data(body.readableBytesView)
+        if status == 200 || status == 201, let key = verifying {
+            guard let signature, signature.hasPrefix(ReplySignature.scheme),
+                let bytes = Data(base64Encoded: String(signature.dropFirst(ReplySignature.scheme.count)))
+            else { throw PoolClientError.forged("the reply to \(path) carries no signature") }
+            let message = ReplySignature.message(
+                tokenDigest: tokenDigest, nonce: nonce, method: request.method.rawValue, path: path, body: data)
+            guard key.isValidSignature(bytes, for: message) else {
+                throw PoolClientError.forged("the reply to \(path) does not match its signature (changed on the way, or not from this pool)")
+            }
+        }
         if status == 200 || status == 201 {
             do {
                 let envelope = try JSONDecoder().decode(Envelope<Result>.self, from: data)

@@ -10,6 +10,7 @@ struct ApplianceRoutes: Sendable {
     let configuration: PoolConfiguration
     let events: InstanceEvents
     let fetcher: CallbackFetcher
+    let signer: ReplySigner
     let logger: Logger
 
     var bounds: InputBounds { InputBounds(limits: configuration.limits) }
@@ -17,7 +18,7 @@ struct ApplianceRoutes: Sendable {
     /// The appliance a request's token names, or the refusal: 401 for a
     /// body without a readable token or an unknown token, 409 for a
     /// disabled appliance. Records the appliance as seen.
-    private func authenticate(_ body: ByteBuffer) async throws -> Appliance {
+    private func authenticate(_ body: ByteBuffer) async throws -> (appliance: Appliance, token: String) {
         let block: ApplianceBlock
         do {
             block = try decodeJSON(AuthorizationRequest.self, from: body).appliance
@@ -33,14 +34,14 @@ struct ApplianceRoutes: Sendable {
                 .conflict,
                 "Appliance '\(appliance.name)' has been disabled by the pool controller; ask the pool's operator to enable it.")
         }
-        return try await store.recordCheckIn(appliance.name, block: block, at: Date())
+        return (try await store.recordCheckIn(appliance.name, block: block, at: Date()), block.apitoken)
     }
 
     /// `POST /api/v1/authorization/`: 200 with the appliance's name and
     /// owner, or the refusals of ``authenticate(_:)``. Records the
     /// appliance's version and location.
     @Sendable func authorize(_ request: Request, context: BasicRequestContext) async throws -> Response {
-        let appliance = try await authenticate(try await collectBody(request, upTo: maximumAuthorizationBody))
+        let (appliance, _) = try await authenticate(try await collectBody(request, upTo: maximumAuthorizationBody))
         return try reply(.ok, Envelope.success(AuthorizationResult(name: appliance.name, owner: appliance.owner)))
     }
 
@@ -54,7 +55,7 @@ struct ApplianceRoutes: Sendable {
     /// answers with the actions still pending.
     @Sendable func checkIn(_ request: Request, context: BasicRequestContext) async throws -> Response {
         let body = try await collectBody(request, upTo: maximumCheckInBody)
-        let appliance = try await authenticate(body)
+        let (appliance, token) = try await authenticate(body)
         let checkIn = try decodeRequest(CheckInRequest.self, from: body)
         try bounds.check(checkIn)
         let hold = checkIn.holdSeconds ?? 0
@@ -76,7 +77,7 @@ struct ApplianceRoutes: Sendable {
             }
             actions = try await heldActions(appliance.name, changes: changes)
         }
-        return try reply(.ok, Envelope.success(CheckInResult(actions: actions)))
+        return try await signer.reply(Envelope.success(CheckInResult(actions: actions)), to: request, token: token)
     }
 
     /// The longest a check-in may ask the pool to hold its reply.
@@ -109,7 +110,7 @@ struct ApplianceRoutes: Sendable {
     /// kept either way, and the reason is in the instance's record).
     @Sendable func report(_ request: Request, context: BasicRequestContext) async throws -> Response {
         let body = try await collectBody(request)
-        let appliance = try await authenticate(body)
+        let (appliance, token) = try await authenticate(body)
         let now = Date()
         let report = try bounds.checked(decodeRequest(InstanceReportRequest.self, from: body).instance, at: now)
         let name = context.parameters.get("name") ?? ""
@@ -135,6 +136,13 @@ struct ApplianceRoutes: Sendable {
                 return try reply(.badGateway, Envelope.error(error.description))
             }
         }
-        return try reply(.ok, Envelope.success(parameters))
+        return try await signer.reply(Envelope.success(parameters), to: request, token: token)
+    }
+
+    /// `GET /api/v1/signing-key/`: the public key that signs the replies to
+    /// check-ins and reports (`{"ed25519": BASE64}`), which `corral agent
+    /// register` pins.
+    @Sendable func signingKey(_ request: Request, context: BasicRequestContext) async throws -> Response {
+        try reply(.ok, Envelope.success(["ed25519": try await signer.publicKey()]))
     }
 }

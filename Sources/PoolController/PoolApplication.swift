@@ -49,9 +49,10 @@ func buildPoolRouter(
     router.add(middleware: EnvelopeErrorMiddleware())
     let appliances = ApplianceRoutes(
         store: store, configuration: configuration, events: events,
-        fetcher: fetcher ?? CallbackFetcher(limits: configuration.callbacks), logger: logger)
+        fetcher: fetcher ?? CallbackFetcher(limits: configuration.callbacks), signer: ReplySigner(store: store), logger: logger)
     router.post("api/v1/authorization", use: appliances.authorize)
     router.get("api/v1/flavors", use: appliances.flavors)
+    router.get("api/v1/signing-key", use: appliances.signingKey)
     router.post("api/v1/broker", use: appliances.checkIn)
     router.post("api/v1/instances/:name", use: appliances.report)
     let reservations = ReservationRoutes(store: store, configuration: configuration, events: events)
@@ -162,12 +163,22 @@ func decodeRequest<T: Decodable>(_ type: T.Type, from body: ByteBuffer) throws -
 
 /// A JSON reply with a status.
 func reply<T: Encodable>(_ status: HTTPResponse.Status, _ value: T) throws -> Response {
+    reply(status, json: try replyBody(value))
+}
+
+/// The JSON body of a reply carrying `value`.
+func replyBody<T: Encodable>(_ value: T) throws -> Data {
     let encoder = JSONEncoder()
     encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
-    return Response(
+    return try encoder.encode(value)
+}
+
+/// A reply whose body is `json`.
+func reply(_ status: HTTPResponse.Status, json: Data) -> Response {
+    Response(
         status: status,
         headers: [.contentType: "application/json; charset=utf-8"],
-        body: .init(byteBuffer: ByteBuffer(bytes: try encoder.encode(value))))
+        body: .init(byteBuffer: ByteBuffer(bytes: json)))
 }
 
 /// The token a user-facing request carries: `X-Auth-Token: TOKEN` or

@@ -1,3 +1,4 @@
+import Crypto
 import Foundation
 import Support
 import GRDB
@@ -205,6 +206,14 @@ public final class SQLiteStore: PoolStore {
         migrator.registerMigration("7-user-enabled") { db in
             try db.alter(table: "user") { table in
                 table.add(column: "enabled", .boolean).notNull().defaults(to: true)
+            }
+        }
+        migrator.registerMigration("8-signing-key") { db in
+            // The pool's Ed25519 key, which signs what appliances are told.
+            try db.create(table: "signingKey") { table in
+                table.column("id", .integer).primaryKey().check { $0 == 1 }
+                table.column("privateKey", .blob).notNull()
+                table.column("createdAt", .datetime).notNull()
             }
         }
         return migrator
@@ -537,6 +546,15 @@ public final class SQLiteStore: PoolStore {
     public func user(tokenDigest: String) async throws -> User? {
         try await database.read { db in
             try Row.fetchOne(db, sql: Self.userQuery + " WHERE user.tokenDigest = ?", arguments: [tokenDigest]).map(Self.user)
+        }
+    }
+
+    public func signingKey() async throws -> Data {
+        try await database.write { db in
+            if let key = try Data.fetchOne(db, sql: "SELECT privateKey FROM signingKey WHERE id = 1") { return key }
+            let key = Curve25519.Signing.PrivateKey().rawRepresentation
+            try db.execute(sql: "INSERT INTO signingKey (id, privateKey, createdAt) VALUES (1, ?, ?)", arguments: [key, Date()])
+            return key
         }
     }
 

@@ -304,6 +304,8 @@ public protocol PoolStore: Sendable {
 
     /// The user whose token has this digest.
     func user(tokenDigest: String) async throws -> User?
+    /// The pool's Ed25519 signing key (its 32-byte raw form), made on first use.
+    func signingKey() async throws -> Data
     /// The user named `name`, or ``PoolError/notFound(what:name:)``.
     func user(named name: String) async throws -> User
     /// Enables or disables a user.

@@ -110,11 +110,21 @@ extension Corral.AgentCommand {
         var sshForwardPorts: String?
 
         @Option(
+            help: "The pool's public key (base64, from `corral pool signing-key` on the pool); default: fetched from the pool now and pinned.")
+        var poolKey: String?
+
+        @Flag(help: "Accept a pool reached over plain http on another host (the token and actions cross the network unencrypted).")
+        var insecure = false
+
+        @Option(
             name: .customLong("image-allow"),
             help: "A network image URLs may reach besides public addresses, e.g. 127.0.0.0/8 for an image server on this host (repeatable; replaces the file's images.allow).")
         var imageAllow: [String] = []
 
         func validate() throws {
+            if let poolKey, ReplySignature.publicKeyBytes(poolKey) == nil {
+                throw ValidationError("--pool-key must be the key `corral pool signing-key` prints (base64 of 32 bytes).")
+            }
             for network in imageAllow where IPNetwork(network) == nil {
                 throw ValidationError("--image-allow must be an address or network such as 127.0.0.0/8 (it was '\(network)').")
             }
@@ -130,8 +140,15 @@ extension Corral.AgentCommand {
         func run() async throws {
             var configuration = AgentConfiguration()
             if FileManager.default.fileExists(atPath: config.path) { configuration = config.load() }
+            let previousURL = configuration.poolURL
             configuration.poolURL = pool
             configuration.tokenFile = tokenFile
+            if insecure { configuration.insecure = true }
+            if !configuration.insecure, let url = URLComponents(string: pool), url.scheme == "http",
+                !AgentConfiguration.isLoopback(url.host ?? "")
+            {
+                fail("--pool \(pool): plain http to another host lets anyone on the path read the token; use https, or pass --insecure")
+            }
             if let uri { configuration.libvirtURI = uri }
             if let virtType { configuration.virtualization = VirtualizationType(rawValue: virtType)! }
             if let stateDir { configuration.stateDirectory = stateDir }
@@ -163,6 +180,28 @@ extension Corral.AgentCommand {
             } catch {
                 await client.shutdown()
                 fail("cannot register with \(pool): \(error)")
+            }
+            let previousKey = configuration.signingKey
+            if let poolKey {
+                configuration.signingKey = poolKey
+            } else {
+                let served: String
+                do {
+                    served = try await client.poolSigningKey()
+                } catch {
+                    await client.shutdown()
+                    fail("cannot fetch the pool's signing key from \(pool): \(error); pass --pool-key from `corral pool signing-key`")
+                }
+                guard ReplySignature.publicKeyBytes(served) != nil else {
+                    await client.shutdown()
+                    fail("the pool at \(pool) served no valid signing key")
+                }
+                if let previousKey, previousKey != served, previousURL == pool {
+                    await client.shutdown()
+                    fail(
+                        "the pool at \(pool) now signs with another key than \(config.path) pins; if that is expected, pass --pool-key from `corral pool signing-key` on the pool")
+                }
+                configuration.signingKey = served
             }
             await client.shutdown()
             do {

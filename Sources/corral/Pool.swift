@@ -1,4 +1,5 @@
 import ArgumentParser
+import Crypto
 import Foundation
 import Hummingbird
 import Logging
@@ -10,8 +11,8 @@ extension Corral {
         static let configuration = CommandConfiguration(
             abstract: "Run and administer the pool controller.",
             subcommands: [
-                Serve.self, Init.self, Users.self, Appliances.self, Flavors.self, Images.self, Wisps.self, Templates.self,
-                Instances.self, Reservations.self,
+                Serve.self, Init.self, SigningKey.self, Users.self, Appliances.self, Flavors.self, Images.self, Wisps.self,
+                Templates.self, Instances.self, Reservations.self,
             ]
         )
     }
@@ -131,6 +132,19 @@ extension Corral.Pool {
             let path = store.configuration().database
             _ = try store.open(path)
             print("pool database ready at \(path)")
+        }
+    }
+
+    struct SigningKey: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "signing-key",
+            abstract: "Print the public key (base64) that signs the pool's replies to appliances, for `corral agent register --pool-key`.")
+
+        @OptionGroup var store: PoolDatabaseOptions
+
+        func run() async throws {
+            let key = try await administer { try await store.openExisting().signingKey() }
+            print(try Curve25519.Signing.PrivateKey(rawRepresentation: key).publicKey.rawRepresentation.base64EncodedString())
         }
     }
 

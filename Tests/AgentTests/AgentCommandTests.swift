@@ -16,11 +16,11 @@ struct AgentCommandTests {
         try await harness.startPool()
         let tokenFile = harness.directory.appendingPathComponent("token").path
         let config = harness.directory.appendingPathComponent("etc/agent.toml").path
-        func register() async throws -> CommandResult {
+        func register(_ extra: [String] = []) async throws -> CommandResult {
             try await runCorral([
                 "agent", "register", "--pool", harness.poolURL, "--token-file", tokenFile, "--config", config,
                 "--state-dir", harness.stateDirectory, "--virt-type", "qemu",
-            ])
+            ] + extra)
         }
 
         FileManager.default.createFile(atPath: tokenFile, contents: Data("\(token)\n".utf8), attributes: [.posixPermissions: 0o644])
@@ -38,6 +38,27 @@ struct AgentCommandTests {
         #expect(written.stateDirectory == harness.stateDirectory)
         #expect(written.virtualization == .qemu)
         #expect(try !String(contentsOfFile: config, encoding: .utf8).contains(token))
+        // The pool's signing key is pinned, as `corral pool signing-key` prints it.
+        let poolKey = try await harness.poolCommand(["signing-key"]).trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(written.signingKey == poolKey)
+        // A pinned key that the pool no longer signs with is not silently replaced.
+        var pinned = written
+        pinned.signingKey = Data(repeating: 7, count: 32).base64EncodedString()
+        try pinned.rendered().write(toFile: config, atomically: true, encoding: .utf8)
+        let changed = try await register()
+        #expect(changed.status == 1)
+        #expect(changed.stderr.contains("now signs with another key"), "\(changed.stderr)")
+        #expect(try await register(["--pool-key", poolKey]).status == 0)
+        #expect(try AgentConfiguration.load(path: config).signingKey == poolKey)
+        let badKey = try await register(["--pool-key", "not-a-key"])
+        #expect(badKey.status != 0)
+        #expect(badKey.stderr.contains("--pool-key must be"))
+        // Plain http to another host is refused before anything is sent.
+        let remote = try await runCorral([
+            "agent", "register", "--pool", "http://pool.example.org:8080", "--token-file", tokenFile, "--config", config,
+        ])
+        #expect(remote.status == 1)
+        #expect(remote.stderr.contains("plain http to another host"), "\(remote.stderr)")
 
         try Data("not-the-token\n".utf8).write(to: URL(fileURLWithPath: tokenFile))
         let wrong = try await register()
@@ -61,10 +82,11 @@ struct AgentCommandTests {
             try await harness.startPool()
             let tokenFile = harness.directory.appendingPathComponent("token").path
             FileManager.default.createFile(atPath: tokenFile, contents: Data("wrong\n".utf8), attributes: [.posixPermissions: 0o600])
-            try AgentConfiguration(
+            var configuration = AgentConfiguration(
                 poolURL: harness.poolURL, tokenFile: tokenFile, virtualization: .qemu, stateDirectory: harness.stateDirectory,
-                imageDirectory: harness.directory.appendingPathComponent("images").path
-            ).rendered().write(to: harness.agentConfig, atomically: true, encoding: .utf8)
+                imageDirectory: harness.directory.appendingPathComponent("images").path)
+            configuration.signingKey = try await harness.poolCommand(["signing-key"]).trimmingCharacters(in: .whitespacesAndNewlines)
+            try configuration.rendered().write(to: harness.agentConfig, atomically: true, encoding: .utf8)
             let run = try await runCorral(["agent", "run", "--config", harness.agentConfig.path])
             #expect(run.status == 1)
             #expect(run.stderr.contains("corral: the pool refused the token (401)"), "\(run.stderr)")

@@ -154,6 +154,7 @@ final class Harness: @unchecked Sendable {
     ) async throws {
         self.poolSettings = poolSettings
         try await poolCommand(["init"])
+        let signingKey = try await poolCommand(["signing-key"]).trimmingCharacters(in: .whitespacesAndNewlines)
         userToken = try await poolCommand(["user", "add", "alice", "--max-instances", "10"])
         applianceToken = try await poolCommand(["appliance", "add", "rack", "--owner", "alice"])
         try await poolCommand(["flavor", "add", "small", "--vcpus", "1", "--memory-mib", "128", "--disk-gib", "1"])
@@ -168,6 +169,7 @@ final class Harness: @unchecked Sendable {
             [pool]
             url = "\(poolURL)"
             token_file = "\(tokenFile)"
+            signing_key = "\(signingKey)"
             [libvirt]
             uri = "\(SystemLibvirt.uri)"
             virt_type = "qemu"

@@ -1,5 +1,8 @@
+import AsyncHTTPClient
+import Crypto
 import Foundation
 import Synchronization
+import HTTPTypes
 import Hummingbird
 import HummingbirdTesting
 import Libvirt
@@ -100,12 +103,14 @@ struct HostSafetyTests {
             let pool = FakePool(actions: actions)
             try await pool.serve { url in
                 let token = scratch.appendingPathComponent("token")
-                FileManager.default.createFile(atPath: token.path, contents: Data("t\n".utf8), attributes: [.posixPermissions: 0o600])
+                FileManager.default.createFile(
+                    atPath: token.path, contents: Data("\(FakePool.token)\n".utf8), attributes: [.posixPermissions: 0o600])
                 let config = scratch.appendingPathComponent("agent.toml")
                 try """
                     [pool]
                     url = "\(url)"
                     token_file = "\(token.path)"
+                    signing_key = "\(pool.publicKey)"
                     [libvirt]
                     uri = "\(SystemLibvirt.uri)"
                     virt_type = "qemu"
@@ -141,12 +146,96 @@ struct HostSafetyTests {
     }
 }
 
+extension HostSafetyTests {
+    @Test("a check-in reply changed on the way is refused and never acted on; the genuine reply is applied")
+    func tamperedActions() async throws {
+        try await withHarness("tamper") { harness, _ in
+            let proxy = TamperingProxy(target: harness.poolURL)
+            try await proxy.serve { proxyURL in
+                // The agent talks to the pool only through the proxy.
+                let config = try String(contentsOf: harness.agentConfig, encoding: .utf8)
+                try config.replacingOccurrences(of: "url = \"\(harness.poolURL)\"", with: "url = \"\(proxyURL)\"")
+                    .write(to: harness.agentConfig, atomically: true, encoding: .utf8)
+                proxy.tampering.withLock { $0 = true }
+                try await harness.startAgent()
+                let name = try await harness.reserve()
+                let deadline = ContinuousClock.now + .seconds(60)
+                while proxy.tampered.withLock({ $0 }) < 3, ContinuousClock.now < deadline {
+                    try await Task.sleep(for: .milliseconds(200))
+                }
+                #expect(proxy.tampered.withLock { $0 } >= 3, "the proxy changed the start action in three replies")
+                #expect(try await harness.agentStatus(name) == nil, "the changed action was not applied")
+                #expect(harness.logs.contains("does not match its signature"), "the agent says why")
+                #expect(try await harness.poolInstance(name)?["state"] as? Int != 7)
+                // The same replies, unchanged, are applied.
+                proxy.tampering.withLock { $0 = false }
+                try await harness.waitForPoolState(name, 4, timeout: .seconds(90))
+            }
+        }
+    }
+}
+
+/// A loopback HTTP proxy to `target` that, while `tampering`, turns every
+/// `start` action in a check-in reply into a `delete`, keeping the pool's
+/// signature header.
+final class TamperingProxy: Sendable {
+    let target: String
+    let tampering = Mutex(false)
+    let tampered = Mutex(0)
+    private let client = HTTPClient(eventLoopGroup: HTTPClient.defaultEventLoopGroup)
+
+    init(target: String) { self.target = target }
+
+    func serve(_ body: @Sendable @escaping (String) async throws -> Void) async throws {
+        let router = Router()
+        let forward: @Sendable (Request, BasicRequestContext) async throws -> Response = { request, _ in
+            var outgoing = HTTPClientRequest(url: self.target + request.uri.description)
+            outgoing.method = .init(rawValue: request.method.rawValue)
+            for field in request.headers where !["host", "content-length"].contains(field.name.canonicalName) {
+                outgoing.headers.add(name: field.name.rawName, value: field.value)
+            }
+            outgoing.body = .bytes(try await request.body.collect(upTo: 4 << 20))
+            let reply = try await self.client.execute(outgoing, timeout: .seconds(200))
+            var bytes = Data((try await reply.body.collect(upTo: 16 << 20)).readableBytesView)
+            if request.uri.path.hasPrefix("/api/v1/broker"), self.tampering.withLock({ $0 }) {
+                let text = String(decoding: bytes, as: UTF8.self)
+                if text.contains("\"kind\":\"start\"") {
+                    bytes = Data(text.replacingOccurrences(of: "\"kind\":\"start\"", with: "\"kind\":\"delete\"").utf8)
+                    self.tampered.withLock { $0 += 1 }
+                }
+            }
+            var headers = HTTPFields()
+            for header in reply.headers where !["content-length", "connection", "transfer-encoding"].contains(header.name.lowercased()) {
+                if let name = HTTPField.Name(header.name) { headers.append(HTTPField(name: name, value: header.value)) }
+            }
+            return Response(status: .init(code: Int(reply.status.code)), headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))
+        }
+        router.get("/**", use: forward)
+        router.post("/**", use: forward)
+        let app = Application(router: router, configuration: .init(address: .hostname("127.0.0.1", port: 0)))
+        do {
+            try await app.test(.live) { client in
+                try await body("http://127.0.0.1:\(try #require(client.port))")
+            }
+        } catch {
+            try? await client.shutdown()
+            throw error
+        }
+        try await client.shutdown()
+    }
+}
+
 /// A pool that authorizes anyone, hands out `actions` at the first
 /// check-in (and again until they are listed as done), and refuses
 /// everything else.
 final class FakePool: Sendable {
     let actions: [Action]
     private let done = Mutex<[String]>([])
+    /// The fake pool's key: its replies are signed like a real pool's.
+    let key = Curve25519.Signing.PrivateKey()
+    var publicKey: String { key.publicKey.rawRepresentation.base64EncodedString() }
+    /// The token the agent is given.
+    static let token = "t"
 
     init(actions: [Action]) { self.actions = actions }
 
@@ -167,7 +256,15 @@ final class FakePool: Sendable {
                 done.append(contentsOf: checkIn.done.filter { !done.contains($0) })
                 return self.actions.filter { !done.contains($0.id) }
             }
-            return try Self.json(Envelope(response: .success, result: CheckInResult(actions: pending)))
+            let reply = try JSONEncoder().encode(Envelope(response: .success, result: CheckInResult(actions: pending)))
+            var response = Response(status: .ok, headers: [.contentType: "application/json"], body: ResponseBody(byteBuffer: ByteBuffer(bytes: reply)))
+            let digest = SHA256.hash(data: Data(Self.token.utf8)).map { String(format: "%02x", $0) }.joined()
+            let message = ReplySignature.message(
+                tokenDigest: digest, nonce: request.headers[HTTPField.Name(ReplySignature.nonceHeader)!] ?? "", method: "POST",
+                path: request.uri.path, body: reply)
+            response.headers[HTTPField.Name(ReplySignature.header)!] =
+                ReplySignature.scheme + (try self.key.signature(for: message)).base64EncodedString()
+            return response
         }
         router.post("/api/v1/instances/{name}/") { _, _ -> Response in
             var response = try Self.json(Envelope<NoResult>(response: .fail, message: "no such instance"))
