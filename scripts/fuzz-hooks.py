@@ -3,18 +3,21 @@
 The fuzz run's pool is made fresh by scripts/fuzz, which passes what it made
 in environment variables. The hooks only steer generated requests towards
 objects that exist, so that more of them get past authentication and
-lookups; every change is a function of the generated data alone, so a run
-is reproducible from its seed:
+lookups; every change is a function of the generated data (and, for
+dates, of the clock), so a run is reproducible from its seed:
 
 - the appliance token travels in the body (`appliance.apitoken`), where no
-  OpenAPI security scheme can put it: a generated non-empty token is replaced
-  by the real one (an empty one is kept and exercises the 401);
+  OpenAPI security scheme can put it: a generated string token is replaced
+  by the appliance rack-1's (invalid data, a missing token or one of another
+  type, still exercises the 401);
 - a check-in's `hold_seconds` above 1 (valid up to 120) becomes 1, so that a
   held check-in cannot stall the run for two minutes;
 - an instance report's `instance.name` is set to the name in the path for
   most generated names, so reports get past the name comparison;
-- `{id}` of the /v1 instance routes and `{template}` of the launch route name
-  an existing instance or template for most generated values, and so do
+- `{id}` of the /v1 instance routes, `{name}` of the user routes (alice or
+  dora, never the superuser whose token the run uses) and `{template}` of
+  the launch route name an existing instance, user or template for most
+  generated values, and so do
   most names in a reservation (`appliance`, `flavor`, `wisp`, `instance`);
 - most reservations that name both an offered instance and a flavor slot,
   or both a wisp and a callback, keep only one of them;
@@ -42,6 +45,7 @@ APPLIANCE_TOKEN = os.environ["CORRAL_FUZZ_APPLIANCE_TOKEN"]
 SUPERUSER_ID = os.environ["CORRAL_FUZZ_SUPERUSER_ID"]
 INSTANCES = os.environ.get("CORRAL_FUZZ_INSTANCES", "").split()
 TEMPLATES = os.environ.get("CORRAL_FUZZ_TEMPLATES", "").split()
+USERS = os.environ.get("CORRAL_FUZZ_USERS", "").split()
 NAMES = {
     "appliance": os.environ.get("CORRAL_FUZZ_APPLIANCES", "").split(),
     "flavor": os.environ.get("CORRAL_FUZZ_FLAVORS", "").split(),
@@ -69,7 +73,7 @@ def before_call(context, case, kwargs):
     body = case.body
     if isinstance(body, dict):
         block = body.get("appliance")
-        if isinstance(block, dict) and isinstance(block.get("apitoken"), str) and block["apitoken"] != "":
+        if isinstance(block, dict) and isinstance(block.get("apitoken"), str):
             block["apitoken"] = APPLIANCE_TOKEN
         callback = body.get("callback_url")
         if isinstance(callback, str) and callback[:4].lower() == "http":
@@ -126,6 +130,12 @@ def before_call(context, case, kwargs):
             chosen = _pick(case.path_parameters.get("id"), INSTANCES)
             if chosen is not None:
                 case.path_parameters["id"] = chosen
+        if case.path.startswith("/v1/user/{name}"):
+            # Never the superuser whose token the run uses: rotating its token
+            # would end the run's access; alice's and dora's may change.
+            chosen = _pick(case.path_parameters.get("name"), USERS)
+            if chosen is not None:
+                case.path_parameters["name"] = chosen
         if case.path == "/api/stream/{template}":
             chosen = _pick(case.path_parameters.get("template"), TEMPLATES)
             if chosen is not None:

@@ -113,7 +113,7 @@ struct ApplianceRoutes: Sendable {
         let (appliance, token) = try await authenticate(body)
         let now = Date()
         let report = try bounds.checked(decodeRequest(InstanceReportRequest.self, from: body).instance, at: now)
-        let name = context.parameters.get("name") ?? ""
+        let name = try pathParameter(context, "name")
         guard report.name == name else {
             throw Refusal(.badRequest, "instance.name '\(report.name)' must equal the name in the URI, '\(name.prefix(80))'")
         }

@@ -87,17 +87,75 @@ public func openAPIDocument(publicURL: String?) -> String {
 /// answered 500 without its details.
 struct EnvelopeErrorMiddleware<Context: RequestContext>: RouterMiddleware {
     func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
+        // Under /v1 every reply is the user-facing API's envelope, also for
+        // a path no route matches and for a failure.
+        let path = request.uri.path
+        let userFacing = path == "/v1" || path.hasPrefix("/v1/")
+        func refusal(_ status: HTTPResponse.Status, _ message: String) throws -> Response {
+            userFacing
+                ? try reply(status, ServerEnvelope<[ServerInstance]>(data: nil, msg: message, success: false))
+                : try Refusal(status, message).response()
+        }
         do {
             return try await next(request, context)
         } catch let refusal as Refusal {
+            if userFacing { return try reply(refusal.status, ServerEnvelope<[ServerInstance]>(data: nil, msg: refusal.message, success: false)) }
             throw refusal
         } catch let error as HTTPError {
-            return try Refusal(error.status, error.body ?? error.status.reasonPhrase).response()
+            if error.status == .notFound, let allowed = RouteTable.methods(forPath: path), !allowed.contains(request.method.rawValue) {
+                var response = try refusal(
+                    .methodNotAllowed, "\(request.method.rawValue) is not allowed on \(path.prefix(200)); use \(allowed.joined(separator: " or "))")
+                response.headers[.allow] = allowed.joined(separator: ", ")
+                return response
+            }
+            return try refusal(error.status, error.body ?? error.status.reasonPhrase)
         } catch {
             context.logger.error("\(request.method) \(request.uri.path) failed: \(error)")
+            if userFacing {
+                return try reply(
+                    .internalServerError,
+                    ServerEnvelope<[ServerInstance]>(data: nil, msg: "the pool failed to handle this request; its log says why", success: false))
+            }
             return try reply(.internalServerError, Envelope.error("the pool failed to handle this request; its log says why"))
         }
     }
+}
+
+/// The methods each route answers, as the OpenAPI document lists them (a
+/// test checks the two agree): a known path asked with another method is a
+/// 405 naming the right ones, not a 404.
+enum RouteTable {
+    static let routes: [(path: String, methods: [String])] = [
+        ("/api/v1/authorization", ["POST"]), ("/api/v1/flavors", ["GET"]), ("/api/v1/signing-key", ["GET"]),
+        ("/api/v1/broker", ["POST"]), ("/api/v1/instances/{name}", ["POST"]), ("/api/v1/bids", ["GET", "POST"]),
+        ("/api/v1/events", ["GET"]), ("/api/stream/{template}", ["POST"]), ("/openapi.yaml", ["GET"]),
+        ("/v1/server-instance", ["GET", "POST"]), ("/v1/server-instance/{id}", ["DELETE", "GET", "PUT"]),
+        ("/v1/server-instance/{id}/timeline", ["GET"]), ("/v1/server-instance/{id}/console", ["GET"]),
+        ("/v1/server-flavor", ["GET"]), ("/v1/server-image", ["GET"]), ("/v1/user/{name}", ["GET", "PUT"]),
+        ("/v1/user/{name}/token", ["POST"]),
+    ]
+
+    /// The methods of the route `path` matches (with or without its
+    /// trailing slash), or nil when it matches none.
+    static func methods(forPath path: String) -> [String]? {
+        let parts = path.split(separator: "/", omittingEmptySubsequences: true)
+        for route in routes {
+            let pattern = route.path.split(separator: "/", omittingEmptySubsequences: true)
+            guard pattern.count == parts.count else { continue }
+            if zip(pattern, parts).allSatisfy({ $0.hasPrefix("{") || $0 == $1 }) { return route.methods }
+        }
+        return nil
+    }
+}
+
+/// A path parameter, percent-decoded (`i%2D1` is `i-1`); a 400 naming it when
+/// it cannot be decoded.
+func pathParameter(_ context: some RequestContext, _ name: String) throws -> String {
+    let raw = try context.parameters.require(name)
+    guard let decoded = raw.removingPercentEncoding else {
+        throw Refusal(.badRequest, "the path's \(name) is not valid percent-encoding")
+    }
+    return decoded
 }
 
 /// Runs `action` when the service group shuts down.

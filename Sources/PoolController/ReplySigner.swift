@@ -28,8 +28,10 @@ final class ReplySigner: Sendable {
     /// A `200` reply carrying `value`, signed for the appliance whose token
     /// is `token` and the request's nonce. 400 for a malformed nonce.
     func reply<T: Encodable>(_ value: T, to request: Request, token: String) async throws -> Response {
-        let nonce = request.headers[HTTPField.Name(ReplySignature.nonceHeader)!] ?? ""
-        guard nonce.isEmpty || ReplySignature.isNonce(nonce) else {
+        // Absent, the signature covers an empty nonce; present, it must be one.
+        let sent = request.headers[HTTPField.Name(ReplySignature.nonceHeader)!]
+        let nonce = sent ?? ""
+        guard sent == nil || ReplySignature.isNonce(nonce) else {
             throw Refusal(.badRequest, "header \(ReplySignature.nonceHeader) must be 32 to 64 lowercase hex digits")
         }
         let body = try replyBody(value)

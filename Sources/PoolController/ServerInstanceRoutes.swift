@@ -200,7 +200,7 @@ struct ServerInstanceRoutes: Sendable {
     /// The caller and the instance the path names, or 404 if they do not see it.
     func visibleInstance(_ request: Request, context: BasicRequestContext) async throws -> (User, Instance) {
         let caller = try await authenticate(request)
-        let id = try context.parameters.require("id")
+        let id = try pathParameter(context, "id")
         guard let instance = try await store.instance(id: id),
             Self.sees(caller, instance, managed: try await managedUsers(of: caller))
         else { throw Refusal(.notFound, "there is no server-instance '\(id)'; GET /v1/server-instance lists yours") }
@@ -292,9 +292,23 @@ struct JSONBody {
 
     func int(_ key: String, in range: ClosedRange<Int>) throws -> Int? {
         guard let value = fields[key] else { return nil }
-        guard let number = value as? NSNumber, let int = Int(exactly: number.doubleValue), range.contains(int)
+        // JSONSerialization gives `true` as a number too; it is not one here.
+        guard !isJSONBool(value), let number = value as? NSNumber, let int = Int(exactly: number.doubleValue), range.contains(int)
         else { throw Refusal(.badRequest, "field '\(prefix)\(key)' must be a whole number from \(range.lowerBound) to \(range.upperBound)") }
         return int
+    }
+
+    func bool(_ key: String) throws -> Bool? {
+        guard let value = fields[key] else { return nil }
+        guard isJSONBool(value), let bool = value as? Bool else {
+            throw Refusal(.badRequest, "field '\(prefix)\(key)' must be true or false")
+        }
+        return bool
+    }
+
+    /// Whether a value from JSONSerialization was JSON's `true` or `false`.
+    private func isJSONBool(_ value: Any) -> Bool {
+        type(of: value) == type(of: NSNumber(value: true))
     }
 
     func object(_ key: String) throws -> JSONBody? {

@@ -19,12 +19,13 @@ struct TemplateRoutes: Sendable {
     @Sendable func launch(_ request: Request, context: BasicRequestContext) async throws -> Response {
         let received = Date()  // the timeline's `requested`
         let query = request.uri.queryParameters
-        let token = query["token"].map(String.init) ?? bearerToken(request)
+        // An empty `token` query is no token: the header counts then.
+        let token = query["token"].map(String.init).flatMap { $0.isEmpty ? nil : $0 } ?? bearerToken(request)
         guard let token, !token.isEmpty, let user = try await store.user(tokenDigest: Token.digest(token)) else {
             throw Refusal(.init(code: 402, reasonPhrase: "Payment Required"), "must include [token] with a valid token")
         }
         guard user.enabled else { throw Refusal(.init(code: 402, reasonPhrase: "Payment Required"), User.disabledMessage(user.name)) }
-        let name = try context.parameters.require("template")
+        let name = try pathParameter(context, "template")
         var launch = InstanceRequest(owner: user.name, template: name)
         if let region = query["region"].map(String.init), !region.isEmpty, region != "any" { launch.region = region }
         if let topic = query["topic"].map(String.init), !topic.isEmpty { launch.topic = topic }

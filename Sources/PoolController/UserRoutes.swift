@@ -37,7 +37,7 @@ struct UserRoutes: Sendable {
     /// or the caller is a superuser.
     private func target(_ request: Request, context: BasicRequestContext) async throws -> (caller: User, user: User) {
         let caller = try await authenticateUser(request, store: store)
-        let name = try context.parameters.require("name")
+        let name = try pathParameter(context, "name")
         guard caller.superuser || caller.name == name,
             let user = try? await store.user(named: name)
         else { throw Refusal(.notFound, "there is no user '\(name)' you may see; GET /v1/user/<your name> shows yours") }
@@ -58,9 +58,7 @@ struct UserRoutes: Sendable {
         guard caller.superuser else { throw Refusal(.forbidden, "only a superuser may enable or disable users") }
         let body = try JSONBody(try await collectBody(request, upTo: maximumUserBody))
         try body.only(["enabled"], required: ["enabled"])
-        guard let enabled = body.fields["enabled"] as? Bool else {
-            throw Refusal(.badRequest, "field 'enabled' must be true or false")
-        }
+        guard let enabled = try body.bool("enabled") else { throw Refusal(.badRequest, "field 'enabled' must be true or false") }
         if !enabled, user.name == caller.name {
             throw Refusal(.conflict, "you cannot disable yourself; another superuser (or corral pool user disable) can")
         }

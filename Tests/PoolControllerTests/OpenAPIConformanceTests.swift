@@ -6,6 +6,7 @@ import HummingbirdTesting
 import NIOCore
 import PoolAPI
 import Testing
+import Yams
 
 @testable import PoolController
 
@@ -25,12 +26,19 @@ struct OpenAPIConformanceTests {
     @Test("every documented reply is produced by a real request, and every reply matches its schema")
     func conformance() async throws {
         // No system default: bob (no default wisp) gets 503 for his instances.
-        let pool = try await TestPool.make(systemDefault: false)
+        // Room for 6 instance records on rack-1 (for the 429s), one event stream per token.
+        let pool = try await TestPool.make(systemDefault: false) {
+            $0.limits.maxInstancesPerAppliance = 6
+            $0.limits.maxEventStreamsPerToken = 1
+        }
         // An instance asked for through the user-facing API: rack-1's start
         // action carries its timeline.
         _ = try await pool.checkInRoomy("rack-1", at: Date())
-        _ = try await pool.store.createInstance(
+        let rootInstance = try await pool.store.createInstance(
             InstanceRequest(owner: "root", flavor: "small", image: "debian"), defaultLeaseSeconds: 3600, applianceStaleAfter: 300, at: Date())
+        try await pool.store.addTemplate(Template(name: "web", wisp: "bob-web", flavor: "small"))
+        try await pool.store.addTemplate(Template(name: "big", wisp: "bob-web", flavor: "big"))
+        _ = try await pool.store.addUser(name: "dora", superuser: false, maxInstances: 1, tokenDigest: Token.digest(Token.generate()))
         let served = openAPIDocument(publicURL: "https://pool.example.org")
         let spec = try OpenAPISpec(yaml: served)
         #expect((spec.root["servers"] as? [[String: Any]])?.first?["url"] as? String == "https://pool.example.org")
@@ -79,6 +87,93 @@ struct OpenAPIConformanceTests {
             Call(template: instance, uri: "/api/v1/instances/web-1/", body: huge, status: 413),
             Call(template: "/openapi.yaml", uri: "/openapi.yaml", method: .get, status: 200),
             Call(template: "/api/v1/events", uri: "/api/v1/events", method: .get, status: 401),
+            Call(
+                template: "/api/v1/authorization/", uri: "/api/v1/authorization/",
+                body: #"{"appliance": {"apitoken": "\#(rack1)", "latitude": 1000}}"#, status: 400),
+            Call(template: "/api/v1/signing-key/", uri: "/api/v1/signing-key/", method: .get, status: 200),
+        ]
+        // The user-facing API.
+        func user(_ name: String) -> HTTPFields { pool.userHeaders(name) }
+        let bearerRoot: HTTPFields = [.authorization: "Bearer \(pool.token("root"))"]
+        let si = "/v1/server-instance"
+        let one = "/v1/server-instance/{id}"
+        let rootID = rootInstance.id
+        let small = #"{"server-image": "debian", "server-flavor": "small"}"#
+        calls += [
+            Call(template: si, uri: si, headers: user("root"), body: small, status: 201),
+            Call(template: si, uri: si, headers: user("root"), body: #"{"server-image": "nope", "server-flavor": "small"}"#, status: 400),
+            Call(template: si, uri: si, body: small, status: 401),
+            Call(template: si, uri: si, headers: user("bob"), body: #"{"server-image": "debian", "server-flavor": "small", "users": ["alice"]}"#, status: 403),
+            Call(template: si, uri: si, headers: user("alice"), body: small, status: 409),
+            Call(template: si, uri: si, headers: user("root"), body: huge, status: 413),
+            Call(template: si, uri: si, headers: user("root"), body: #"{"server-image": "debian", "server-flavor": "big"}"#, status: 503),
+            Call(template: si, uri: si, method: .get, headers: bearerRoot, status: 200),
+            Call(template: si, uri: si + "?limit=0", method: .get, headers: user("root"), status: 400),
+            Call(template: si, uri: si, method: .get, headers: [HTTPField.Name("X-Auth-Token")!: "nope"], status: 401),
+            Call(template: one, uri: "\(si)/\(rootID)", method: .get, headers: user("root"), status: 200),
+            Call(
+                template: one, uri: "\(si)/\(rootID)", method: .get,
+                headers: user("root") + [HTTPField(name: HTTPField.Name("X-Auth-Cloudauth-Id")!, value: "someone-else")], status: 401),
+            Call(template: one, uri: "\(si)/\(rootID)", method: .get, headers: user("alice"), status: 404),
+            Call(template: one + "/timeline", uri: "\(si)/\(rootID)/timeline", method: .get, headers: user("root"), status: 200),
+            Call(template: one + "/timeline", uri: "\(si)/\(rootID)/timeline", method: .get, status: 401),
+            Call(template: one + "/timeline", uri: "\(si)/nope/timeline", method: .get, headers: user("root"), status: 404),
+            Call(template: one + "/console", uri: "\(si)/web-1/console?lines=5", method: .get, headers: user("alice"), status: 200),
+            Call(template: one + "/console", uri: "\(si)/web-1/console?lines=0", method: .get, headers: user("alice"), status: 400),
+            Call(template: one + "/console", uri: "\(si)/web-1/console", method: .get, status: 401),
+            Call(template: one + "/console", uri: "\(si)/web-1/console", method: .get, headers: user("bob"), status: 404),
+            Call(template: one, uri: "\(si)/\(rootID)", method: .put, headers: user("root"), body: #"{"task": {"what": "reboot"}}"#, status: 200),
+            Call(template: one, uri: "\(si)/\(rootID)", method: .put, headers: user("root"), body: #"{"task": {"what": "dance"}}"#, status: 400),
+            Call(template: one, uri: "\(si)/\(rootID)", method: .put, body: #"{"task": {"what": "reboot"}}"#, status: 401),
+            Call(
+                template: one, uri: "\(si)/web-1", method: .put, headers: user("alice"),
+                body: #"{"task": {"what": "extend-lease", "seconds": 60}}"#, status: 403),
+            Call(template: one, uri: "\(si)/nope", method: .put, headers: user("root"), body: #"{"task": {"what": "reboot"}}"#, status: 404),
+            Call(template: one, uri: "\(si)/\(rootID)", method: .put, headers: user("root"), body: huge, status: 413),
+            Call(template: instance, uri: "/api/v1/instances/gone-1/", body: report(rack1, "gone-1", state: 7), status: 200),
+            Call(template: one, uri: "\(si)/gone-1", method: .put, headers: user("root"), body: #"{"task": {"what": "reboot"}}"#, status: 409),
+            Call(template: one, uri: "\(si)/gone-1", method: .delete, headers: user("root"), status: 409),
+            Call(template: one, uri: "\(si)/\(rootID)", method: .delete, headers: user("root"), status: 200),
+            Call(template: one, uri: "\(si)/\(rootID)", method: .delete, status: 401),
+            Call(template: one, uri: "\(si)/nope", method: .delete, headers: user("root"), status: 404),
+            Call(template: "/v1/server-flavor", uri: "/v1/server-flavor", method: .get, headers: user("bob"), status: 200),
+            Call(template: "/v1/server-flavor", uri: "/v1/server-flavor", method: .get, status: 401),
+            Call(template: "/v1/server-image", uri: "/v1/server-image", method: .get, headers: user("bob"), status: 200),
+            Call(template: "/v1/server-image", uri: "/v1/server-image", method: .get, status: 401),
+        ]
+        // Users' records and tokens.
+        let person = "/v1/user/{name}"
+        calls += [
+            Call(template: person, uri: "/v1/user/alice", method: .get, headers: user("root"), status: 200),
+            Call(template: person, uri: "/v1/user/alice", method: .get, status: 401),
+            Call(template: person, uri: "/v1/user/alice", method: .get, headers: user("bob"), status: 404),
+            Call(template: person, uri: "/v1/user/bob", method: .put, headers: user("root"), body: #"{"enabled": true}"#, status: 200),
+            Call(template: person, uri: "/v1/user/bob", method: .put, headers: user("root"), body: #"{"enabled": 1}"#, status: 400),
+            Call(template: person, uri: "/v1/user/bob", method: .put, body: #"{"enabled": true}"#, status: 401),
+            Call(template: person, uri: "/v1/user/bob", method: .put, headers: user("bob"), body: #"{"enabled": false}"#, status: 403),
+            Call(template: person, uri: "/v1/user/nobody", method: .put, headers: user("root"), body: #"{"enabled": true}"#, status: 404),
+            Call(template: person, uri: "/v1/user/root", method: .put, headers: user("root"), body: #"{"enabled": false}"#, status: 409),
+            Call(template: person, uri: "/v1/user/bob", method: .put, headers: user("root"), body: huge, status: 413),
+            Call(template: person + "/token", uri: "/v1/user/dora/token", headers: user("root"), status: 200),
+            Call(template: person + "/token", uri: "/v1/user/dora/token", status: 401),
+            Call(template: person + "/token", uri: "/v1/user/alice/token", headers: user("bob"), status: 404),
+        ]
+        // rack-1's instance records reach the cap of 6: new names are 429s.
+        calls += [
+            Call(template: "/api/v1/broker/", uri: "/api/v1/broker/", body: checkIn(rack1, #"[{"name": "new-1", "state": 1}]"#), status: 200),
+            Call(template: "/api/v1/broker/", uri: "/api/v1/broker/", body: checkIn(rack1, #"[{"name": "new-3", "state": 1}]"#), status: 429),
+            Call(template: instance, uri: "/api/v1/instances/new-4/", body: report(rack1, "new-4"), status: 429),
+        ]
+        // The token launch API.
+        let launch = "/api/stream/{template}"
+        calls += [
+            Call(template: launch, uri: "/api/stream/web?token=\(pool.token("root"))", status: 201),
+            Call(template: launch, uri: "/api/stream/web?preemptible=maybe", headers: user("root"), status: 400),
+            Call(template: launch, uri: "/api/stream/web", status: 402),
+            Call(template: launch, uri: "/api/stream/web?preemptible=0", headers: user("bob"), status: 403),
+            Call(template: launch, uri: "/api/stream/nope", headers: user("root"), status: 404),
+            Call(template: launch, uri: "/api/stream/web", headers: user("alice"), status: 409),
+            Call(template: launch, uri: "/api/stream/big", headers: user("root"), status: 503),
         ]
         // Last: with rack-2 disabled, its calls are refused with 409.
         calls += [
@@ -89,7 +184,7 @@ struct OpenAPIConformanceTests {
         ]
         let allCalls = calls
         let disableAt = calls.count - 4
-        let (replies, eventStatus) = try await pool.app.test(.live) { client in
+        let (replies, eventStatuses) = try await pool.app.test(.live) { client in
             var replies: [(Call, Int, String, Data)] = []
             for (index, call) in allCalls.enumerated() {
                 if index == disableAt { _ = try await pool.store.setAppliance("rack-2", enabled: false) }
@@ -105,9 +200,12 @@ struct OpenAPIConformanceTests {
             let watcher = try await EventWatcher(port: try #require(client.port), token: pool.token("alice"), client: http)
             try await watcher.subscribed()
             #expect(watcher.contentType == "text/event-stream")
+            // A second stream of the same token is over its cap (1 here).
+            let second = try await EventWatcher(port: try #require(client.port), token: pool.token("alice"), client: http)
             watcher.close()
+            second.close()
             try await http.shutdown()
-            return (replies, watcher.status)
+            return (replies, [watcher.status, second.status])
         }
         var seen: Set<String> = []
         var problems: [String] = []
@@ -128,12 +226,17 @@ struct OpenAPIConformanceTests {
                 let value = try JSONDecoder().decode(JSONValue.self, from: body)
                 problems += spec.problems(value, schema).map { "\(name): \($0)" }
             } else {
-                #expect(schema["type"] as? String == "string")
+                // The document itself: YAML, a mapping.
+                #expect(mediaType == "application/yaml")
+                #expect(schema["type"] as? String == "object")
+                #expect((try Yams.load(yaml: String(decoding: body, as: UTF8.self))) is [String: Any])
             }
         }
-        let events = try #require(spec.response(path: "/api/v1/events", method: "GET", status: eventStatus))
+        #expect(eventStatuses == [200, 429])
+        let events = try #require(spec.response(path: "/api/v1/events", method: "GET", status: 200))
         #expect(spec.schema(events, contentType: "text/event-stream") != nil)
-        seen.insert("GET /api/v1/events \(eventStatus)")
+        #expect(spec.response(path: "/api/v1/events", method: "GET", status: 429) != nil)
+        for status in eventStatuses { seen.insert("GET /api/v1/events \(status)") }
         #expect(
             replies.contains { $0.0.template == "/api/v1/broker/" && String(decoding: $0.3, as: UTF8.self).contains(#""phase":"placed""#) },
             "a start action with its timeline was checked against the schema")
@@ -142,6 +245,50 @@ struct OpenAPIConformanceTests {
         // The 502 is also in the instance's record.
         let offered = try #require(try await pool.store.instances().first { $0.name == "offer-1" })
         #expect(offered.lastError?.hasPrefix("callback http://127.0.0.1:9/start refused: 127.0.0.1 is a loopback address") == true)
+    }
+
+    @Test("the route table behind 405s is the document's; what the fuzzer found: 405 with Allow, /v1 envelopes, true is no number, encoded paths")
+    func fuzzerFindings() async throws {
+        let spec = try OpenAPISpec(yaml: openAPIDocument(publicURL: nil))
+        var documented: [String: [String]] = [:]
+        for (path, item) in spec.paths {
+            let methods = (item as? [String: Any] ?? [:]).keys.filter { $0 != "parameters" }.map { $0.uppercased() }.sorted()
+            documented[path.hasSuffix("/") ? String(path.dropLast()) : path] = methods
+        }
+        var table: [String: [String]] = [:]
+        for route in RouteTable.routes { table[route.path] = route.methods.sorted() }
+        #expect(table == documented)
+
+        let pool = try await TestPool.make()
+        _ = try await pool.checkInRoomy("rack-1", at: Date())
+        try await pool.app.test(.router) { client in
+            // A known path with another method: 405 naming the methods, in each API's envelope.
+            let trace = try await client.execute(uri: "/api/v1/flavors/", method: .put) { $0 }
+            #expect(trace.status == .methodNotAllowed)
+            #expect(trace.headers[.allow] == "GET")
+            #expect(try refusal(trace) == (.methodNotAllowed, "PUT is not allowed on /api/v1/flavors/; use GET"))
+            let patch = try await client.v1(.patch, "/v1/server-instance/x", token: pool.token("root"))
+            #expect(patch.status == .methodNotAllowed)
+            #expect(patch.headers[.allow] == "DELETE, GET, PUT")
+            #expect(try v1Refusal(patch).0 == .methodNotAllowed)
+            // An unknown path under /v1 is a 404 in the /v1 envelope.
+            let unknown = try await client.v1(.get, "/v1/server-instance/x/nope", token: pool.token("root"))
+            #expect(try v1Refusal(unknown).0 == .notFound)
+
+            // `true` is not a number of seconds.
+            let created = try serverInstance(try await client.createSmall(token: pool.token("root")))
+            let extended = try await client.v1(
+                .put, "/v1/server-instance/\(created.id)", token: pool.token("root"), body: #"{"task": {"what": "extend-lease", "seconds": true}}"#)
+            #expect(try v1Refusal(extended) == (.badRequest, "field 'task.seconds' must be a whole number from 1 to 31536000"))
+            // A percent-encoded path parameter is decoded.
+            let name = try #require(created.hostname)
+            let encoded = name.replacingOccurrences(of: "-", with: "%2D")
+            #expect(try await client.v1(.get, "/v1/server-instance/\(encoded)", token: pool.token("root")).status == .ok)
+            // An empty `token` query leaves the header's token in force.
+            try await pool.store.addTemplate(Template(name: "web", wisp: "bob-web", flavor: "small"))
+            let launched = try await client.execute(uri: "/api/stream/web?token=", method: .post, headers: pool.userHeaders("root")) { $0 }
+            #expect(launched.status == .created)
+        }
     }
 
     @Test("a callback reservation's start parameters come through the instance report; a later success clears the error")
