@@ -1,5 +1,6 @@
 import AsyncHTTPClient
 import Crypto
+import Egress
 import Foundation
 import NIOCore
 import PoolAPI
@@ -135,11 +136,21 @@ public final class PoolClient: Sendable {
         let status: Int
         let body: ByteBuffer
         let signature: String?
+        // The deadline covers the whole exchange, a trickling body included.
+        let limit = timeout ?? self.timeout
         do {
-            let response = try await client.execute(request, timeout: timeout ?? self.timeout)
-            status = Int(response.status.code)
-            signature = response.headers.first(name: ReplySignature.header)
-            body = try await response.body.collect(upTo: 16 << 20)
+            let client = self.client
+            let request = request
+            guard
+                let reply = try await withDeadline(.nanoseconds(limit.nanoseconds), {
+                    let response = try await client.execute(request, timeout: limit)
+                    let body = try await response.body.collect(upTo: 16 << 20)
+                    return (Int(response.status.code), response.headers.first(name: ReplySignature.header), body)
+                })
+            else { throw PoolClientError.unreachable("\(baseURL): no whole reply within \(limit.nanoseconds / 1_000_000_000) s") }
+            (status, signature, body) = reply
+        } catch let error as PoolClientError {
+            throw error
         } catch {
             throw PoolClientError.unreachable("\(baseURL): \(error)")
         }

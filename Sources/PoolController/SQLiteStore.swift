@@ -568,23 +568,20 @@ public final class SQLiteStore: PoolStore {
     }
 
     public func setUser(_ name: String, enabled: Bool) async throws -> User {
-        try await database.write { db in
-            try db.execute(sql: "UPDATE user SET enabled = ? WHERE name = ?", arguments: [enabled, name])
-            guard db.changesCount == 1 else { throw PoolError.notFound(what: "user", name: name) }
-            guard let row = try Row.fetchOne(db, sql: Self.userQuery + " WHERE user.name = ?", arguments: [name]) else {
-                throw PoolError.notFound(what: "user", name: name)
-            }
-            return try Self.user(row)
-        }
+        try await updateUser(name, set: "enabled = ?", enabled)
     }
 
     public func setUserToken(_ name: String, tokenDigest: String) async throws -> User {
+        try await updateUser(name, set: "tokenDigest = ?", tokenDigest)
+    }
+
+    /// Sets one column of the user named `name`; the user as changed.
+    private func updateUser(_ name: String, set assignment: String, _ value: some DatabaseValueConvertible & Sendable) async throws -> User {
         try await database.write { db in
-            try db.execute(sql: "UPDATE user SET tokenDigest = ? WHERE name = ?", arguments: [tokenDigest, name])
-            guard db.changesCount == 1 else { throw PoolError.notFound(what: "user", name: name) }
-            guard let row = try Row.fetchOne(db, sql: Self.userQuery + " WHERE user.name = ?", arguments: [name]) else {
-                throw PoolError.notFound(what: "user", name: name)
-            }
+            try db.execute(sql: "UPDATE user SET \(assignment) WHERE name = ?", arguments: [value, name])
+            guard db.changesCount == 1,
+                let row = try Row.fetchOne(db, sql: Self.userQuery + " WHERE user.name = ?", arguments: [name])
+            else { throw PoolError.notFound(what: "user", name: name) }
             return try Self.user(row)
         }
     }

@@ -58,9 +58,9 @@ func withFileServer(
                 try await writer.finish(nil)
             })
     }
-    // A callback that answers only after 33 s (the pool gives up before).
+    // A callback that answers only after 48 s (the pool gives up before).
     router.get("/slow-callback/:name") { _, _ -> Response in
-        try? await Task.sleep(for: .seconds(33))
+        try? await Task.sleep(for: .seconds(48))
         return Response(status: .serviceUnavailable)
     }
     router.get("/slow/:name") { _, context -> Response in

@@ -113,11 +113,11 @@ struct AgentLifecycleTests {
         }
     }
 
-    @Test("a slow callback delays only its own instance: with one build slot, another instance boots meanwhile")
+    @Test("a slow callback delays only its own instance: with one build slot, another instance is built and boots meanwhile")
     func slowCallback() async throws {
         let settings = """
             [callbacks]
-            timeout_seconds = 30
+            timeout_seconds = 45
             allow = ["127.0.0.0/8"]
             ports = []
             """
@@ -133,12 +133,23 @@ struct AgentLifecycleTests {
                 try await Task.sleep(for: .milliseconds(200))
             }
             let quick = try await harness.reserve()
-            try await harness.waitForPoolState(quick, 4, timeout: .seconds(40))
+            // The quick one is built and its domain started (it took the only
+            // build slot) while the slow one still waits: in order, whatever
+            // the machine's speed, as long as it is within the 45 s the pool
+            // gives the callback.
+            var phase = ""
+            let started = ContinuousClock.now + .seconds(40)
+            while !["booting", "active"].contains(phase), ContinuousClock.now < started {
+                phase = try await harness.agentStatus(quick)?["phase"] as? String ?? ""
+                if !["booting", "active"].contains(phase) { try await Task.sleep(for: .milliseconds(200)) }
+            }
             let waiting = try #require(try await harness.poolInstance(slow))
+            #expect(["booting", "active"].contains(phase), "the quick instance's domain started: \(phase)")
             #expect(waiting["state"] as? Int == 3, "the slow instance is still waiting for its callback: \(waiting)")
             #expect(waiting["last_error"] == nil || waiting["last_error"] is NSNull)
-            let record = try await harness.waitForPoolState(slow, 5, timeout: .seconds(90))
-            #expect((record["last_error"] as? String ?? "").contains("no start parameters within 30 s"), "\(record)")
+            try await harness.waitForPoolState(quick, 4, timeout: .seconds(120))
+            let record = try await harness.waitForPoolState(slow, 5, timeout: .seconds(120))
+            #expect((record["last_error"] as? String ?? "").contains("no start parameters within 45 s"), "\(record)")
             #expect(try await harness.domains(named: slow).isEmpty)
         }
     }
