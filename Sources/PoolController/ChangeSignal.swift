@@ -21,11 +21,6 @@ public final class ChangeSignal: Sendable {
         for continuation in woken { continuation.yield() }
     }
 
-    /// How many listen for `key` now.
-    public func count(for key: String) -> Int {
-        listeners.withLock { $0.values.count { $0.key == key } }
-    }
-
     /// The changes for `key` from now until `deadline`: a stream that
     /// yields once per change (changes while the listener is busy fold into
     /// one) and ends at the deadline. Nil when `key` already has `limit`

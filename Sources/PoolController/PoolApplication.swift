@@ -87,8 +87,8 @@ public func openAPIDocument(publicURL: String?) -> String {
 /// answered 500 without its details.
 struct EnvelopeErrorMiddleware<Context: RequestContext>: RouterMiddleware {
     func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
-        // Under /v1 every reply is the user-facing API's envelope, also for
-        // a path no route matches and for a failure.
+        // Under /v1 every refusal is the user-facing API's envelope, also for
+        // a path no route matches and for a failure; elsewhere the appliance API's.
         let path = request.uri.path
         let userFacing = path == "/v1" || path.hasPrefix("/v1/")
         func refusal(_ status: HTTPResponse.Status, _ message: String) throws -> Response {
@@ -98,9 +98,8 @@ struct EnvelopeErrorMiddleware<Context: RequestContext>: RouterMiddleware {
         }
         do {
             return try await next(request, context)
-        } catch let refusal as Refusal {
-            if userFacing { return try reply(refusal.status, ServerEnvelope<[ServerInstance]>(data: nil, msg: refusal.message, success: false)) }
-            throw refusal
+        } catch let error as Refusal {
+            return try refusal(error.status, error.message)
         } catch let error as HTTPError {
             if error.status == .notFound, let allowed = RouteTable.methods(forPath: path), !allowed.contains(request.method.rawValue) {
                 var response = try refusal(
@@ -111,12 +110,7 @@ struct EnvelopeErrorMiddleware<Context: RequestContext>: RouterMiddleware {
             return try refusal(error.status, error.body ?? error.status.reasonPhrase)
         } catch {
             context.logger.error("\(request.method) \(request.uri.path) failed: \(error)")
-            if userFacing {
-                return try reply(
-                    .internalServerError,
-                    ServerEnvelope<[ServerInstance]>(data: nil, msg: "the pool failed to handle this request; its log says why", success: false))
-            }
-            return try reply(.internalServerError, Envelope.error("the pool failed to handle this request; its log says why"))
+            return try refusal(.internalServerError, "the pool failed to handle this request; its log says why")
         }
     }
 }

@@ -15,7 +15,8 @@ struct ServerInstanceRoutes: Sendable {
     let events: InstanceEvents
 
     func register(in router: Router<BasicRequestContext>) {
-        let v1 = router.group("v1").add(middleware: ServerEnvelopeMiddleware())
+        // Refusals under /v1 take the API document's envelope (EnvelopeErrorMiddleware).
+        let v1 = router.group("v1")
         v1.get("server-instance", use: list)
         v1.post("server-instance", use: create)
         v1.get("server-instance/:id", use: show)
@@ -218,20 +219,6 @@ struct ServerInstanceRoutes: Sendable {
             guard caller.superuser || user.name == caller.name || user.manager == caller.name else {
                 throw Refusal(.forbidden, "\(field): you may give access only to yourself and the users you manage, not '\(named)'")
             }
-        }
-    }
-}
-
-/// Replies to refusals under `/v1` in the API document's envelope.
-struct ServerEnvelopeMiddleware<Context: RequestContext>: RouterMiddleware {
-    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
-        do {
-            return try await next(request, context)
-        } catch let refusal as Refusal {
-            return try reply(refusal.status, ServerEnvelope<[ServerInstance]>(data: nil, msg: refusal.message, success: false))
-        } catch let error as HTTPError {
-            return try reply(
-                error.status, ServerEnvelope<[ServerInstance]>(data: nil, msg: error.body ?? error.status.reasonPhrase, success: false))
         }
     }
 }

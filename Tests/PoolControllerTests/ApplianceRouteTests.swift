@@ -89,7 +89,7 @@ struct ApplianceRouteTests {
     }
 
     @Test("a disabled appliance is 409 and is not recorded as seen")
-    func disabled() async throws {
+    func disabledAppliance() async throws {
         let pool = try await Self.makePool()
         let token = try #require(pool.tokens["rack-2"])
         try await pool.app.test(.live) { client in
