@@ -43,7 +43,11 @@ struct LoopbackClient {
     static func withClient<T: Sendable>(_ body: (HTTPClient) async throws -> T) async throws -> T {
         let http = HTTPClient(
             eventLoopGroup: HTTPClient.defaultEventLoopGroup,
-            configuration: .init(connectionPool: .init(idleTimeout: .seconds(30), concurrentHTTP1ConnectionsPerHostSoftLimit: 64)))
+            // The connect timeout also bounds the wait for a pooled connection,
+            // which hundreds of queued requests on a loaded machine exceed at AHC's 10 s.
+            configuration: .init(
+                timeout: .init(connect: .seconds(120), read: .seconds(120)),
+                connectionPool: .init(idleTimeout: .seconds(30), concurrentHTTP1ConnectionsPerHostSoftLimit: 64)))
         do {
             let result = try await body(http)
             try await http.shutdown()
