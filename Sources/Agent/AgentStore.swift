@@ -240,16 +240,58 @@ public final class AgentStore: Sendable {
         }
     }
 
-    /// Records the action as applied, together with `change` in the same
+    /// What applying an action changes in the agent's records, written in
+    /// the transaction that marks the action applied.
+    public enum ActionEffect: Sendable {
+        /// Only the record that it was applied (power actions, refusals).
+        case none
+        /// A new instance, with the launch phases known so far.
+        case start(LocalInstance, timeline: [TimelineEntry])
+        /// The instance is to be decommissioned.
+        case delete
+        /// The instance's lease now ends at this time (nil: never).
+        case lease(Date?)
+    }
+
+    /// Records the action as applied, together with its effect, in one
     /// transaction; false (and nothing changed) when it was applied before.
-    public func apply(_ action: Action, at date: Date, _ change: @escaping @Sendable (Database) throws -> Void) async throws -> Bool {
+    public func apply(_ action: Action, _ effect: ActionEffect, at date: Date) async throws -> Bool {
         try await database.write { db in
             guard try Bool.fetchOne(db, sql: "SELECT 1 FROM appliedAction WHERE id = ?", arguments: [action.id]) == nil
             else { return false }
-            try change(db)
+            switch effect {
+            case .none:
+                break
+            case .start(let instance, let timeline):
+                try instance.insert(db)
+                for entry in timeline { try Self.record(db, entry, of: instance.name, replacing: true) }
+            case .delete:
+                try db.execute(
+                    sql: "UPDATE instance SET phase = ? WHERE name = ?", arguments: [LocalInstance.Phase.deleting.rawValue, action.instance])
+            case .lease(let expires):
+                try db.execute(sql: "UPDATE instance SET expires = ? WHERE name = ?", arguments: [expires, action.instance])
+            }
             try db.execute(
                 sql: "INSERT INTO appliedAction (id, instance, kind, appliedAt) VALUES (?, ?, ?, ?)",
                 arguments: [action.id, action.instance, action.kind.rawValue, date])
+            return true
+        }
+    }
+
+    /// Writes what reconciling owns (phase, state, last error, lease end
+    /// seen) only if the phase is still `from`: an action that changed it
+    /// since reconciling read it (a delete, a lease) wins. True when written.
+    public func reconciled(
+        _ name: String, from: LocalInstance.Phase, to phase: LocalInstance.Phase, state: InstanceState, lastError: String?,
+        expiredAt: Date?
+    ) async throws -> Bool {
+        try await database.write { db in
+            guard var stored = try LocalInstance.fetchOne(db, key: name), stored.phase == from else { return false }
+            stored.phase = phase
+            stored.state = state
+            stored.lastError = lastError
+            stored.expiredAt = expiredAt
+            try stored.update(db)
             return true
         }
     }

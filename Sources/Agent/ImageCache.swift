@@ -74,8 +74,8 @@ public actor ImageCache {
 
     /// The cached path of a disk image, fetching it when needed; on every
     /// call, fetched or cached, the file passes ``ImageGate`` as the format
-    /// this image declares.
-    public func image(_ image: ImageReference, forInstance instance: String? = nil) async throws -> String {
+    /// this image declares. Returns the path and the image's virtual size.
+    public func image(_ image: ImageReference, forInstance instance: String? = nil) async throws -> (path: String, virtualSize: Int64) {
         let what = "image '\(image.name)'"
         guard ["qcow2", "raw"].contains(image.diskFormat) else {
             throw ImageError("\(what): disk_format must be qcow2 or raw (it is '\(image.diskFormat)')")
@@ -85,8 +85,8 @@ public actor ImageCache {
         }
         let path = try await file(
             RemoteFile(url: image.url, sha256: image.sha256), format: image.diskFormat, what: what, forInstance: instance)
-        try await ImageGate.admit(path, declared: image.diskFormat, what: what, qemuUser: qemuUser)
-        return path
+        let virtualSize = try await ImageGate.admit(path, declared: image.diskFormat, what: what, qemuUser: qemuUser)
+        return (path, virtualSize)
     }
 
     /// The cached path of a file (a kernel, an initrd), fetching it when
@@ -157,7 +157,7 @@ public actor ImageCache {
         if let wanted, digest != wanted {
             throw ImageError("\(what): the file at \(url) has sha256 \(digest), not the expected \(wanted)")
         }
-        if let format { try await ImageGate.admit(partial, declared: format, what: what, qemuUser: qemuUser) }
+        if let format { _ = try await ImageGate.admit(partial, declared: format, what: what, qemuUser: qemuUser) }
         let path = cachedPath(digest)
         guard rename(partial, path) == 0 else {
             throw ImageError("\(what): cannot move the download into the cache: \(String(cString: strerror(errno)))")

@@ -18,7 +18,10 @@ enum ImageGate {
     static let cpuSeconds = 30
     static let addressSpaceBytes = 1 << 30
 
-    static func admit(_ path: String, declared format: String, what: String, qemuUser: String) async throws {
+    /// Admits the file as a disk image of the declared format, or throws
+    /// why not. Returns its virtual size in bytes, as `qemu-img info` read it.
+    @discardableResult
+    static func admit(_ path: String, declared format: String, what: String, qemuUser: String) async throws -> Int64 {
         guard ["raw", "qcow2"].contains(format) else {
             throw ImageError("\(what): disk_format must be qcow2 or raw (it is '\(format)')")
         }
@@ -40,12 +43,12 @@ enum ImageGate {
         default:
             throw ImageError("\(what): disk_format must be qcow2 or raw (it is '\(format)')")
         }
-        try await checkWithQemuImg(path, format: format, what: what, qemuUser: qemuUser)
+        return try await checkWithQemuImg(path, format: format, what: what, qemuUser: qemuUser)
     }
 
     /// Asks `qemu-img info -f FORMAT` (told the format, so it probes
     /// nothing) for a second opinion on what the header check passed.
-    static func checkWithQemuImg(_ path: String, format: String, what: String, qemuUser: String) async throws {
+    static func checkWithQemuImg(_ path: String, format: String, what: String, qemuUser: String) async throws -> Int64 {
         let result = try await runProgram(
             "prlimit",
             [
@@ -71,6 +74,10 @@ enum ImageGate {
         {
             throw ImageError("\(what) is refused: it names an external data file (\(dataFile)); upload a self-contained image")
         }
+        guard let virtualSize = (info["virtual-size"] as? NSNumber)?.int64Value, virtualSize > 0 else {
+            throw ImageError("\(what): qemu-img info gave no virtual size")
+        }
+        return virtualSize
     }
 }
 

@@ -193,8 +193,8 @@ struct AgentPartsTests {
                 try await store.enqueue(InstanceReport(name: "i-1", state: state), at: Date())
             }
             let action = Action(id: "a-1", kind: .reboot, instance: "i-1")
-            #expect(try await store.apply(action, at: Date()) { _ in })
-            #expect(try await !store.apply(action, at: Date()) { _ in Issue.record("applied twice") })
+            #expect(try await store.apply(action, .none, at: Date()))
+            #expect(try await !store.apply(action, .lease(Date()), at: Date()))
         }
         let reopened = try AgentStore(path: path)
         #expect(try await reopened.pending().map(\.report.state) == [.starting, .running, .suspended])

@@ -298,12 +298,10 @@ struct ImageCacheEvictionTests {
         }
         let store = try AgentStore(path: scratch.appendingPathComponent("agent.sqlite").path)
         // Instance i-b exists and uses b.
-        _ = try await store.apply(Action(id: "start-b", kind: .start, instance: "i-b"), at: Date()) { db in
-            try LocalInstance(
-                name: "i-b", phase: .active, state: .running, flavor: InstanceFlavor(vcpus: 1, memory: 128, disk: 1), expires: nil,
-                uuid: UUID().uuidString.lowercased(), macAddress: "52:54:00:00:00:0b", createdAt: Date()
-            ).insert(db)
-        }
+        let instance = LocalInstance(
+            name: "i-b", phase: .active, state: .running, flavor: InstanceFlavor(vcpus: 1, memory: 128, disk: 1), expires: nil,
+            uuid: UUID().uuidString.lowercased(), macAddress: "52:54:00:00:00:0b", createdAt: Date())
+        _ = try await store.apply(Action(id: "start-b", kind: .start, instance: "i-b"), .start(instance, timeline: []), at: Date())
         var limits = AgentConfiguration.Images()
         limits.allow = ["127.0.0.0/8"]
         limits.requireSHA256 = false
