@@ -3,6 +3,7 @@ import Crypto
 import Foundation
 import Libvirt
 import Logging
+import NIOSSL
 import PoolAPI
 import ServiceLifecycle
 import Support
@@ -134,7 +135,17 @@ public final class Agent: Service, Sendable {
         let resolved = await connection.resolveVirtualization(
             configuration.virtualization, workDirectory: URL(fileURLWithPath: state))
         logger.info("virtualization: \(resolved.type) (\(resolved.reason))")
-        let client = PoolClient(baseURL: configuration.poolURL, token: token, version: version, signingKey: signingKey)
+        var tls: TLSConfiguration?
+        if let caFile = configuration.caFile {
+            do {
+                tls = try PoolClient.tlsConfiguration(trusting: caFile)
+            } catch {
+                await images.shutdown()
+                await connection.close()
+                throw AgentFatalError("pool.ca_file: \(error); run `corral agent register --pool-ca FILE` again with the pool's CA")
+            }
+        }
+        let client = PoolClient(baseURL: configuration.poolURL, token: token, version: version, signingKey: signingKey, tls: tls)
         return Agent(
             configuration: configuration, logger: logger, client: client, store: store, images: images,
             connection: connection, virtType: resolved.type, paths: paths, qemuGroup: qemuGroup)

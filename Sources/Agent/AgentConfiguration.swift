@@ -17,6 +17,10 @@ public struct AgentConfiguration: Sendable, Equatable {
     public var signingKey: String?
     /// Whether a pool reached over plain http on another host is accepted.
     public var insecure = false
+    /// A PEM file of the CA (or self-signed certificate) an https pool's
+    /// certificate must chain to; set by `register --pool-ca`. Nil: the
+    /// system's trust store.
+    public var caFile: String?
     public var libvirtURI: String
     public var virtualization: VirtualizationType
     /// Durable state (`agent.sqlite`), instance disks, seeds and consoles.
@@ -106,7 +110,7 @@ public struct AgentConfiguration: Sendable, Equatable {
     }
 
     static let keys: [String: Set<String>] = [
-        "pool": ["url", "token_file", "signing_key", "insecure"],
+        "pool": ["url", "token_file", "signing_key", "insecure", "ca_file"],
         "libvirt": ["uri", "virt_type", "qemu_user", "qemu_group"],
         "paths": ["state_dir", "image_dir"],
         "network": ["mode", "name", "ssh_forward_ports", "isolate_host"],
@@ -149,6 +153,12 @@ public struct AgentConfiguration: Sendable, Equatable {
             configuration.signingKey = key
         }
         configuration.insecure = try reader.bool("pool", "insecure") ?? configuration.insecure
+        if let caFile = try reader.string("pool", "ca_file") {
+            guard caFile.hasPrefix("/") else {
+                throw reader.invalid("pool", "ca_file", "must be an absolute path to a PEM certificate (it is \"\(caFile)\")")
+            }
+            configuration.caFile = caFile
+        }
         if !configuration.insecure, let url = URLComponents(string: configuration.poolURL), url.scheme == "http",
             !Self.isLoopback(url.host ?? "")
         {
@@ -251,6 +261,7 @@ public struct AgentConfiguration: Sendable, Equatable {
             token_file = \(quoted(tokenFile))
             \(signingKey.map { "signing_key = \(quoted($0))" } ?? "# signing_key: run corral agent register")
             insecure = \(insecure)
+            \(caFile.map { "ca_file = \(quoted($0))" } ?? "# ca_file: the system's trust store")
 
             [libvirt]
             uri = \(quoted(libvirtURI))

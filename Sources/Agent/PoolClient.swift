@@ -1,4 +1,5 @@
 import AsyncHTTPClient
+import NIOSSL
 import Crypto
 import Egress
 import Foundation
@@ -50,9 +51,11 @@ public final class PoolClient: Sendable {
     private let signingKey: Curve25519.Signing.PublicKey?
     private let tokenDigest: String
 
+    /// - Parameter tls: how an https pool is verified; nil: against the
+    ///   system's trust store (see ``tlsConfiguration(trusting:)``).
     public init(
         baseURL: String, token: String, version: String, signingKey: Curve25519.Signing.PublicKey? = nil,
-        timeout: TimeAmount = .seconds(10)
+        timeout: TimeAmount = .seconds(10), tls: TLSConfiguration? = nil
     ) {
         self.baseURL = baseURL.hasSuffix("/") ? String(baseURL.dropLast()) : baseURL
         self.block = ApplianceBlock(apitoken: token, version: version, dynamicimages: true)
@@ -62,8 +65,26 @@ public final class PoolClient: Sendable {
         // retries connecting until then), so the deadline is short.
         self.client = HTTPClient(
             eventLoopGroup: HTTPClient.defaultEventLoopGroup,
-            configuration: .init(redirectConfiguration: .disallow, timeout: .init(connect: .seconds(5))))
+            configuration: .init(tlsConfiguration: tls, redirectConfiguration: .disallow, timeout: .init(connect: .seconds(5))))
         self.timeout = timeout
+    }
+
+    /// A client TLS configuration that trusts only the certificates in the
+    /// PEM file at `path` (the pool's CA, or its self-signed certificate):
+    /// a pool whose certificate does not chain to them, or does not name the
+    /// host the URL names, is refused.
+    public static func tlsConfiguration(trusting path: String) throws -> TLSConfiguration {
+        let certificates: [NIOSSLCertificate]
+        do {
+            certificates = try NIOSSLCertificate.fromPEMFile(path)
+        } catch {
+            throw AgentFatalError("cannot read a PEM certificate from \(path): \(error)")
+        }
+        guard !certificates.isEmpty else { throw AgentFatalError("\(path) holds no PEM certificate") }
+        var configuration = TLSConfiguration.makeClientConfiguration()
+        configuration.trustRoots = .certificates(certificates)
+        configuration.minimumTLSVersion = .tlsv12
+        return configuration
     }
 
     /// Closes the client's connections; call once, at the end.

@@ -1,6 +1,7 @@
 import Foundation
 import Hummingbird
 import HummingbirdCore
+import HummingbirdTLS
 import Logging
 import PoolAPI
 import ServiceLifecycle
@@ -11,19 +12,25 @@ import ServiceLifecycle
 ///
 /// - Parameter onListening: called with the bound address once the server
 ///   accepts connections (useful with port 0).
+/// - Throws: ``PoolError/invalid(field:reason:)`` when the TLS files named
+///   in the configuration cannot be read.
 public func buildPoolApplication(
     configuration: PoolConfiguration, store: any PoolStore, logger: Logger, events: InstanceEvents = InstanceEvents(),
     onListening: @escaping @Sendable (_ host: String, _ port: Int) async -> Void = { _, _ in }
-) -> some ApplicationProtocol {
+) throws -> some ApplicationProtocol {
+    // An idle connection is closed (a held check-in or an event stream is a
+    // request in progress, not idle); at most maxConnections are served at
+    // once, and further ones wait in the listen backlog.
+    var server = HTTPServerBuilder.http1(configuration: .init(idleTimeout: .seconds(Int64(configuration.idleTimeoutSeconds))))
+    if let certificate = configuration.tlsCertificate, let key = configuration.tlsKey {
+        server = try .tls(server, tlsConfiguration: PoolTLS.serverConfiguration(certificate: certificate, key: key))
+    }
     let fetcher = CallbackFetcher(limits: configuration.callbacks)
     let warmPools = WarmPoolService(store: store, configuration: configuration, events: events, logger: logger)
     return Application(
         router: buildPoolRouter(
             store: store, configuration: configuration, events: events, fetcher: fetcher, warmPools: warmPools, logger: logger),
-        // An idle connection is closed (a held check-in or an event stream
-        // is a request in progress, not idle); at most maxConnections are
-        // served at once, and further ones wait in the listen backlog.
-        server: .http1(configuration: .init(idleTimeout: .seconds(Int64(configuration.idleTimeoutSeconds)))),
+        server: server,
         configuration: .init(
             address: .hostname(configuration.host, port: configuration.port), serverName: "corral-pool",
             availableConnectionsDelegate: MaximumAvailableConnections(configuration.maxConnections, logger: logger)),

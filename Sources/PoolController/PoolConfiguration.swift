@@ -12,6 +12,10 @@ public struct PoolConfiguration: Sendable, Equatable {
     public var port: Int
     /// The URL agents and users reach the pool at (served in `/openapi.yaml`).
     public var publicURL: String?
+    /// PEM files of the certificate chain and private key to serve TLS
+    /// with; both or neither (plain HTTP).
+    public var tlsCertificate: String?
+    public var tlsKey: String?
     /// The SQLite database file.
     public var database: String
     /// How many console lines the pool keeps per instance.
@@ -128,7 +132,7 @@ public struct PoolConfiguration: Sendable, Equatable {
 
     /// Every key a pool configuration file may hold, by section.
     static let keys: [String: Set<String>] = [
-        "server": ["host", "port", "public_url", "idle_timeout_seconds", "max_connections"],
+        "server": ["host", "port", "public_url", "idle_timeout_seconds", "max_connections", "tls_certificate", "tls_key"],
         "database": ["path"],
         "instances": ["console_tail_lines"],
         "callbacks": ["timeout_seconds", "max_bytes", "max_hops", "allow", "ports"],
@@ -169,6 +173,13 @@ public struct PoolConfiguration: Sendable, Equatable {
         configuration.host = try reader.string("server", "host") ?? configuration.host
         configuration.port = try reader.int("server", "port", in: 0...65535) ?? configuration.port
         configuration.publicURL = try reader.string("server", "public_url") ?? configuration.publicURL
+        configuration.tlsCertificate = try reader.string("server", "tls_certificate")
+        configuration.tlsKey = try reader.string("server", "tls_key")
+        switch (configuration.tlsCertificate, configuration.tlsKey) {
+        case (nil, nil), (_?, _?): break
+        case (nil, _?): throw reader.invalid("server", "tls_certificate", "tls_key is set, so tls_certificate must name the certificate's PEM file too")
+        case (_?, nil): throw reader.invalid("server", "tls_key", "tls_certificate is set, so tls_key must name the private key's PEM file too")
+        }
         configuration.idleTimeoutSeconds =
             try reader.int("server", "idle_timeout_seconds", in: 1...3600) ?? configuration.idleTimeoutSeconds
         configuration.maxConnections = try reader.int("server", "max_connections", in: 1...1_000_000) ?? configuration.maxConnections

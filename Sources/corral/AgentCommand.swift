@@ -4,6 +4,7 @@ import Egress
 import Foundation
 import Libvirt
 import Logging
+import NIOSSL
 import PoolAPI
 import PoolController
 import ServiceLifecycle
@@ -117,6 +118,11 @@ extension Corral.AgentCommand {
         var insecure = false
 
         @Option(
+            name: .customLong("pool-ca"),
+            help: "With an https pool: a PEM file of the CA (or self-signed certificate) the pool's certificate must chain to; copied next to the configuration and pinned (default: the file's pool.ca_file, else the system's trust store).")
+        var poolCA: String?
+
+        @Option(
             name: .customLong("image-allow"),
             help: "A network image URLs may reach besides public addresses, e.g. 127.0.0.0/8 for an image server on this host (repeatable; replaces the file's images.allow).")
         var imageAllow: [String] = []
@@ -149,6 +155,28 @@ extension Corral.AgentCommand {
             {
                 fail("--pool \(pool): plain http to another host lets anyone on the path read the token; use https, or pass --insecure")
             }
+            if let poolCA {
+                // Pinned by copy: the agent trusts what was given now, whatever
+                // later happens to the original file.
+                let pinned = URL(fileURLWithPath: config.path).deletingLastPathComponent().appendingPathComponent("pool-ca.pem").path
+                do {
+                    _ = try PoolClient.tlsConfiguration(trusting: poolCA)
+                    let pem = try Data(contentsOf: URL(fileURLWithPath: poolCA))
+                    try FileManager.default.createDirectory(
+                        atPath: URL(fileURLWithPath: pinned).deletingLastPathComponent().path, withIntermediateDirectories: true)
+                    if URL(fileURLWithPath: poolCA).standardizedFileURL.path != pinned { try pem.write(to: URL(fileURLWithPath: pinned)) }
+                    try FileModes.set(pinned, mode: 0o644)
+                } catch {
+                    fail("--pool-ca \(poolCA): \(error)")
+                }
+                configuration.caFile = pinned
+            } else if previousURL != pool {
+                configuration.caFile = nil
+            }
+            var tls: TLSConfiguration?
+            if let caFile = configuration.caFile {
+                do { tls = try PoolClient.tlsConfiguration(trusting: caFile) } catch { fail("pool.ca_file: \(error)") }
+            }
             if let uri { configuration.libvirtURI = uri }
             if let virtType { configuration.virtualization = VirtualizationType(rawValue: virtType)! }
             if let stateDir { configuration.stateDirectory = stateDir }
@@ -167,7 +195,7 @@ extension Corral.AgentCommand {
             } catch let error as ConfigurationError {
                 fail(error.reason)
             }
-            let client = PoolClient(baseURL: pool, token: token, version: Agent.version, timeout: .seconds(15))
+            let client = PoolClient(baseURL: pool, token: token, version: Agent.version, timeout: .seconds(15), tls: tls)
             let identity: AuthorizationResult
             do {
                 identity = try await client.authorize()

@@ -1,8 +1,10 @@
 import ArgumentParser
+import Agent
 import AsyncHTTPClient
 import Foundation
 import NIOCore
 import NIOHTTP1
+import NIOSSL
 import PoolAPI
 import PoolController
 import Support
@@ -31,6 +33,11 @@ struct UserAPIOptions: ParsableArguments {
     @Option(help: "A file holding your user token, mode 0600 (default: CORRAL_TOKEN_FILE; CORRAL_TOKEN wins over both).")
     var tokenFile: String?
 
+    @Option(
+        name: .customLong("pool-ca"),
+        help: "With an https pool: a PEM file of the CA its certificate must chain to (default: CORRAL_POOL_CA, else the system's trust store).")
+    var poolCA: String?
+
     @Flag(help: "Print the API's JSON instead of a table.")
     var json = false
 
@@ -52,6 +59,18 @@ struct UserAPIOptions: ParsableArguments {
         }
     }
 
+    /// The shared client, or one that trusts only --pool-ca's certificates.
+    private func httpClient() throws -> HTTPClient {
+        guard let path = poolCA ?? ProcessInfo.processInfo.environment["CORRAL_POOL_CA"], !path.isEmpty else { return .shared }
+        let tls: TLSConfiguration
+        do {
+            tls = try PoolClient.tlsConfiguration(trusting: path)
+        } catch {
+            fail("--pool-ca: \(error)")
+        }
+        return HTTPClient(eventLoopGroup: HTTPClient.defaultEventLoopGroup, configuration: .init(tlsConfiguration: tls))
+    }
+
     /// Sends a request and returns the `data` of the reply's envelope;
     /// a refusal prints its `msg` and exits 1.
     func call<T: Codable & Sendable>(
@@ -64,14 +83,18 @@ struct UserAPIOptions: ParsableArguments {
             request.headers.add(name: "Content-Type", value: "application/json")
             request.body = .bytes(ByteBuffer(bytes: try JSONSerialization.data(withJSONObject: body)))
         }
-        let status: Int
-        let bytes: ByteBuffer
+        let client = try httpClient()
+        let reply: Result<(Int, ByteBuffer), any Error>
         do {
-            let response = try await HTTPClient.shared.execute(request, timeout: .seconds(30))
-            status = Int(response.status.code)
-            bytes = try await response.body.collect(upTo: 16 << 20)
+            let response = try await client.execute(request, timeout: .seconds(30))
+            reply = .success((Int(response.status.code), try await response.body.collect(upTo: 16 << 20)))
         } catch {
-            fail("cannot reach the pool at \(poolURL): \(error)")
+            reply = .failure(error)
+        }
+        if client !== HTTPClient.shared { try? await client.shutdown() }
+        guard case .success(let (status, bytes)) = reply else {
+            if case .failure(let error) = reply { fail("cannot reach the pool at \(poolURL): \(error)") }
+            fail("cannot reach the pool at \(poolURL)")
         }
         let data = Data(bytes.readableBytesView)
         if let envelope = try? JSONDecoder().decode(ServerEnvelope<T>.self, from: data) {

@@ -113,11 +113,17 @@ extension Corral.Pool {
             if let publicURL { configuration.publicURL = publicURL }
             let logger = log.logger("corral.pool")
             logger.info("pool database at \(configuration.database)")
-            let app = buildPoolApplication(
-                configuration: configuration, store: try store.open(configuration.database), logger: logger
-            ) { host, port in
-                // One line on standard output, so scripts can find the port.
-                FileHandle.standardOutput.write(Data("pool listening on http://\(host):\(port)\n".utf8))
+            let scheme = configuration.tlsCertificate == nil ? "http" : "https"
+            let app: any ApplicationProtocol
+            do {
+                app = try buildPoolApplication(
+                    configuration: configuration, store: try store.open(configuration.database), logger: logger
+                ) { host, port in
+                    // One line on standard output, so scripts can find the port.
+                    FileHandle.standardOutput.write(Data("pool listening on \(scheme)://\(host):\(port)\n".utf8))
+                }
+            } catch let error as PoolError {
+                fail("\(error)")
             }
             try await app.runService()
         }

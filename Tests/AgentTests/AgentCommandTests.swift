@@ -1,5 +1,6 @@
 import Agent
 import Foundation
+import Support
 import Testing
 import TestSupport
 
@@ -92,6 +93,125 @@ struct AgentCommandTests {
             #expect(run.stderr.contains("corral: the pool refused the token (401)"), "\(run.stderr)")
             #expect(!run.stderr.contains("wrong"))
             await harness.tearDown()
+        }
+    }
+}
+
+/// The pool over TLS: `[server] tls_certificate`/`tls_key`, pinned by the
+/// agent (`register --pool-ca`) and the user CLI (`--pool-ca`).
+@Suite("TLS between pool, agent and users")
+struct TLSTests {
+    /// A CA, a pool certificate it signed for 127.0.0.1, and an unrelated CA.
+    struct Certificates {
+        var ca: String
+        var certificate: String
+        var key: String
+        var otherCA: String
+
+        static func make(in directory: URL) async throws -> Certificates {
+            func path(_ name: String) -> String { directory.appendingPathComponent(name).path }
+            func openssl(_ arguments: [String]) async throws {
+                let result = try await runProgram("openssl", arguments)
+                guard result.status == 0 else { throw SetupError("openssl \(arguments.joined(separator: " ")): \(result.stderr)") }
+            }
+            let curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+            for ca in ["ca", "other-ca"] {
+                try await openssl(["req", "-x509"] + curve + ["-keyout", path("\(ca).key"), "-out", path("\(ca).pem"), "-days", "2", "-subj", "/CN=Corral test \(ca)"])
+            }
+            try await openssl(["req"] + curve + ["-keyout", path("pool.key"), "-out", path("pool.csr"), "-subj", "/CN=127.0.0.1"])
+            try "subjectAltName=IP:127.0.0.1\n".write(toFile: path("san.ext"), atomically: true, encoding: .utf8)
+            try await openssl([
+                "x509", "-req", "-in", path("pool.csr"), "-CA", path("ca.pem"), "-CAkey", path("ca.key"), "-CAcreateserial",
+                "-out", path("pool.pem"), "-days", "2", "-extfile", path("san.ext"),
+            ])
+            return Certificates(ca: path("ca.pem"), certificate: path("pool.pem"), key: path("pool.key"), otherCA: path("other-ca.pem"))
+        }
+    }
+
+    @Test("an https pool is reached only through the pinned CA: register, the agent's check-ins and the user CLI")
+    func pinnedCA() async throws {
+        try await SystemLibvirt.shared {
+            let harness = try Harness("tls")
+            defer { Task { await harness.tearDown() } }
+            let certificates = try await Certificates.make(in: harness.directory)
+            try await harness.poolCommand(["init"])
+            let userToken = try await harness.poolCommand(["user", "add", "alice"])
+            let token = try await harness.poolCommand(["appliance", "add", "rack", "--owner", "alice"])
+            harness.poolSettings = """
+                [server]
+                tls_certificate = "\(certificates.certificate)"
+                tls_key = "\(certificates.key)"
+                """
+            try await harness.startPool()
+            #expect(harness.poolURL.hasPrefix("https://127.0.0.1:"), "\(harness.poolURL)")
+            let tokenFile = harness.directory.appendingPathComponent("token").path
+            _ = FileManager.default.createFile(atPath: tokenFile, contents: Data("\(token)\n".utf8), attributes: [.posixPermissions: 0o600])
+            let etc = harness.directory.appendingPathComponent("etc")
+            func register(_ config: String, _ extra: [String]) async throws -> CommandResult {
+                try await runCorral([
+                    "agent", "register", "--pool", harness.poolURL, "--token-file", tokenFile, "--config", etc.appendingPathComponent(config).path,
+                    "--state-dir", harness.stateDirectory, "--virt-type", "qemu",
+                ] + extra)
+            }
+
+            // Without the CA (the system's trust store), or with another CA, the pool is not trusted.
+            let untrusted = try await register("untrusted.toml", [])
+            #expect(untrusted.status == 1)
+            #expect(untrusted.stderr.contains("cannot register with \(harness.poolURL)"), "\(untrusted.stderr)")
+            let otherCA = try await register("other.toml", ["--pool-ca", certificates.otherCA])
+            #expect(otherCA.status == 1, "\(otherCA.stdout)")
+            #expect(!FileManager.default.fileExists(atPath: etc.appendingPathComponent("other.toml").path))
+            let notPEM = try await register("bad.toml", ["--pool-ca", tokenFile])
+            #expect(notPEM.status == 1)
+            #expect(notPEM.stderr.contains("--pool-ca \(tokenFile): cannot read a PEM certificate"), "\(notPEM.stderr)")
+
+            // With it, register pins a copy, and the agent checks in over TLS.
+            let registered = try await register("agent.toml", ["--pool-ca", certificates.ca])
+            #expect(registered.status == 0, "\(registered.stderr)")
+            let written = try AgentConfiguration.load(path: etc.appendingPathComponent("agent.toml").path)
+            let pinned = etc.appendingPathComponent("pool-ca.pem").path
+            #expect(written.caFile == pinned)
+            #expect(try Data(contentsOf: URL(fileURLWithPath: pinned)) == Data(contentsOf: URL(fileURLWithPath: certificates.ca)))
+            try FileManager.default.removeItem(atPath: certificates.ca)
+            try? FileManager.default.removeItem(at: harness.agentConfig)
+            try FileManager.default.copyItem(at: etc.appendingPathComponent("agent.toml"), to: harness.agentConfig)
+            try await harness.startAgent()
+            #expect(await harness.stopAgent() == 0)
+
+            // The user CLI: refused without the CA, served with the pinned copy.
+            let environment = ["CORRAL_TOKEN": userToken, "PATH": ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"]
+            let refused = try await runCorral(["instances", "list", "--pool", harness.poolURL], environment: environment)
+            #expect(refused.status == 1)
+            #expect(refused.stderr.contains("cannot reach the pool at \(harness.poolURL)"), "\(refused.stderr)")
+            let listed = try await runCorral(["instances", "list", "--pool", harness.poolURL, "--pool-ca", pinned, "--json"], environment: environment)
+            #expect(listed.status == 0, "\(listed.stderr)")
+            #expect((try JSONSerialization.jsonObject(with: Data(listed.stdout.utf8)) as? [Any])?.isEmpty == true, "\(listed.stdout)")
+
+            // Plain http to the TLS port gets no answer it could act on.
+            let plain = try await runCorral(
+                ["instances", "list", "--pool", harness.poolURL.replacingOccurrences(of: "https://", with: "http://")],
+                environment: environment)
+            #expect(plain.status == 1)
+        }
+    }
+
+    @Test("the pool refuses to start on half a TLS configuration or unreadable files, naming the key")
+    func poolConfiguration() async throws {
+        let harness = try Harness("tls-config")
+        defer { Task { await harness.tearDown() } }
+        try await harness.poolCommand(["init"])
+        let file = harness.directory.appendingPathComponent("pool.toml")
+        for (settings, message) in [
+            ("[server]\ntls_key = \"/nonexistent/pool.key\"", "server.tls_certificate: tls_key is set, so tls_certificate must name"),
+            (
+                "[server]\ntls_certificate = \"/nonexistent/pool.pem\"\ntls_key = \"/nonexistent/pool.key\"",
+                "server.tls_certificate: cannot read a PEM certificate from /nonexistent/pool.pem"
+            ),
+        ] {
+            try settings.write(to: file, atomically: true, encoding: .utf8)
+            let serve = try await runCorral(["pool", "serve", "--database", harness.database, "--config", file.path, "--port", "0"])
+            #expect(serve.status == 1)
+            #expect(serve.stderr.contains(message), "\(serve.stderr)")
         }
     }
 }

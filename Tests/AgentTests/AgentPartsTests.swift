@@ -28,6 +28,7 @@ struct AgentConfigurationTests {
         configuration.isolateHost = false
         configuration.qemuUser = "qemu"
         configuration.qemuGroup = "kvm"
+        configuration.caFile = "/etc/corral/pool-ca.pem"
         #expect(try AgentConfiguration.parse(configuration.rendered()) == configuration)
         configuration.network = .bridge("br0")
         #expect(try AgentConfiguration.parse(configuration.rendered()) == configuration)

@@ -103,7 +103,7 @@ struct HostSafetyTests {
             let pool = FakePool(actions: actions)
             try await pool.serve { url in
                 let token = scratch.appendingPathComponent("token")
-                FileManager.default.createFile(
+                _ = FileManager.default.createFile(
                     atPath: token.path, contents: Data("\(FakePool.token)\n".utf8), attributes: [.posixPermissions: 0o600])
                 let config = scratch.appendingPathComponent("agent.toml")
                 try """

@@ -14,11 +14,11 @@ struct ApplianceRouteTests {
         let store: SQLiteStore
         let tokens: [String: String]
 
-        var app: some ApplicationProtocol {
-            buildPoolApplication(
+        var app: some ApplicationProtocol { get throws {
+            try buildPoolApplication(
                 configuration: PoolConfiguration(host: "127.0.0.1", port: 0), store: store,
                 logger: quietLogger)
-        }
+        } }
     }
 
     /// A pool with user alice, appliances rack-1 (enabled) and rack-2
@@ -132,7 +132,7 @@ struct ApplianceRouteTests {
             tokens.append(token)
             _ = try await store.addAppliance(name: "rack-\(index)", owner: "alice", tokenDigest: Token.digest(token))
         }
-        let app = buildPoolApplication(
+        let app = try buildPoolApplication(
             configuration: PoolConfiguration(host: "127.0.0.1", port: 0), store: store, logger: quietLogger)
         try await app.test(.live) { [tokens] client in
             // AsyncHTTPClient with a minute per request: a loaded machine may

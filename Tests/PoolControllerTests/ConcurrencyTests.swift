@@ -22,7 +22,7 @@ struct PoolConcurrencyTests {
             tokens.append(token)
             _ = try await store.addAppliance(name: "rack-\(index)", owner: "ops", tokenDigest: Token.digest(token))
         }
-        let app = buildPoolApplication(
+        let app = try buildPoolApplication(
             configuration: PoolConfiguration(host: "127.0.0.1", port: 0), store: store, logger: quietLogger)
         let http = HTTPClient(
             eventLoopGroup: HTTPClient.defaultEventLoopGroup,

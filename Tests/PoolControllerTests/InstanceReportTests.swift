@@ -37,8 +37,8 @@ struct InstanceReportTests {
         return (store, tokens)
     }
 
-    static func app(_ store: SQLiteStore) -> some ApplicationProtocol {
-        buildPoolApplication(
+    static func app(_ store: SQLiteStore) throws -> some ApplicationProtocol {
+        try buildPoolApplication(
             configuration: PoolConfiguration(host: "127.0.0.1", port: 0, consoleTailLines: 3), store: store,
             logger: quietLogger)
     }

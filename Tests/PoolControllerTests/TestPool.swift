@@ -44,8 +44,8 @@ struct TestPool {
         return TestPool(store: store, path: path, configuration: configuration, tokens: tokens)
     }
 
-    var app: some ApplicationProtocol {
-        buildPoolApplication(configuration: configuration, store: store, logger: quietLogger, events: events)
+    var app: some ApplicationProtocol { get throws {
+        try buildPoolApplication(configuration: configuration, store: store, logger: quietLogger, events: events) }
     }
 
     func token(_ name: String) -> String { tokens[name]! }
