@@ -65,7 +65,7 @@ extension Agent {
         let seed = Seed(
             instanceID: instance.uuid, hostname: name, instanceName: name, poolURL: configuration.poolURL,
             sshKeys: parameters.sshKeys, postCreate: parameters.postCreate.joined(separator: "\n"),
-            macAddress: instance.macAddress)
+            macAddress: instance.macAddress, ownUserData: parameters.userData ?? "")
         do {
             try await seed.writeImage(to: try paths.seed(name))
             // It holds the post-create script: root's, readable by QEMU's group only.

@@ -83,10 +83,18 @@ extension Agent {
                 lastError: view.error, expiredAt: step.expiredAt)
             guard kept else { return false }
             guard changed, !step.decommission else { return step.decommission }
+            var ssh: SSHEndpoint?
+            if view.state == .running {
+                if let port = instance.sshPort {
+                    ssh = SSHEndpoint(host: self.configuration.publicAddress ?? "127.0.0.1", port: port)
+                } else if let address = addresses.first(where: { $0.version == 4 }) ?? addresses.first, !self.configuration.isUserNetwork {
+                    ssh = SSHEndpoint(host: address.address, port: 22)
+                }
+            }
             let report = InstanceReport(
                 name: name, state: view.state, flavor: instance.flavor, expires: instance.expires.map { Int($0.timeIntervalSince1970) },
                 ipAddresses: addresses, consoleOutput: self.consoleTail(name), error: view.error,
-                reason: view.reason, timeline: timeline)
+                reason: view.reason, timeline: timeline, ssh: ssh)
             try await self.store.enqueue(report, at: now)
             self.state.withLock { $0.reported[name] = reported }
             self.logger.info("\(name): \(view.state)\(view.error.map { " (\($0))" } ?? "")")

@@ -28,6 +28,15 @@ public struct AgentConfiguration: Sendable, Equatable {
     /// The content-addressed image cache.
     public var imageDirectory: String
     public var network: Network
+    /// Whether guests are on QEMU's user-mode network.
+    var isUserNetwork: Bool {
+        if case .user = network { return true }
+        return false
+    }
+
+    /// The host users are told to reach SSH forwards at (`[network]
+    /// public_address`); nil: 127.0.0.1, where QEMU's forwards listen.
+    public var publicAddress: String?
     public var checkInSeconds: Int
     /// Each check-in waits `checkInSeconds` plus up to this much at random,
     /// so appliances started together do not call the pool in step.
@@ -113,7 +122,7 @@ public struct AgentConfiguration: Sendable, Equatable {
         "pool": ["url", "token_file", "signing_key", "insecure", "ca_file"],
         "libvirt": ["uri", "virt_type", "qemu_user", "qemu_group"],
         "paths": ["state_dir", "image_dir"],
-        "network": ["mode", "name", "ssh_forward_ports", "isolate_host"],
+        "network": ["mode", "name", "ssh_forward_ports", "isolate_host", "public_address"],
         "images": ["allow", "ports", "max_bytes", "download_timeout_seconds", "require_sha256", "cache_max_bytes"],
         "check_in": ["period_seconds", "jitter_seconds"],
         "builds": ["max_concurrent", "boot_timeout_seconds"],
@@ -198,6 +207,14 @@ public struct AgentConfiguration: Sendable, Equatable {
             configuration.network = mode == "network" ? .network(name) : .bridge(name)
         }
         configuration.isolateHost = try reader.bool("network", "isolate_host") ?? configuration.isolateHost
+        if let address = try reader.string("network", "public_address") {
+            guard !address.isEmpty, address.utf8.count <= 253,
+                address.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || ".-:".contains($0)) })
+            else {
+                throw reader.invalid("network", "public_address", "must be an IP address or DNS name users reach this appliance at (it is \"\(address.prefix(80))\")")
+            }
+            configuration.publicAddress = address
+        }
         for (key, path) in [("qemu_user", \AgentConfiguration.qemuUser), ("qemu_group", \.qemuGroup)] {
             guard let name = try reader.string("libvirt", key) else { continue }
             guard !name.isEmpty, name.utf8.count <= 32, name.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7f && $0 != 0x22 && $0 != 0x5c }) else {
@@ -254,6 +271,7 @@ public struct AgentConfiguration: Sendable, Equatable {
         case .bridge(let name): network = "mode = \"bridge\"\nname = \(quoted(name))"
         }
         network += "\nisolate_host = \(isolateHost)"
+        if let publicAddress { network += "\npublic_address = \(quoted(publicAddress))" }
         return """
             # Corral agent configuration (see etc/corral/agent.toml for every key).
             [pool]

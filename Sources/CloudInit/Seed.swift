@@ -24,11 +24,15 @@ public struct Seed: Sendable, Equatable {
     /// The MAC address of the guest's NIC, matched by the network config
     /// (nil: the first interface named `e*`).
     public var macAddress: String?
+    /// The instance owner's own part, taken like `postCreate` and run (or
+    /// merged) after it.
+    public var ownUserData: String
 
     public init(
         instanceID: String, hostname: String, instanceName: String, poolURL: String, sshKeys: [String] = [],
-        postCreate: String = "", macAddress: String? = nil
+        postCreate: String = "", macAddress: String? = nil, ownUserData: String = ""
     ) {
+        self.ownUserData = ownUserData
         self.instanceID = instanceID
         self.hostname = hostname
         self.instanceName = instanceName
@@ -88,9 +92,14 @@ public struct Seed: Sendable, Equatable {
         ])
     }
 
-    /// The user's part: its MIME type and its text as the guest gets it.
-    public var postCreatePart: (type: String, text: String)? {
-        let text = postCreate.replacingOccurrences(of: "\r\n", with: "\n")
+    /// The wisp's part: its MIME type and its text as the guest gets it.
+    public var postCreatePart: (type: String, text: String)? { Self.part(postCreate) }
+
+    /// The owner's part, likewise.
+    public var ownUserDataPart: (type: String, text: String)? { Self.part(ownUserData) }
+
+    static func part(_ text: String) -> (type: String, text: String)? {
+        let text = text.replacingOccurrences(of: "\r\n", with: "\n")
         guard !text.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty else { return nil }
         let firstLine = text.prefix { $0 != "\n" }.trimmingCharacters(in: .whitespaces)
         if firstLine == "#cloud-config" { return ("text/cloud-config", text) }
@@ -105,8 +114,12 @@ public struct Seed: Sendable, Equatable {
     /// part contains it.
     public func userData(boundary proposed: String? = nil) throws -> String {
         var parts = [("text/cloud-config", try cloudConfig(), "cloud-config.yaml")]
+        // cloud-init runs scripts in file-name order: post-create before user-data.
         if let user = postCreatePart {
             parts.append((user.type, user.text, user.type == "text/cloud-config" ? "post-create.yaml" : "post-create.sh"))
+        }
+        if let own = ownUserDataPart {
+            parts.append((own.type, own.text, own.type == "text/cloud-config" ? "user-data.yaml" : "user-data.sh"))
         }
         var boundary = proposed ?? "corral-" + UUID().uuidString.lowercased()
         while parts.contains(where: { $0.1.contains(boundary) }) { boundary = "corral-" + UUID().uuidString.lowercased() }
@@ -122,7 +135,7 @@ public struct Seed: Sendable, Equatable {
             text += "MIME-Version: 1.0\n"
             text += "Content-Transfer-Encoding: 8bit\n"
             text += "Content-Disposition: attachment; filename=\"\(filename)\"\n"
-            if type == "text/cloud-config", filename == "post-create.yaml" {
+            if type == "text/cloud-config", filename != "cloud-config.yaml" {
                 text += "Merge-Type: dict(no_replace,recurse_list)+list(append)+str()\n"
             }
             text += "\n" + body + (body.hasSuffix("\n") ? "" : "\n")

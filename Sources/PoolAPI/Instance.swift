@@ -81,19 +81,23 @@ public struct InstanceReport: Codable, Sendable, Equatable {
     /// When the instance reached each launch phase so far, as the agent
     /// saw it (the pool keeps the phases it records itself).
     public var timeline: [TimelineEntry]?
+    /// Where users reach its SSH server (a Corral addition): the forward
+    /// on the appliance, or the guest's address in network and bridge modes.
+    public var ssh: SSHEndpoint?
 
     enum CodingKeys: String, CodingKey {
         case name, state, flavor, ask, expires, address
         case ipAddresses = "ip_addresses"
         case consoleOutput = "console_output"
-        case error, reason, timeline
+        case error, reason, timeline, ssh
     }
 
     public init(
         name: String, state: InstanceState, flavor: InstanceFlavor? = nil, ask: Int? = nil, expires: Int? = nil,
         address: String? = nil, ipAddresses: [IPAddress]? = nil, consoleOutput: [String]? = nil, error: String? = nil,
-        reason: String? = nil, timeline: [TimelineEntry]? = nil
+        reason: String? = nil, timeline: [TimelineEntry]? = nil, ssh: SSHEndpoint? = nil
     ) {
+        self.ssh = ssh
         self.name = name
         self.state = state
         self.flavor = flavor
@@ -200,12 +204,16 @@ public struct StartParameters: Codable, Sendable, Equatable {
     public var sshKeys: [String]
     /// The post-creation script or cloud-config, line by line.
     public var postCreate: [String]
+    /// The instance owner's own part (a Corral addition): a `#cloud-config`
+    /// document or a `#!` script, run after `post_create`.
+    public var userData: String?
 
     enum CodingKeys: String, CodingKey {
         case image
         case callbackURL = "callback_url"
         case sshKeys = "ssh_keys"
         case postCreate = "post_create"
+        case userData = "user_data"
     }
 
     /// Reads start parameters; only `image` is required (a callback may
@@ -216,12 +224,16 @@ public struct StartParameters: Codable, Sendable, Equatable {
         callbackURL = try container.decodeIfPresent(String.self, forKey: .callbackURL) ?? ""
         sshKeys = try container.decodeIfPresent([String].self, forKey: .sshKeys) ?? []
         postCreate = try container.decodeIfPresent([String].self, forKey: .postCreate) ?? []
+        userData = try container.decodeIfPresent(String.self, forKey: .userData)
     }
 
-    public init(image: ImageReference, callbackURL: String = "", sshKeys: [String] = [], postCreate: [String] = []) {
+    public init(
+        image: ImageReference, callbackURL: String = "", sshKeys: [String] = [], postCreate: [String] = [], userData: String? = nil
+    ) {
         self.image = image
         self.callbackURL = callbackURL
         self.sshKeys = sshKeys
         self.postCreate = postCreate
+        self.userData = userData
     }
 }

@@ -52,9 +52,11 @@ public struct TimelineEntry: Codable, Sendable, Equatable, Comparable {
     public static func < (lhs: TimelineEntry, rhs: TimelineEntry) -> Bool { (lhs.at, lhs.phase) < (rhs.at, rhs.phase) }
 }
 
-/// Where the guest's SSH server answered its appliance's probe: the detail
-/// of the `ssh-reachable` phase, written `HOST port PORT`.
-public struct SSHEndpoint: Sendable, Equatable {
+/// Where a guest's SSH server is reached: the detail of the `ssh-reachable`
+/// phase (written `HOST port PORT`, where its appliance's probe reached it),
+/// and the `ssh` of a report and of the server-instance object (where users
+/// reach it: `{"host": ..., "port": ...}`).
+public struct SSHEndpoint: Codable, Sendable, Equatable {
     public var host: String
     public var port: Int
 

@@ -144,6 +144,12 @@ struct InputBounds: Sendable {
                 throw Self.refuse("\(field).address", "must be an IPv\(address.version) address")
             }
         }
+        if let ssh = report.ssh {
+            guard (1...65535).contains(ssh.port) else { throw Self.refuse("instance.ssh.port", "must be from 1 to 65535") }
+            guard Self.isAddress(ssh.host, version: 4) || Self.isAddress(ssh.host, version: 6) || Self.isHostName(ssh.host) else {
+                throw Self.refuse("instance.ssh.host", "must be an IP address or a DNS name")
+            }
+        }
         if let lines = report.consoleOutput {
             try Self.checkCount(lines.count, at: Self.maxConsoleLines, field: "instance.console_output")
             report.consoleOutput = lines.map { Self.cut($0, to: Self.maxConsoleLineBytes) }
@@ -163,6 +169,17 @@ struct InputBounds: Sendable {
             }
         }
         return report
+    }
+
+    /// Whether `text` is a DNS name: dot-separated labels of letters,
+    /// digits and hyphens, at most 253 bytes.
+    static func isHostName(_ text: String) -> Bool {
+        let labels = text.split(separator: ".", omittingEmptySubsequences: false)
+        return !text.isEmpty && text.utf8.count <= 253
+            && labels.allSatisfy { label in
+                (1...63).contains(label.utf8.count) && !label.hasPrefix("-") && !label.hasSuffix("-")
+                    && label.unicodeScalars.allSatisfy { ($0.isASCII && ($0.properties.isAlphabetic || ("0"..."9").contains($0))) || $0 == "-" }
+            }
     }
 
     /// Whether `text` is an IP address of that version.

@@ -133,7 +133,7 @@ enum RouteTable {
         ("/v1/server-instance", ["GET", "POST"]), ("/v1/server-instance/{id}", ["DELETE", "GET", "PUT"]),
         ("/v1/server-instance/{id}/timeline", ["GET"]), ("/v1/server-instance/{id}/console", ["GET"]),
         ("/v1/server-flavor", ["GET"]), ("/v1/server-image", ["GET"]), ("/v1/user/{name}", ["GET", "PUT"]),
-        ("/v1/user/{name}/token", ["POST"]),
+        ("/v1/user/{name}/token", ["POST"]), ("/v1/ssh-key", ["GET", "POST"]), ("/v1/ssh-key/{id}", ["DELETE"]),
     ]
 
     /// The methods of the route `path` matches (with or without its

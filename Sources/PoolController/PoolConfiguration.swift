@@ -55,6 +55,8 @@ public struct PoolConfiguration: Sendable, Equatable {
         /// The most server-instances one `GET /v1/server-instance` page
         /// holds, and the page size when `limit` is not given.
         public var maxPageSize: Int = 1000
+        /// SSH keys a user may keep (`/v1/ssh-key`).
+        public var maxSSHKeysPerUser: Int = 100
         public var defaultPageSize: Int = 100
 
         public init() {}
@@ -143,6 +145,7 @@ public struct PoolConfiguration: Sendable, Equatable {
         "limits": [
             "max_lease_seconds", "max_flavor_vcpus", "max_flavor_memory_mib", "max_flavor_disk_gib", "max_instances_per_appliance",
             "max_held_check_ins_per_appliance", "max_event_streams_per_token", "max_page_size", "default_page_size",
+            "max_ssh_keys_per_user",
         ],
     ]
 
@@ -232,6 +235,7 @@ public struct PoolConfiguration: Sendable, Equatable {
             try reader.int("limits", "max_event_streams_per_token", in: 1...1000) ?? limits.maxEventStreamsPerToken
         limits.maxPageSize = try reader.int("limits", "max_page_size", in: 1...100_000) ?? limits.maxPageSize
         limits.defaultPageSize = try reader.int("limits", "default_page_size", in: 1...100_000) ?? limits.defaultPageSize
+        limits.maxSSHKeysPerUser = try reader.int("limits", "max_ssh_keys_per_user", in: 1...10_000) ?? limits.maxSSHKeysPerUser
         guard limits.defaultPageSize <= limits.maxPageSize else {
             throw reader.invalid("limits", "default_page_size", "must be at most limits.max_page_size (\(limits.maxPageSize))")
         }

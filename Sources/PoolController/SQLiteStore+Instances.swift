@@ -64,6 +64,23 @@ extension SQLiteStore {
                 }
                 imageID = id
             }
+            let keys = try Self.chosenKeys(db, ownerID: ownerID, request.sshKeys)
+            if request.requireSSHKey, keys.isEmpty {
+                // The wisp it boots from gives keys only when it has no callback.
+                let row =
+                    try wispID.flatMap { try Row.fetchOne(db, sql: Self.wispQuery + " WHERE wisp.id = ?", arguments: [$0]) }
+                    ?? Row.fetchOne(db, sql: Self.wispQuery + " WHERE wisp.ownerID = ? AND wisp.isDefault", arguments: [ownerID])
+                    ?? Row.fetchOne(db, sql: Self.wispQuery + " WHERE wisp.isSystemDefault")
+                let wisp = try row.map(Self.wisp)
+                let wispKeys = (wisp?.callbackURL ?? "").isEmpty ? wisp?.sshKeys ?? [] : []
+                guard !wispKeys.isEmpty else {
+                    throw PoolError.invalid(
+                        field: "ssh-keys",
+                        reason: request.sshKeys == nil
+                            ? "you have no SSH key, so you could not log in: add one with POST /v1/ssh-key (`corral keys add NAME --file ~/.ssh/id_ed25519.pub`)"
+                            : "name at least one of your SSH keys (GET /v1/ssh-key lists them), or leave ssh-keys out to use all of them")
+                }
+            }
             let id = try Self.place(
                 db,
                 PlacementRequest(
@@ -71,6 +88,11 @@ extension SQLiteStore {
                     templateID: templateID, warm: false, preemptible: request.preemptible, topic: request.topic,
                     expires: expires),
                 staleAfter: applianceStaleAfter, at: date)
+            if !keys.isEmpty || request.userData != nil {
+                try db.execute(
+                    sql: "UPDATE instance SET sshKeys = ?, userData = ? WHERE id = ?",
+                    arguments: [keys.isEmpty ? nil : keys.joined(separator: "\n"), request.userData, id])
+            }
             try Self.recordPhase(db, .requested, instanceID: id, at: date, replacing: false)
             try Self.recordPhase(db, .placed, instanceID: id, at: Date(), replacing: false)
             try Self.grant(db, instanceID: id, users: granted, ownerID: ownerID, at: date)

@@ -216,6 +216,28 @@ public final class SQLiteStore: PoolStore {
                 table.column("createdAt", .datetime).notNull()
             }
         }
+        migrator.registerMigration("9-ssh-keys-user-data") { db in
+            // Users' own SSH public keys (`/v1/ssh-key`).
+            try db.create(table: "sshKey") { table in
+                table.autoIncrementedPrimaryKey("id")
+                table.column("uuid", .text).notNull().unique()
+                table.column("userID", .integer).notNull().references("user", onDelete: .cascade)
+                table.column("name", .text).notNull()
+                table.column("publicKey", .text).notNull()
+                table.column("fingerprint", .text).notNull()
+                table.column("createdAt", .datetime).notNull()
+                table.uniqueKey(["userID", "name"])
+                table.uniqueKey(["userID", "fingerprint"])
+            }
+            // What a create asked for: the chosen keys' lines (newline-separated,
+            // copied at the create) and the user-data part.
+            try db.alter(table: "instance") { table in
+                table.add(column: "sshKeys", .text)
+                table.add(column: "userData", .text)
+                // Where its appliance says users reach its SSH server (JSON).
+                table.add(column: "ssh", .text)
+            }
+        }
         return migrator
     }
 
@@ -436,6 +458,7 @@ public final class SQLiteStore: PoolStore {
         let addresses = String(decoding: try encoder.encode(report.ipAddresses ?? []), as: UTF8.self)
         let tail = String(decoding: try encoder.encode(Array((report.consoleOutput ?? []).suffix(consoleLimit))), as: UTF8.self)
         let expires = report.expires.map { Date(timeIntervalSince1970: TimeInterval($0)) }
+        let ssh = try report.ssh.map { String(decoding: try encoder.encode($0), as: UTF8.self) }
         return try await database.write { db in
             let (applianceID, ownerID) = try Self.applianceIDs(db, named: appliance)
             let previous = try Self.ownedInstance(db, named: report.name, applianceID: applianceID)
@@ -443,22 +466,24 @@ public final class SQLiteStore: PoolStore {
                 try db.execute(
                     sql: """
                         UPDATE instance SET state = ?, flavor = COALESCE(flavor, ?), ask = ?, expires = ?, address = ?,
-                        ipAddresses = ?, consoleTail = ?, lastError = ?, stateReason = ?, reportedAt = ?, updatedAt = ? WHERE id = ?
+                        ipAddresses = ?, consoleTail = ?, lastError = ?, stateReason = ?, reportedAt = ?, updatedAt = ?,
+                        ssh = COALESCE(?, ssh) WHERE id = ?
                         """,
                     arguments: [
                         report.state.rawValue, flavor, report.ask, expires, report.address, addresses, tail, report.error,
-                        report.reason, date, date, previous.id,
+                        report.reason, date, date, ssh, previous.id,
                     ])
             } else {
                 try Self.checkRecordRoom(db, applianceID: applianceID, appliance: appliance, adding: 1, most: maxInstances)
                 try db.execute(
                     sql: """
                         INSERT INTO instance (name, uuid, applianceID, ownerID, state, flavor, ask, expires, address, ipAddresses,
-                        consoleTail, lastError, stateReason, createdAt, reportedAt, updatedAt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                        consoleTail, lastError, stateReason, createdAt, reportedAt, updatedAt, ssh)
+                        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                         """,
                     arguments: [
                         report.name, Self.newID(), applianceID, ownerID, report.state.rawValue, flavor, report.ask, expires,
-                        report.address, addresses, tail, report.error, report.reason, date, date, date,
+                        report.address, addresses, tail, report.error, report.reason, date, date, date, ssh,
                     ])
             }
             try Self.claimReservation(db, instance: report.name, at: date)
@@ -476,8 +501,17 @@ public final class SQLiteStore: PoolStore {
         try await database.read { db in
             guard
                 let instance = try Row.fetchOne(
-                    db, sql: "SELECT wispID, ownerID, callbackURL, imageID FROM instance WHERE name = ?", arguments: [name])
+                    db, sql: "SELECT wispID, ownerID, callbackURL, imageID, sshKeys, userData FROM instance WHERE name = ?", arguments: [name])
             else { throw PoolError.notFound(what: "instance", name: name) }
+            // The keys and user-data its create asked for come after the wisp's.
+            let ownKeys = Self.scriptLines(try instance.decode(forColumn: "sshKeys") as String? ?? "")
+            let userData: String? = try instance.decode(forColumn: "userData")
+            func withOwn(_ parameters: StartParameters) -> StartParameters {
+                var parameters = parameters
+                for key in ownKeys where !parameters.sshKeys.contains(key) { parameters.sshKeys.append(key) }
+                parameters.userData = userData
+                return parameters
+            }
             if let callback: String = try instance.decode(forColumn: "callbackURL"), !callback.isEmpty { return .callback(callback) }
             let wispID: Int64? = try instance.decode(forColumn: "wispID")
             let ownerID: Int64 = try instance.decode(forColumn: "ownerID")
@@ -495,9 +529,10 @@ public final class SQLiteStore: PoolStore {
                 let wisp = try row.map(Self.wisp)
                 let usable = wisp.map { $0.callbackURL?.isEmpty ?? true } ?? false
                 return .parameters(
-                    StartParameters(
-                        image: Self.imageReference(try Self.image(imageRow)), sshKeys: usable ? wisp?.sshKeys ?? [] : [],
-                        postCreate: usable ? Self.scriptLines(wisp?.postCreate ?? "") : []))
+                    withOwn(
+                        StartParameters(
+                            image: Self.imageReference(try Self.image(imageRow)), sshKeys: usable ? wisp?.sshKeys ?? [] : [],
+                            postCreate: usable ? Self.scriptLines(wisp?.postCreate ?? "") : [])))
             }
             guard let row else {
                 throw PoolError.unavailable(
@@ -517,7 +552,7 @@ public final class SQLiteStore: PoolStore {
                 throw PoolError.unavailable(
                     "wisp '\(wisp.name)' names image '\(wisp.image ?? "")', which is not in the catalogue; add it with `corral pool image add`")
             }
-            return .parameters(StartParameters(image: image, sshKeys: wisp.sshKeys, postCreate: Self.scriptLines(wisp.postCreate)))
+            return .parameters(withOwn(StartParameters(image: image, sshKeys: wisp.sshKeys, postCreate: Self.scriptLines(wisp.postCreate))))
         }
     }
 
@@ -992,7 +1027,8 @@ public final class SQLiteStore: PoolStore {
             state: InstanceState(rawValue: try row.decode(forColumn: "state")) ?? .inactive, flavor: decode("flavor", as: InstanceFlavor.self),
             ask: try row.decode(forColumn: "ask"), expires: try row.decode(forColumn: "expires"), address: try row.decode(forColumn: "address"),
             ipAddresses: decode("ipAddresses", as: [IPAddress].self) ?? [],
-            consoleTail: decode("consoleTail", as: [String].self) ?? [], callbackURL: try row.decode(forColumn: "callbackURL"),
+            consoleTail: decode("consoleTail", as: [String].self) ?? [], ssh: decode("ssh", as: SSHEndpoint.self),
+            callbackURL: try row.decode(forColumn: "callbackURL"),
             lastError: try row.decode(forColumn: "lastError"), stateReason: try row.decode(forColumn: "stateReason"), reportedAt: try row.decode(forColumn: "reportedAt"),
             createdAt: try row.decode(forColumn: "createdAt"), updatedAt: try row.decode(forColumn: "updatedAt"))
     }

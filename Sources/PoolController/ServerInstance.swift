@@ -41,9 +41,12 @@ public struct ServerInstance: Codable, Sendable, Equatable {
     /// Why the instance is `ERROR` (a Corral addition): the build, boot or
     /// power failure its appliance reported, or the pool's own refusal.
     public var lastError: String?
+    /// Where to reach its SSH server (a Corral addition), as its appliance
+    /// reports it: `{"host": ..., "port": ...}`; left out until it runs.
+    public var ssh: SSHEndpoint?
 
     enum CodingKeys: String, CodingKey {
-        case id, users, status, hostname
+        case id, users, status, hostname, ssh
         case lastError = "last-error"
         case cloudauthID = "cloudauth-id"
         case serverImage = "server-image"
@@ -69,6 +72,7 @@ public struct ServerInstance: Codable, Sendable, Equatable {
         publicIP = address("public")
         privateIP = address("private")
         lastError = instance.lastError
+        ssh = instance.state == .decommissioned ? nil : instance.ssh
     }
 
     /// RFC 3339 in UTC to the second, as in the API document's examples.

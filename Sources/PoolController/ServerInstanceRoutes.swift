@@ -27,6 +27,7 @@ struct ServerInstanceRoutes: Sendable {
         v1.get("server-flavor", use: flavors)
         v1.get("server-image", use: images)
         UserRoutes(store: store, events: events).register(in: v1)
+        SSHKeyRoutes(store: store, configuration: configuration).register(in: v1)
     }
 
     /// `GET /v1/server-instance[?cloudauth-id=ID][&limit=N][&marker=ID]`:
@@ -58,19 +59,34 @@ struct ServerInstanceRoutes: Sendable {
     }
 
     /// `POST /v1/server-instance`: 201 with the new instance; 400 for a
-    /// body outside the schema or an unknown flavor, image or user; 403
-    /// for giving access to a user the caller does not manage; 409 at the
-    /// caller's limit; 503 when no appliance has room.
+    /// body outside the schema, an unknown flavor, image, user or SSH key,
+    /// user-data that is not a `#cloud-config` mapping or a `#!` script of
+    /// at most 64 KiB, or when no SSH key would reach the VM (none named,
+    /// none of the caller's, none in the wisp); 403 for giving access to a
+    /// user the caller does not manage; 409 at the caller's limit; 503 when
+    /// no appliance has room.
     @Sendable func create(_ request: Request, context: BasicRequestContext) async throws -> Response {
         let received = Date()  // the timeline's `requested`
         let caller = try await authenticate(request)
         let body = try JSONBody(try await collectBody(request, upTo: maximumUserBody))
-        try body.only(["server-image", "server-flavor", "users"], required: ["server-image", "server-flavor"])
+        try body.only(
+            ["server-image", "server-flavor", "users", "ssh-keys", "user-data"], required: ["server-image", "server-flavor"])
         let image = try body.string("server-image")!
         let flavor = try body.string("server-flavor")!
         let users = try body.strings("users") ?? []
         try await checkMayGrant(users, caller: caller, field: "users")
-        let creation = InstanceRequest(owner: caller.name, flavor: flavor, image: image, users: users)
+        var creation = InstanceRequest(owner: caller.name, flavor: flavor, image: image, users: users)
+        if let keys = try body.strings("ssh-keys") {
+            guard keys.count <= configuration.limits.maxSSHKeysPerUser else {
+                throw Refusal(.badRequest, "field 'ssh-keys': at most \(configuration.limits.maxSSHKeysPerUser) keys")
+            }
+            creation.sshKeys = keys
+        }
+        if let userData = try body.string("user-data", maxBytes: UserData.maximumBytes) {
+            if let problem = UserData.problem(userData) { throw Refusal(.badRequest, "field 'user-data': \(problem)") }
+            creation.userData = userData
+        }
+        creation.requireSSHKey = true
         let instance = try await refusingPoolErrors {
             try await store.createInstance(
                 creation, defaultLeaseSeconds: configuration.leases.defaultSeconds,
@@ -255,10 +271,10 @@ struct JSONBody {
         }
     }
 
-    func string(_ key: String, choices: [String]? = nil) throws -> String? {
+    func string(_ key: String, choices: [String]? = nil, maxBytes: Int = 64) throws -> String? {
         guard let value = fields[key] else { return nil }
-        guard let string = value as? String, !string.isEmpty, string.utf8.count <= 64 else {
-            throw Refusal(.badRequest, "field '\(prefix)\(key)' must be a non-empty string of at most 64 bytes")
+        guard let string = value as? String, !string.isEmpty, string.utf8.count <= maxBytes else {
+            throw Refusal(.badRequest, "field '\(prefix)\(key)' must be a non-empty string of at most \(maxBytes) bytes")
         }
         if let choices, !choices.contains(string) {
             throw Refusal(

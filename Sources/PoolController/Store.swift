@@ -1,6 +1,26 @@
 import Foundation
 import PoolAPI
 
+/// One of a user's SSH public keys (`/v1/ssh-key`).
+public struct SSHKey: Sendable, Equatable, Codable {
+    /// 32 hex digits.
+    public var id: String
+    public var name: String
+    /// The OpenSSH public key line, as installed in the guest.
+    public var publicKey: String
+    /// `SHA256:...`, as `ssh-keygen -l` prints it.
+    public var fingerprint: String
+    public var createdAt: Date
+
+    public init(id: String, name: String, publicKey: String, fingerprint: String, createdAt: Date) {
+        self.id = id
+        self.name = name
+        self.publicKey = publicKey
+        self.fingerprint = fingerprint
+        self.createdAt = createdAt
+    }
+}
+
 /// A user of the pool.
 public struct User: Sendable, Equatable, Codable {
     /// The user's id in the user-facing API (`cloudauth-id`): 32 hex digits.
@@ -139,6 +159,8 @@ public struct Instance: Sendable, Equatable, Codable {
     public var ipAddresses: [IPAddress]
     /// The newest console lines, at most the pool's limit.
     public var consoleTail: [String]
+    /// Where its appliance says users reach its SSH server.
+    public var ssh: SSHEndpoint?
     /// Where the pool fetches its start parameters (from a reservation).
     public var callbackURL: String?
     /// Why it failed, as its appliance reported (a build step, the boot),
@@ -188,6 +210,13 @@ public struct InstanceRequest: Sendable, Equatable {
     public var region: String?
     public var preemptible: Bool = true
     public var topic: String?
+    /// The owner's keys to install, by id or name; nil: all of them.
+    public var sshKeys: [String]?
+    /// A `#cloud-config` document or a `#!` script, run after the wisp's part.
+    public var userData: String?
+    /// Refuse the create when no SSH key would reach the VM (the user-facing
+    /// API; a wisp with a callback is taken to supply its own).
+    public var requireSSHKey = false
 
     public init(owner: String, flavor: String? = nil, image: String? = nil, template: String? = nil, users: [String] = []) {
         self.owner = owner
@@ -255,6 +284,14 @@ public struct HousekeepingResult: Sendable, Equatable {
 /// The pool's storage. One implementation per backend (SQLite now); the
 /// HTTP routes and the admin commands see only this protocol.
 public protocol PoolStore: Sendable {
+    /// Adds a key to `owner`'s: 409 for a name or a key they have already,
+    /// or beyond `maxKeys`.
+    func addSSHKey(owner: String, name: String, key: SSHPublicKey, maxKeys: Int, at date: Date) async throws -> SSHKey
+    /// `owner`'s keys, oldest first.
+    func sshKeys(owner: String) async throws -> [SSHKey]
+    /// Removes one of `owner`'s keys, named by id or name.
+    func deleteSSHKey(owner: String, key: String) async throws -> SSHKey
+
     /// Creates a user whose token has the given digest, managed by
     /// `manager` (an existing user) when given.
     func addUser(

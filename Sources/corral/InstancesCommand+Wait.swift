@@ -169,8 +169,12 @@ extension Corral.InstancesCommand {
 
         func run() async throws {
             let instance = try await api.one(id)
-            let timeline = try await api.call(.GET, instancePath(id) + "/timeline", as: [ServerTimelineEntry].self)
-            guard let endpoint = sshEndpoint(in: timeline) else {
+            // Where its appliance says to connect; else where it reached the guest.
+            var endpoint = instance.ssh
+            if endpoint == nil {
+                endpoint = sshEndpoint(in: try await api.call(.GET, instancePath(id) + "/timeline", as: [ServerTimelineEntry].self))
+            }
+            guard let endpoint else {
                 fail("\(id)'s SSH server has not answered its appliance yet (status \(instance.status)); `corral instances create --wait` waits for it")
             }
             var arguments = ["ssh", "-p", "\(endpoint.port)"]

@@ -178,11 +178,29 @@ extension Corral.InstancesCommand {
         @Option(help: "The flavor (see `corral instances flavors`).") var flavor: String
         @Option(help: "The image (see `corral instances images`).") var image: String
         @Option(name: .customLong("user"), help: "Also give this user (id or name) access (repeatable).") var users: [String] = []
+        @Option(
+            name: .customLong("ssh-key"),
+            help: "One of your SSH keys (id or name, see `corral keys list`) to install (repeatable; default: all of them).")
+        var sshKeys: [String] = []
+        @Option(help: "A #cloud-config file or #! script (at most 64 KiB) to run once at first boot, after the wisp's.")
+        var userData: String?
         @OptionGroup var waiting: WaitOptions
 
         func run() async throws {
             var body: [String: Any] = ["server-flavor": flavor, "server-image": image]
             if !users.isEmpty { body["users"] = users }
+            if !sshKeys.isEmpty { body["ssh-keys"] = sshKeys }
+            if let userData {
+                let text: String
+                do {
+                    let data = try Data(contentsOf: URL(fileURLWithPath: userData))
+                    guard data.count <= 64 * 1024 else { fail("--user-data \(userData): \(data.count) bytes, more than 64 KiB") }
+                    text = String(decoding: data, as: UTF8.self)
+                } catch {
+                    fail("--user-data \(userData): \(error.localizedDescription)")
+                }
+                body["user-data"] = text
+            }
             let created = try await api.call(.POST, "/v1/server-instance", body: body)
             guard waiting.wait, let instance = created.first else { return try api.show(created) }
             let name = instance.hostname ?? instance.id

@@ -163,6 +163,8 @@ final class Harness: @unchecked Sendable {
         try await addImage("busybox", path: "disk.qcow2", sha256: imageSHA256)
         try await poolCommand(["wisp", "add", "plain", "--owner", "alice", "--image", "busybox", "--default"])
         try await startPool()
+        // alice's instances get a key of hers (a create without any key is refused).
+        _ = try await v1(.POST, "/v1/ssh-key", body: ["name": "test", "public-key": testPublicKeyLine])
         let tokenFile = directory.appendingPathComponent("appliance.token").path
         FileManager.default.createFile(atPath: tokenFile, contents: Data((applianceToken + "\n").utf8), attributes: [.posixPermissions: 0o600])
         try """

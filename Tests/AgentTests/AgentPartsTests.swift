@@ -29,6 +29,7 @@ struct AgentConfigurationTests {
         configuration.qemuUser = "qemu"
         configuration.qemuGroup = "kvm"
         configuration.caFile = "/etc/corral/pool-ca.pem"
+        configuration.publicAddress = "rack-1.example.org"
         #expect(try AgentConfiguration.parse(configuration.rendered()) == configuration)
         configuration.network = .bridge("br0")
         #expect(try AgentConfiguration.parse(configuration.rendered()) == configuration)

@@ -101,12 +101,18 @@ struct EndToEndTests {
                     "--initrd-url", "\(base)/debian-initrd.img", "--initrd-sha256", image.initrdSHA256,
                 ])
                 try await harness.poolCommand([
-                    "wisp", "add", "e2e", "--owner", "alice", "--image", "debian", "--ssh-key-file", key + ".pub",
-                    "--post-create-file", script.path, "--default",
+                    "wisp", "add", "e2e", "--owner", "alice", "--image", "debian", "--post-create-file", script.path, "--default",
                 ])
                 try await harness.startAgent()
 
-                let created = try await harness.v1(.POST, "/v1/server-instance", body: ["server-image": "debian", "server-flavor": "debian"])
+                // The user's own path: her key and her user-data through the API (the wisp has no key).
+                let added = try await harness.v1(
+                    .POST, "/v1/ssh-key", body: ["name": "e2e", "public-key": try String(contentsOfFile: key + ".pub", encoding: .utf8)])
+                #expect((added["fingerprint"] as? String)?.hasPrefix("SHA256:") == true)
+                let userData = "#!/bin/sh\necho \"user-data ran after $(cat /var/tmp/corral-marker)\" > /var/tmp/corral-user-data\n"
+                let created = try await harness.v1(
+                    .POST, "/v1/server-instance",
+                    body: ["server-image": "debian", "server-flavor": "debian", "ssh-keys": ["e2e"], "user-data": userData])
                 let id = try #require(created["id"] as? String)
                 name = try #require(created["hostname"] as? String)
                 let active = try await harness.waitForStatus(id, "ACTIVE", timeout: .seconds(300))
@@ -123,6 +129,30 @@ struct EndToEndTests {
                 #expect(status.stdout.contains("status: done"), "cloud-init: \(status.stdout) \(status.stderr)")
                 let marker = try await shell.run("cat /var/tmp/corral-marker")
                 #expect(marker.stdout == "made by corral for \(name)\n")
+                // The user-data ran, after the wisp's post-create part.
+                let ran = try await shell.run("cat /var/tmp/corral-user-data")
+                #expect(ran.stdout == "user-data ran after made by corral for \(name)\n", "\(ran.stdout) \(ran.stderr)")
+                // The API says where to connect, and `corral instances ssh` logs in with it.
+                var shown: [String: Any] = [:]
+                let sshDeadline = ContinuousClock.now + .seconds(60)
+                while shown["ssh"] == nil, ContinuousClock.now < sshDeadline {
+                    shown = try await harness.v1(.GET, "/v1/server-instance/\(id)")
+                    if shown["ssh"] == nil { try await Task.sleep(for: .milliseconds(500)) }
+                }
+                let endpoint = try #require(shown["ssh"] as? [String: Any], "\(shown)")
+                #expect(endpoint["host"] as? String == "127.0.0.1")
+                #expect(endpoint["port"] as? Int == sshPort)
+                let viaCLI = try await runCorral(
+                    [
+                        "instances", "ssh", id, "-i", key, "-o", "BatchMode=yes", "-o", "UserKnownHostsFile=/dev/null", "--",
+                        "cat", "/var/tmp/corral-user-data",
+                    ],
+                    environment: [
+                        "CORRAL_POOL_URL": harness.poolURL, "CORRAL_TOKEN": harness.userToken,
+                        "PATH": ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin", "HOME": harness.directory.path,
+                    ])
+                #expect(viaCLI.status == 0, "\(viaCLI.stderr)")
+                #expect(viaCLI.stdout == ran.stdout)
                 // The host's loopback services were out of the guest's reach (curl's
                 // exit 7 when the connection is refused), while its SSH forward and
                 // cloud-init worked.

@@ -78,6 +78,22 @@ struct SeedTests {
         #expect(try seed.userData(boundary: "B").components(separatedBy: "--B\n").count == 2)
     }
 
+    @Test("the owner's user-data is a part of its own after the wisp's: scripts run in that order, cloud-configs merge under ours")
+    func ownUserData() throws {
+        var seed = Self.seed
+        seed.postCreate = "#!/bin/sh\necho wisp"
+        seed.ownUserData = "#!/bin/bash\necho mine"
+        let text = try seed.userData(boundary: "B")
+        let wisp = try #require(text.range(of: "filename=\"post-create.sh\"\n\n#!/bin/sh\necho wisp\n"))
+        let mine = try #require(text.range(of: "filename=\"user-data.sh\"\n\n#!/bin/bash\necho mine\n"))
+        #expect(wisp.upperBound < mine.lowerBound)
+        seed.ownUserData = "#cloud-config\nruncmd: [touch /tmp/x]\n"
+        #expect(try seed.userData(boundary: "B").contains(
+            "filename=\"user-data.yaml\"\nMerge-Type: dict(no_replace,recurse_list)+list(append)+str()\n\n#cloud-config\nruncmd: [touch /tmp/x]\n"))
+        seed.ownUserData = ""
+        #expect(try seed.userData(boundary: "B").components(separatedBy: "--B\n").count == 3)
+    }
+
     @Test("keys, names and scripts cannot inject into our cloud-config or break the multipart")
     func injection() throws {
         let hostile = [

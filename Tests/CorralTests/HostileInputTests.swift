@@ -77,7 +77,10 @@ struct HostileInputTests {
         let appliance = try await pool(["appliance", "add", "rack-1", "--owner", "root"])
         _ = try await pool(["flavor", "add", "small", "--vcpus", "1", "--memory-mib", "512", "--disk-gib", "5"])
         _ = try await pool(["image", "add", "debian", "--url", "http://images.test/debian.qcow2"])
-        _ = try await pool(["wisp", "add", "web", "--owner", "root", "--image", "debian", "--system-default"])
+        _ = try await pool([
+            "wisp", "add", "web", "--owner", "root", "--image", "debian", "--system-default",
+            "--ssh-key-file", try writeTestPublicKey(in: URL(fileURLWithPath: database).deletingLastPathComponent()),
+        ])
         let (server, base) = try await PoolServerTests.start(["--database", database, "--config", configPath, "--port", "0"])
         var pool = Pool(server: server, base: base, database: database, root: root, alice: alice, appliance: appliance)
         #expect(try await pool.send(.POST, "/api/v1/broker/", body: pool.checkIn()).0 == 200)

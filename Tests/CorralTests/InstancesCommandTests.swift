@@ -47,6 +47,27 @@ struct InstancesCommandTests {
             return result.stdout
         }
 
+        // Without a key of her own (her wisp has none), a create is refused with how to add one.
+        let keyless = try await runCorral(["instances", "create", "--flavor", "small", "--image", "debian"], environment: as_)
+        #expect(keyless.status == 1)
+        #expect(keyless.stderr.contains("you have no SSH key") && keyless.stderr.contains("(HTTP 400)"), "\(keyless.stderr)")
+        let keyFile = try writeTestPublicKey(in: directory)
+        let added = try await runCorral(["keys", "add", "laptop", "--file", keyFile], environment: as_)
+        #expect(added.status == 0, "\(added.stderr)")
+        #expect(added.stdout.contains("laptop") && added.stdout.contains("SHA256:"), "\(added.stdout)")
+        let listedKeys = try await runCorral(["keys", "list", "--json"], environment: as_)
+        #expect(listedKeys.stdout.contains(testPublicKeyLine), "\(listedKeys.stdout)")
+        let privateFile = directory.appendingPathComponent("id_ed25519").path
+        try "-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbg==\n-----END OPENSSH PRIVATE KEY-----\n".write(toFile: privateFile, atomically: true, encoding: .utf8)
+        let privateKey = try await runCorral(["keys", "add", "oops", "--file", privateFile], environment: as_)
+        #expect(privateKey.status == 1)
+        #expect(privateKey.stderr == "corral: --file \(privateFile) is a private key; give its .pub file\n", "\(privateKey.stderr)")
+        let notAKey = directory.appendingPathComponent("notes.txt").path
+        try "hello\n".write(toFile: notAKey, atomically: true, encoding: .utf8)
+        let refusedKey = try await runCorral(["keys", "add", "notes", "--file", notAKey], environment: as_)
+        #expect(refusedKey.status == 1)
+        #expect(refusedKey.stderr.contains("field 'public-key': the text must be 'TYPE BASE64 [COMMENT]'"), "\(refusedKey.stderr)")
+
         #expect(try await run(["flavors"]).contains("small"))
         #expect(try await run(["images"]).contains("debian"))
         let created = try await run(["create", "--flavor", "small", "--image", "debian", "--user", "mia", "--json"])

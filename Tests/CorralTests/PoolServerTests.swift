@@ -64,7 +64,7 @@ struct PoolServerTests {
         try "[server]\nprot = 8080\n".write(to: config, atomically: true, encoding: .utf8)
         let wrong = try await runCorral(["pool", "serve", "--config", config.path])
         #expect(wrong.status == 1)
-        #expect(wrong.stderr == "corral: \(config.path): server.prot: unknown key; [server] takes host, idle_timeout_seconds, max_connections, port, public_url\n")
+        #expect(wrong.stderr == "corral: \(config.path): server.prot: unknown key; [server] takes host, idle_timeout_seconds, max_connections, port, public_url, tls_certificate, tls_key\n")
         let missing = try await runCorral(["pool", "user", "list", "--config", directory.appendingPathComponent("nope.toml").path])
         #expect(missing.status == 1)
         #expect(missing.stderr.hasPrefix("corral: no pool configuration file at "))
@@ -84,7 +84,7 @@ struct PoolServerTests {
         let applianceToken = try await pool(["appliance", "add", "rack-1", "--owner", "alice"])
         _ = try await pool(["flavor", "add", "small", "--vcpus", "1", "--memory-mib", "512", "--disk-gib", "5"])
         _ = try await pool(["image", "add", "debian", "--url", "http://images.test/debian.qcow2"])
-        _ = try await pool(["wisp", "add", "web", "--owner", "alice", "--image", "debian", "--default"])
+        _ = try await pool(["wisp", "add", "web", "--owner", "alice", "--image", "debian", "--default", "--ssh-key-file", try writeTestPublicKey(in: directory)])
 
         let http = HTTPClient(eventLoopGroup: HTTPClient.defaultEventLoopGroup)
         let arguments = ["--database", database, "--host", "127.0.0.1", "--port", "0", "--log-level", "trace"]

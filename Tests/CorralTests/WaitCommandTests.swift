@@ -31,7 +31,10 @@ struct WaitCommandTests {
             let applianceToken = try await pool(["appliance", "add", "rack-1", "--owner", "alice"])
             _ = try await pool(["flavor", "add", "small", "--vcpus", "1", "--memory-mib", "512", "--disk-gib", "5"])
             _ = try await pool(["image", "add", "debian", "--url", "http://images.test/debian.qcow2"])
-            _ = try await pool(["wisp", "add", "web", "--owner", "alice", "--image", "debian", "--default"])
+            _ = try await pool([
+                "wisp", "add", "web", "--owner", "alice", "--image", "debian", "--default",
+                "--ssh-key-file", try writeTestPublicKey(in: URL(fileURLWithPath: database).deletingLastPathComponent()),
+            ])
             let (server, base) = try await PoolServerTests.start(["--database", database, "--port", "0"])
             var environment = ProcessInfo.processInfo.environment
             environment["CORRAL_POOL_URL"] = base

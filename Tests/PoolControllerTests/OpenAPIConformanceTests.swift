@@ -39,6 +39,8 @@ struct OpenAPIConformanceTests {
         try await pool.store.addTemplate(Template(name: "web", wisp: "bob-web", flavor: "small"))
         try await pool.store.addTemplate(Template(name: "big", wisp: "bob-web", flavor: "big"))
         _ = try await pool.store.addUser(name: "dora", superuser: false, maxInstances: 1, tokenDigest: Token.digest(Token.generate()))
+        // root's creates install root's key (without one they are a 400).
+        _ = try await pool.store.addSSHKey(owner: "root", name: "laptop", key: try SSHPublicKey(testPublicKey(1)), maxKeys: 10, at: Date())
         let served = openAPIDocument(publicURL: "https://pool.example.org")
         let spec = try OpenAPISpec(yaml: served)
         #expect((spec.root["servers"] as? [[String: Any]])?.first?["url"] as? String == "https://pool.example.org")
@@ -140,6 +142,22 @@ struct OpenAPIConformanceTests {
             Call(template: "/v1/server-flavor", uri: "/v1/server-flavor", method: .get, status: 401),
             Call(template: "/v1/server-image", uri: "/v1/server-image", method: .get, headers: user("bob"), status: 200),
             Call(template: "/v1/server-image", uri: "/v1/server-image", method: .get, status: 401),
+        ]
+        // SSH keys.
+        let keys = "/v1/ssh-key"
+        let key = "/v1/ssh-key/{id}"
+        func keyBody(_ name: String, _ text: String) -> String { #"{"name": "\#(name)", "public-key": "\#(text)"}"# }
+        calls += [
+            Call(template: keys, uri: keys, method: .get, headers: user("root"), status: 200),
+            Call(template: keys, uri: keys, method: .get, status: 401),
+            Call(template: keys, uri: keys, headers: user("root"), body: keyBody("desk", testPublicKey(2)), status: 201),
+            Call(template: keys, uri: keys, headers: user("root"), body: keyBody("bad", "ssh-ed25519 nope"), status: 400),
+            Call(template: keys, uri: keys, body: keyBody("desk", testPublicKey(3)), status: 401),
+            Call(template: keys, uri: keys, headers: user("root"), body: keyBody("laptop", testPublicKey(3)), status: 409),
+            Call(template: keys, uri: keys, headers: user("root"), body: huge, status: 413),
+            Call(template: key, uri: keys + "/desk", method: .delete, headers: user("root"), status: 200),
+            Call(template: key, uri: keys + "/desk", method: .delete, status: 401),
+            Call(template: key, uri: keys + "/desk", method: .delete, headers: user("root"), status: 404),
         ]
         // Users' records and tokens.
         let person = "/v1/user/{name}"

@@ -187,7 +187,7 @@ struct ServerInstanceTests {
                 (#"{"server-image": "debian"}"#, .badRequest, "missing field 'server-flavor'"),
                 (
                     #"{"server-image": "debian", "server-flavor": "small", "colour": "red"}"#, .badRequest,
-                    "unknown field 'colour'; allowed: 'server-image', 'server-flavor', 'users'"
+                    "unknown field 'colour'; allowed: 'server-image', 'server-flavor', 'users', 'ssh-keys', 'user-data'"
                 ),
                 (#"{"server-image": 7, "server-flavor": "small"}"#, .badRequest, "field 'server-image' must be a non-empty string of at most 64 bytes"),
                 (

@@ -37,8 +37,10 @@ struct TestPool {
         try await store.addImage(Image(name: "debian", url: "http://images.test/debian.qcow2"))
         try await store.addImage(Image(name: "cirros", url: "http://images.test/cirros.qcow2"))
         try await store.addWisp(Wisp(name: "alice-web", owner: "alice", image: "debian", sshKeys: ["ssh-ed25519 AAAA alice"], isDefault: true))
-        try await store.addWisp(Wisp(name: "bob-web", owner: "bob", image: "debian"))
-        try await store.addWisp(Wisp(name: "fallback", owner: "root", image: "cirros", isSystemDefault: systemDefault))
+        // Every user's create has a key to install (the user-facing API refuses one without).
+        try await store.addWisp(Wisp(name: "bob-web", owner: "bob", image: "debian", sshKeys: ["ssh-ed25519 AAAA bob"]))
+        try await store.addWisp(
+            Wisp(name: "fallback", owner: "root", image: "cirros", sshKeys: ["ssh-ed25519 AAAA fallback"], isSystemDefault: systemDefault))
         var configuration = PoolConfiguration(host: "127.0.0.1", port: 0)
         configure(&configuration)
         return TestPool(store: store, path: path, configuration: configuration, tokens: tokens)
