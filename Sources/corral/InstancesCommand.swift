@@ -140,6 +140,22 @@ func printTimeline(_ entries: [ServerTimelineEntry]) {
     print(table.render())
 }
 
+/// The text of a small file a user names, read no further than `maxBytes`
+/// (a device or a huge file is refused, not read to the end); a problem
+/// exits 1 naming the option.
+func readTextFile(_ path: String, option: String, maxBytes: Int) -> String {
+    guard let handle = FileHandle(forReadingAtPath: path) else { fail("\(option) \(path): cannot open it for reading") }
+    defer { try? handle.close() }
+    let data: Data
+    do {
+        data = try handle.read(upToCount: maxBytes + 1) ?? Data()
+    } catch {
+        fail("\(option) \(path): \(error.localizedDescription)")
+    }
+    guard data.count <= maxBytes else { fail("\(option) \(path): more than \(maxBytes) bytes") }
+    return String(decoding: data, as: UTF8.self)
+}
+
 /// The path of one instance.
 func instancePath(_ id: String) -> String {
     "/v1/server-instance/" + (id.addingPercentEncoding(withAllowedCharacters: .urlPathAllowed.subtracting(["/"])) ?? id)
@@ -190,17 +206,7 @@ extension Corral.InstancesCommand {
             var body: [String: Any] = ["server-flavor": flavor, "server-image": image]
             if !users.isEmpty { body["users"] = users }
             if !sshKeys.isEmpty { body["ssh-keys"] = sshKeys }
-            if let userData {
-                let text: String
-                do {
-                    let data = try Data(contentsOf: URL(fileURLWithPath: userData))
-                    guard data.count <= 64 * 1024 else { fail("--user-data \(userData): \(data.count) bytes, more than 64 KiB") }
-                    text = String(decoding: data, as: UTF8.self)
-                } catch {
-                    fail("--user-data \(userData): \(error.localizedDescription)")
-                }
-                body["user-data"] = text
-            }
+            if let userData { body["user-data"] = readTextFile(userData, option: "--user-data", maxBytes: 64 * 1024) }
             let created = try await api.call(.POST, "/v1/server-instance", body: body)
             guard waiting.wait, let instance = created.first else { return try api.show(created) }
             let name = instance.hostname ?? instance.id

@@ -30,14 +30,7 @@ extension Corral {
             @Option(help: "The public key file, e.g. ~/.ssh/id_ed25519.pub.") var file: String
 
             func run() async throws {
-                let text: String
-                do {
-                    let data = try Data(contentsOf: URL(fileURLWithPath: file))
-                    guard data.count <= 16 * 1024 else { fail("--file \(file): \(data.count) bytes is too big for a public key") }
-                    text = String(decoding: data, as: UTF8.self)
-                } catch {
-                    fail("--file \(file): \(error.localizedDescription)")
-                }
+                let text = readTextFile(file, option: "--file", maxBytes: 16 * 1024)
                 if text.contains("PRIVATE KEY") { fail("--file \(file) is a private key; give its .pub file") }
                 let added = try await api.call(
                     .POST, "/v1/ssh-key", body: ["name": name, "public-key": text], as: [ServerSSHKey].self)
