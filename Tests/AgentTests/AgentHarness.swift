@@ -296,14 +296,18 @@ final class Harness: @unchecked Sendable {
         return list.first { $0["name"] as? String == name }
     }
 
-    /// Waits until the pool shows the instance in `state`; returns the record.
+    /// Waits until the pool shows the instance in `state` (and, with
+    /// `until`, a record that passes it: a check-in's summary can bring the
+    /// state before the report with the rest); returns the record.
     @discardableResult
-    func waitForPoolState(_ name: String, _ state: Int, timeout: Duration = .seconds(120)) async throws -> [String: Any] {
+    func waitForPoolState(
+        _ name: String, _ state: Int, timeout: Duration = .seconds(120), until: ([String: Any]) -> Bool = { _ in true }
+    ) async throws -> [String: Any] {
         let deadline = ContinuousClock.now + timeout
         var last: [String: Any]?
         while ContinuousClock.now < deadline {
             last = try await poolInstance(name)
-            if let last, last["state"] as? Int == state { return last }
+            if let last, last["state"] as? Int == state, until(last) { return last }
             try await Task.sleep(for: .milliseconds(250))
         }
         throw SetupError(

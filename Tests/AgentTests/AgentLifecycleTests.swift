@@ -13,7 +13,7 @@ struct AgentLifecycleTests {
         try await withHarness("lifecycle") { harness, _ in
             try await harness.startAgent()
             let name = try await harness.reserve()
-            let running = try await harness.waitForPoolState(name, 4)
+            let running = try await harness.waitForPoolState(name, 4) { ($0["console_tail"] as? [String])?.isEmpty == false }
             #expect(running["last_error"] == nil)
             #expect((running["console_tail"] as? [String])?.isEmpty == false)
 
@@ -70,7 +70,7 @@ struct AgentLifecycleTests {
             #expect(try await harness.domains(named: name).map(\.uuid) == [domain.uuid])
 
             try await harness.poolCommand(["instance", "action", "power-off", name])
-            let off = try await harness.waitForPoolState(name, 5)
+            let off = try await harness.waitForPoolState(name, 5) { $0["state_reason"] as? String == "shut off (shutdown)" }
             #expect(off["state_reason"] as? String == "shut off (shutdown)")
             #expect(try await domain.state().isActive == false)
 
@@ -102,7 +102,7 @@ struct AgentLifecycleTests {
             try await harness.waitForPoolState(name, 4)
             let domain = try #require(try await harness.domains(named: name).first)
             try await harness.poolCommand(["instance", "lease", name, "--seconds", "2"])
-            let suspended = try await harness.waitForPoolState(name, 5, timeout: .seconds(30))
+            let suspended = try await harness.waitForPoolState(name, 5, timeout: .seconds(30)) { $0["state_reason"] is String }
             #expect(suspended["state_reason"] as? String == "paused (user)")
             if case .paused = try await domain.state() {} else {
                 Issue.record("expected a paused domain, got \(try await domain.state())")
@@ -148,7 +148,7 @@ struct AgentLifecycleTests {
             #expect(waiting["state"] as? Int == 3, "the slow instance is still waiting for its callback: \(waiting)")
             #expect(waiting["last_error"] == nil || waiting["last_error"] is NSNull)
             try await harness.waitForPoolState(quick, 4, timeout: .seconds(120))
-            let record = try await harness.waitForPoolState(slow, 5, timeout: .seconds(120))
+            let record = try await harness.waitForPoolState(slow, 5, timeout: .seconds(120)) { $0["last_error"] is String }
             #expect((record["last_error"] as? String ?? "").contains("no start parameters within 45 s"), "\(record)")
             #expect(try await harness.domains(named: slow).isEmpty)
         }
@@ -177,7 +177,7 @@ struct AgentLifecycleTests {
             var names: [String] = []
             for (wisp, _) in expectations { names.append(try await harness.reserve(wisp: wisp)) }
             for (name, (wisp, reason)) in zip(names, expectations) {
-                let record = try await harness.waitForPoolState(name, 5, timeout: .seconds(60))
+                let record = try await harness.waitForPoolState(name, 5, timeout: .seconds(60)) { $0["last_error"] is String }
                 let error = record["last_error"] as? String ?? ""
                 #expect(error.contains(reason), "\(wisp): \(error)")
                 let status = try #require(try await harness.agentStatus(name))

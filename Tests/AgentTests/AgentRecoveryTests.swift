@@ -90,7 +90,7 @@ struct AgentRecoveryTests {
             // The guest kept running; a power-off through the pool reaches
             // it and its stop event comes back as a report.
             try await harness.poolCommand(["instance", "action", "power-off", name])
-            let off = try await harness.waitForPoolState(name, 5, timeout: .seconds(90))
+            let off = try await harness.waitForPoolState(name, 5, timeout: .seconds(90)) { $0["state_reason"] as? String == "shut off (shutdown)" }
             #expect(off["state_reason"] as? String == "shut off (shutdown)")
         }
     }

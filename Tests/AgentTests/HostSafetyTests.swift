@@ -64,13 +64,7 @@ struct HostSafetyTests {
                 var names: [String] = []
                 for (wisp, _) in cases { names.append(try await harness.reserve(wisp: wisp)) }
                 for (name, (wisp, reason)) in zip(names, cases) {
-                    var record = try await harness.waitForPoolState(name, 5, timeout: .seconds(90))
-                    // The check-in's summary can bring state 5 before the report with the error.
-                    let errorDeadline = ContinuousClock.now + .seconds(60)
-                    while (record["last_error"] as? String) == nil, ContinuousClock.now < errorDeadline {
-                        try await Task.sleep(for: .milliseconds(250))
-                        record = try await harness.poolInstance(name) ?? record
-                    }
+                    let record = try await harness.waitForPoolState(name, 5, timeout: .seconds(90)) { $0["last_error"] is String }
                     let error = record["last_error"] as? String ?? ""
                     #expect(error.contains(reason), "\(wisp): \(error)")
                     #expect(try await harness.domains(named: name).isEmpty, "\(wisp)")
