@@ -42,7 +42,10 @@ extension Agent {
                 domain = try await self.domain(of: instance)
             } catch let error as LibvirtError where error.code == .noDomain {}
             var domainState = try await domain?.state()
-            let consoleSize = (try? FileManager.default.attributesOfItem(atPath: try self.paths.console(name))[.size] as? NSNumber)?.intValue
+            // Only a boot looks at the console (it decides when the guest is up).
+            let consoleSize =
+                instance.phase == .booting
+                ? (try? FileManager.default.attributesOfItem(atPath: try self.paths.console(name))[.size] as? NSNumber)?.intValue : nil
             let step = Reconciliation.step(
                 Reconciliation.Observed(
                     phase: instance.phase, domain: domainState, expires: instance.expires, expiredAt: instance.expiredAt,

@@ -12,7 +12,7 @@ struct EventRoutes: Sendable {
     /// What the token with this digest may watch, or why it may not.
     private func filter(forTokenDigest digest: String) async throws -> (principal: String, filter: @Sendable (InstanceEvent) -> Bool) {
         if let user = try await store.user(tokenDigest: digest) {
-            guard user.enabled else { throw Refusal(.unauthorized, User.disabledMessage(user.name)) }
+            guard user.enabled else { throw Refusal(.unauthorized, User.refusalOfDisabled(user.name)) }
             let name = user.name
             let everything = user.superuser
             return ("user:\(name)", { everything || $0.owner == name })

@@ -10,7 +10,7 @@ func authenticateUser(_ request: Request, store: any PoolStore) async throws -> 
     guard let user = try await store.user(tokenDigest: Token.digest(token)) else {
         throw Refusal(.unauthorized, "Token is not valid.")
     }
-    guard user.enabled else { throw Refusal(.unauthorized, User.disabledMessage(user.name)) }
+    guard user.enabled else { throw Refusal(.unauthorized, User.refusalOfDisabled(user.name)) }
     return user
 }
 

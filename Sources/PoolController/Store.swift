@@ -38,7 +38,7 @@ public struct User: Sendable, Equatable, Codable {
     public var enabled: Bool = true
 
     /// The refusal a disabled user's token gets.
-    public static func disabledMessage(_ name: String) -> String {
+    public static func refusalOfDisabled(_ name: String) -> String {
         "user '\(name)' is disabled; an admin can enable it (corral pool user enable \(name))"
     }
 }

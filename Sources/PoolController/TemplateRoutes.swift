@@ -24,7 +24,7 @@ struct TemplateRoutes: Sendable {
         guard let token, !token.isEmpty, let user = try await store.user(tokenDigest: Token.digest(token)) else {
             throw Refusal(.init(code: 402, reasonPhrase: "Payment Required"), "must include [token] with a valid token")
         }
-        guard user.enabled else { throw Refusal(.init(code: 402, reasonPhrase: "Payment Required"), User.disabledMessage(user.name)) }
+        guard user.enabled else { throw Refusal(.init(code: 402, reasonPhrase: "Payment Required"), User.refusalOfDisabled(user.name)) }
         let name = try pathParameter(context, "template")
         var launch = InstanceRequest(owner: user.name, template: name)
         if let region = query["region"].map(String.init), !region.isEmpty, region != "any" { launch.region = region }

@@ -81,7 +81,7 @@ struct TokenAndLimitTests {
             let disabled = try await client.v1(.put, "/v1/user/alice", token: root, body: #"{"enabled": false}"#)
             #expect(try userView(disabled).enabled == false)
             #expect(await second.ends())
-            try await refusedEverywhere(newToken, User.disabledMessage("alice"))
+            try await refusedEverywhere(newToken, User.refusalOfDisabled("alice"))
             let enabled = try await client.v1(.put, "/v1/user/alice", token: root, body: #"{"enabled": true}"#)
             #expect(try userView(enabled).enabled)
             #expect(try await client.v1(.get, "/v1/server-instance", token: newToken).status == .ok)
