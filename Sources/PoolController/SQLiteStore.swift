@@ -673,6 +673,10 @@ public final class SQLiteStore: PoolStore {
                     continue  // Another appliance's instance: its report is not this one's to make.
                 }
                 if let existing {
+                    // Decommissioned is final: a summary the agent took just
+                    // before it decommissioned the VM can arrive after the
+                    // report that said so, and must not bring it back.
+                    guard existing.state != InstanceState.decommissioned.rawValue else { continue }
                     try db.execute(
                         sql: "UPDATE instance SET reportedAt = ? WHERE id = ?", arguments: [date, existing.id])
                     guard existing.state != summary.state.rawValue else { continue }

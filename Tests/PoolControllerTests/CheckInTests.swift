@@ -44,6 +44,19 @@ struct CheckInTests {
         #expect(seen.map { "\($0.name) \($0.state.rawValue)" } == ["theirs 4", "a 1", "b 4", "a 4"])
     }
 
+    @Test("a check-in's summary taken before a decommission does not bring the instance back")
+    func decommissionedIsFinal() async throws {
+        let pool = try await TestPool.make()
+        try await pool.app.test(.router) { client in
+            _ = try await client.checkIn(pool, "rack-1", instances: [InstanceSummary(name: "gone", state: .suspended)])
+            #expect(try await client.report(pool, "rack-1", InstanceReport(name: "gone", state: .decommissioned)).status == .ok)
+            // The agent read its instances before it decommissioned this one; the check-in lands after the report.
+            _ = try await client.checkIn(pool, "rack-1", instances: [InstanceSummary(name: "gone", state: .suspended)])
+        }
+        let gone = try #require(try await pool.store.instances().first { $0.name == "gone" })
+        #expect(gone.state == .decommissioned)
+    }
+
     @Test("an action is sent at every check-in until its appliance says it is done")
     func actionsUntilDone() async throws {
         let pool = try await TestPool.make()
