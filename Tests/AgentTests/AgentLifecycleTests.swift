@@ -27,7 +27,7 @@ struct AgentLifecycleTests {
             #expect(description.vcpus == 1)
             #expect(description.memoryKiB == 128 * 1024)
             #expect(description.virtType == "qemu")
-            try await waitForText(TestGuest.readyMarker, inFile: harness.consolePath(name), timeout: .seconds(60))
+            try await waitForText(TestGuest.readyMarker, inFile: harness.consolePath(name), timeout: TestGuest.bootTimeout)
 
             var status = try #require(try await harness.agentStatus(name))
             for _ in 0..<40 where status["reported_at"] == nil {
@@ -78,10 +78,10 @@ struct AgentLifecycleTests {
             try await harness.waitForPoolState(name, 4)
             #expect(try await domain.state().isActive)
             // A new QEMU process starts the console file afresh.
-            try await waitForText(TestGuest.readyMarker, inFile: harness.consolePath(name), timeout: .seconds(60))
+            try await waitForText(TestGuest.readyMarker, inFile: harness.consolePath(name), timeout: TestGuest.bootTimeout)
 
             try await harness.poolCommand(["instance", "action", "reboot", name])
-            try await waitForText(TestGuest.readyMarker, inFile: harness.consolePath(name), occurrences: 2, timeout: .seconds(90))
+            try await waitForText(TestGuest.readyMarker, inFile: harness.consolePath(name), occurrences: 2, timeout: TestGuest.bootTimeout)
             try await harness.waitForPoolState(name, 4)
 
             try await harness.poolCommand(["instance", "action", "delete", name])

@@ -29,7 +29,7 @@ struct AgentRecoveryTests {
 
             try await harness.startAgent()
             try await harness.waitForPoolState(name, 4)
-            try await waitForText(TestGuest.readyMarker, inFile: harness.consolePath(name), timeout: .seconds(60))
+            try await waitForText(TestGuest.readyMarker, inFile: harness.consolePath(name), timeout: TestGuest.bootTimeout)
             #expect(try await harness.domains(named: name).count == 1)
             #expect(harness.instanceFiles() == ["consoles/\(name).log", "disks/\(name).qcow2", "disks/\(name).seed.iso"])
             let partial = try FileManager.default.contentsOfDirectory(atPath: harness.directory.appendingPathComponent("images/tmp").path)
@@ -46,7 +46,7 @@ struct AgentRecoveryTests {
             let name = try await harness.reserve()
             try await harness.waitForPoolState(name, 4)
             let domain = try #require(try await harness.domains(named: name).first)
-            try await waitForText(TestGuest.readyMarker, inFile: harness.consolePath(name), timeout: .seconds(60))
+            try await waitForText(TestGuest.readyMarker, inFile: harness.consolePath(name), timeout: TestGuest.bootTimeout)
 
             await harness.stopPool()
             // Stopped, then started again, behind the agent's back: two reports queue.
@@ -78,7 +78,7 @@ struct AgentRecoveryTests {
             try await harness.startAgent()
             let name = try await harness.reserve()
             try await harness.waitForPoolState(name, 4)
-            try await waitForText(TestGuest.readyMarker, inFile: harness.consolePath(name), timeout: .seconds(60))
+            try await waitForText(TestGuest.readyMarker, inFile: harness.consolePath(name), timeout: TestGuest.bootTimeout)
 
             let killed = try await runProgram("pkill", ["-TERM", "-x", "libvirtd"])
             try #require(killed.status == 0, "pkill libvirtd: \(killed.stderr)")

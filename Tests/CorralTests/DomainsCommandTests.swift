@@ -103,7 +103,7 @@ struct DomainsCommandTests {
                 xml: guest.domainXML(name: name, consoleLog: console, memoryMiB: 160))
             do {
                 try await domain.setInstanceMetadata(InstanceMetadata(instance: "inst-42", appliance: "rack-9"))
-                try await waitForText(TestGuest.readyMarker, inFile: console, timeout: .seconds(60))
+                try await waitForText(TestGuest.readyMarker, inFile: console, timeout: TestGuest.bootTimeout)
 
                 let list = try await runCorral(["domains", "list"])
                 #expect(list.status == 0, "\(list.stderr)")

@@ -34,7 +34,7 @@ struct SystemQEMUTests {
             do {
                 #expect(try await domain.state() == .shutoff(.unknown))
                 try await domain.start()
-                try await waitForText(TestGuest.readyMarker, inFile: console, timeout: .seconds(60))
+                try await waitForText(TestGuest.readyMarker, inFile: console, timeout: TestGuest.bootTimeout)
                 #expect(try await domain.state() == .running(.booted))
                 let info = try await domain.info()
                 #expect(info.vcpus == 2)
@@ -54,7 +54,7 @@ struct SystemQEMUTests {
 
                 // A reboot goes through the guest (ACPI) and boots it again.
                 try await domain.reboot()
-                try await waitForText(TestGuest.readyMarker, inFile: console, occurrences: 2, timeout: .seconds(60))
+                try await waitForText(TestGuest.readyMarker, inFile: console, occurrences: 2, timeout: TestGuest.bootTimeout)
                 #expect(try await domain.state().isActive)
 
                 // The guest powers off on the ACPI power button.
@@ -64,7 +64,7 @@ struct SystemQEMUTests {
 
                 try FileManager.default.removeItem(atPath: console)
                 try await domain.start()
-                try await waitForText(TestGuest.readyMarker, inFile: console, timeout: .seconds(60))
+                try await waitForText(TestGuest.readyMarker, inFile: console, timeout: TestGuest.bootTimeout)
                 try await domain.destroy()
                 #expect(try await domain.state() == .shutoff(.destroyed))
 
@@ -129,7 +129,7 @@ struct SystemQEMUTests {
             let domain = try await connection.defineDomain(xml: guest.domainXML(name: name, consoleLog: console))
             do {
                 try await domain.start()
-                try await waitForText(TestGuest.readyMarker, inFile: console, timeout: .seconds(60))
+                try await waitForText(TestGuest.readyMarker, inFile: console, timeout: TestGuest.bootTimeout)
                 let pidText = try String(contentsOfFile: "/run/libvirt/qemu/\(name).pid", encoding: .utf8)
                 let pid = try #require(pid_t(pidText.trimmingCharacters(in: .whitespacesAndNewlines)))
                 #expect(kill(pid, SIGKILL) == 0)
@@ -170,7 +170,7 @@ struct SystemQEMUTests {
             let domain = try await connection.createTransientDomain(
                 xml: guest.domainXML(name: Self.uniqueName("probed"), virtType: resolved.type.rawValue, consoleLog: console))
             do {
-                try await waitForText(TestGuest.readyMarker, inFile: console, timeout: .seconds(60))
+                try await waitForText(TestGuest.readyMarker, inFile: console, timeout: TestGuest.bootTimeout)
             } catch {
                 await Self.remove(domain)
                 throw SetupError("the resolved type \(resolved.type) (\(resolved.reason)) did not boot: \(error)")
@@ -246,7 +246,7 @@ struct SystemQEMUTests {
             let domain = try await connection.createTransientDomain(
                 xml: guest.domainXML(name: Self.uniqueName("survivor"), consoleLog: console))
             do {
-                try await waitForText(TestGuest.readyMarker, inFile: console, timeout: .seconds(60))
+                try await waitForText(TestGuest.readyMarker, inFile: console, timeout: TestGuest.bootTimeout)
                 let events = EventRecorder(try await connection.events())
 
                 let killed = try await runCommand(URL(fileURLWithPath: "/usr/bin/pkill"), ["-TERM", "-x", "libvirtd"])

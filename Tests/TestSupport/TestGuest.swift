@@ -9,6 +9,10 @@ public struct TestGuest: Sendable {
     public var initrd: String
 
     public static let readyMarker = "corral-test-guest: init ready"
+    /// How long a test waits for ``readyMarker``: a bound that proves the
+    /// guest boots, not a speed target. It boots in seconds alone, but CI
+    /// runs the guest suites in parallel under TCG, and one took over 60 s.
+    public static let bootTimeout: Duration = .seconds(180)
 
     private actor Cache {
         var build: Task<TestGuest, any Error>?
