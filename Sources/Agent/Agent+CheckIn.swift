@@ -144,6 +144,24 @@ extension Agent {
                 let expires = action.expires.map { Date(timeIntervalSince1970: TimeInterval($0)) }
                 let applied = try await store.apply(action, .lease(expires), at: Date())
                 if applied, known != nil { try await changeLease(name) }
+            case .keys:
+                guard known != nil, let keys = action.keys, let user = action.user else {
+                    _ = try await store.apply(action, .none, at: Date())
+                    logger.warning("keys for \(name) ignored: \(known == nil ? "this appliance does not have it" : "the action names no keys or user")")
+                    return
+                }
+                if let problem = GuestKeys.problem(keys: keys, user: user, run: action.run) {
+                    guard try await store.apply(action, .none, at: Date()) else { return }
+                    logger.error("keys for \(name) refused: \(problem)")
+                    _ = try await store.update(name) {
+                        $0.keysAction = action.id
+                        $0.keysApplied = action.id
+                        $0.keysError = "the pool's SSH key list was refused: \(problem)"
+                    }
+                    reconcileWakeup.signal()
+                    return
+                }
+                if try await store.apply(action, .keys(keys, user: user, run: action.run), at: Date()) { startRekey(name) }
             case .reboot, .powerOn, .powerOff:
                 guard try await store.apply(action, .none, at: Date()) else { return }
                 guard let known else {

@@ -74,9 +74,12 @@ extension Agent {
                     addresses = [IPAddress(version: 4, scope: "private", address: userGuestAddress)]
                 }
             }
+            // A running guest whose key list could not be set is in error too.
+            let error = view.error ?? (view.state == .running ? instance.keysError : nil)
             let timeline = try await self.store.timeline(of: name)
             let reported = Reported(
-                state: view.state, error: view.error, addresses: addresses, reason: view.reason, phases: Reported.agentPhases(timeline))
+                state: view.state, error: error, addresses: addresses, reason: view.reason, keysApplied: instance.keysApplied,
+                phases: Reported.agentPhases(timeline))
             let changed = self.state.withLock { $0.reported[name] != reported }
             // Only the fields reconciling owns are written, and only if no
             // action changed the phase meanwhile (a delete, a lease): a
@@ -85,6 +88,7 @@ extension Agent {
                 name, from: instance.phase, to: step.phase, state: step.decommission ? instance.state : view.state,
                 lastError: view.error, expiredAt: step.expiredAt)
             guard kept else { return false }
+            if step.phase == .active, instance.keysPending { self.startRekey(name) }
             guard changed, !step.decommission else { return step.decommission }
             var ssh: SSHEndpoint?
             if view.state == .running {
@@ -96,11 +100,11 @@ extension Agent {
             }
             let report = InstanceReport(
                 name: name, state: view.state, flavor: instance.flavor, expires: instance.expires.map { Int($0.timeIntervalSince1970) },
-                ipAddresses: addresses, consoleOutput: self.consoleTail(name), error: view.error,
-                reason: view.reason, timeline: timeline, ssh: ssh)
+                ipAddresses: addresses, consoleOutput: self.consoleTail(name), error: error,
+                reason: view.reason, timeline: timeline, ssh: ssh, keysApplied: instance.keysApplied)
             try await self.store.enqueue(report, at: now)
             self.state.withLock { $0.reported[name] = reported }
-            self.logger.info("\(name): \(view.state)\(view.error.map { " (\($0))" } ?? "")")
+            self.logger.info("\(name): \(view.state)\(error.map { " (\($0))" } ?? "")")
             self.outboxWakeup.signal()
             return false
         }

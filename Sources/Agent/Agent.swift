@@ -69,6 +69,7 @@ public final class Agent: Service, Sendable {
         var error: String?
         var addresses: [IPAddress]
         var reason: String?
+        var keysApplied: String?
         /// How many launch phases of the agent's own the report carried
         /// (the pool records the others itself, so they are no news).
         var phases = 0
@@ -83,6 +84,7 @@ public final class Agent: Service, Sendable {
         var builds: [String: Task<Void, Never>] = [:]
         var decommissions: [String: Task<Void, Never>] = [:]
         var watches: [String: Task<Void, Never>] = [:]
+        var rekeys: [String: Task<Void, Never>] = [:]
         var reported: [String: Reported] = [:]
     }
 
@@ -223,6 +225,7 @@ public final class Agent: Service, Sendable {
             case .booting, .active: startWatch(instance.name)
             default: break
             }
+            if instance.keysPending { startRekey(instance.name) }
         }
         let fileManager = FileManager.default
         for (directory, suffixes) in [(paths.disks, [".qcow2", ".seed.iso", ".seed.iso.part"]), (paths.consoles, [".log"])] {

@@ -47,6 +47,20 @@ public struct LocalInstance: Sendable, Equatable, Codable, FetchableRecord, Pers
     /// When the pool last accepted a report of this instance.
     public var reportedAt: Date?
     public var createdAt: Date
+    /// The newest key list the pool sent (a `keys` action) for the guest's
+    /// login user `keysUser`, and that action's id.
+    public var authorizedKeys: [String]?
+    public var keysUser: String?
+    public var keysAction: String?
+    /// The id of the newest `keys` action carried out (or given up on).
+    public var keysApplied: String?
+    /// Why the newest key list could not be set in the guest.
+    public var keysError: String?
+    /// A script to start once in the guest after its keys are set.
+    public var runOnce: String?
+
+    /// Whether the guest still has to get the newest key list.
+    public var keysPending: Bool { keysAction != nil && keysAction != keysApplied }
 
     public init(
         name: String, phase: Phase, state: InstanceState, flavor: InstanceFlavor, expires: Date?, uuid: String,
@@ -159,6 +173,16 @@ public final class AgentStore: Sendable {
                 table.primaryKey(["instance", "sha256"])
             }
         }
+        migrator.registerMigration("4-guest-keys") { db in
+            try db.alter(table: "instance") { table in
+                table.add(column: "authorizedKeys", .jsonText)
+                table.add(column: "keysUser", .text)
+                table.add(column: "keysAction", .text)
+                table.add(column: "keysApplied", .text)
+                table.add(column: "keysError", .text)
+                table.add(column: "runOnce", .text)
+            }
+        }
         return migrator
     }
 
@@ -186,6 +210,17 @@ public final class AgentStore: Sendable {
             change(&instance)
             try instance.update(db)
             return instance
+        }
+    }
+
+    /// Records that the guest got the key list of action `id` (or, with
+    /// `error`, that it could not); the run-once script is done with either
+    /// way. Nothing changes when a newer list arrived meanwhile.
+    public func keysApplied(_ name: String, action id: String, error: String?) async throws {
+        try await database.write { db in
+            try db.execute(
+                sql: "UPDATE instance SET keysApplied = ?, keysError = ?, runOnce = NULL WHERE name = ? AND keysAction = ?",
+                arguments: [id, error, name, id])
         }
     }
 
@@ -251,6 +286,9 @@ public final class AgentStore: Sendable {
         case delete
         /// The instance's lease now ends at this time (nil: never).
         case lease(Date?)
+        /// The guest's login user is to hold exactly these keys, then start
+        /// `run` once (a script kept until it ran).
+        case keys([String], user: String, run: String?)
     }
 
     /// Records the action as applied, together with its effect, in one
@@ -270,6 +308,13 @@ public final class AgentStore: Sendable {
                     sql: "UPDATE instance SET phase = ? WHERE name = ?", arguments: [LocalInstance.Phase.deleting.rawValue, action.instance])
             case .lease(let expires):
                 try db.execute(sql: "UPDATE instance SET expires = ? WHERE name = ?", arguments: [expires, action.instance])
+            case .keys(let keys, let user, let run):
+                try db.execute(
+                    sql: """
+                        UPDATE instance SET authorizedKeys = ?, keysUser = ?, keysAction = ?, runOnce = COALESCE(?, runOnce),
+                        keysError = NULL WHERE name = ?
+                        """,
+                    arguments: [String(decoding: try JSONEncoder().encode(keys), as: UTF8.self), user, action.id, run, action.instance])
             }
             try db.execute(
                 sql: "INSERT INTO appliedAction (id, instance, kind, appliedAt) VALUES (?, ?, ?, ?)",

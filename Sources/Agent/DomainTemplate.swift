@@ -98,6 +98,9 @@ struct DomainTemplate: Sendable {
                   <source path='\(escape(consoleLog))'/>
                   <target port='0'/>
                 </serial>
+                <channel type='unix'>
+                  <target type='virtio' name='org.qemu.guest_agent.0'/>
+                </channel>
               </devices>\(qemuArguments)
             </domain>
             """

@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <libvirt/libvirt.h>
 #include <libvirt/virterror.h>
+#include <libvirt/libvirt-qemu.h>
 
 /// Registers a lifecycle-event callback. The C API takes a generic callback
 /// that must be cast with VIR_DOMAIN_EVENT_CALLBACK, a macro Swift cannot

@@ -98,6 +98,9 @@ public struct Action: Codable, Sendable, Equatable {
         case delete
         /// The lease now ends at `expires`.
         case lease
+        /// Replace the login user's SSH keys in the running guest with
+        /// `keys` (through the QEMU guest agent), then start `run` once.
+        case keys
     }
 
     /// Unique; the pool sends an action at every check-in until the
@@ -112,10 +115,18 @@ public struct Action: Codable, Sendable, Equatable {
     /// For `start`: the launch phases the pool recorded (the request and
     /// the placement), so the agent's timeline starts where the pool's does.
     public var timeline: [TimelineEntry]?
+    /// For `keys`: every public key (`authorized_keys` lines) the login
+    /// user is to have, replacing what it has.
+    public var keys: [String]?
+    /// For `keys`: the guest user whose keys they are (the image's login user).
+    public var user: String?
+    /// For `keys`: a `#!` script to start once in the guest afterwards (a
+    /// warm instance's new owner's user-data).
+    public var run: String?
 
     public init(
         id: String, kind: Kind, instance: String, flavor: InstanceFlavor? = nil, expires: Int? = nil,
-        timeline: [TimelineEntry]? = nil
+        timeline: [TimelineEntry]? = nil, keys: [String]? = nil, user: String? = nil, run: String? = nil
     ) {
         self.id = id
         self.kind = kind
@@ -123,6 +134,9 @@ public struct Action: Codable, Sendable, Equatable {
         self.flavor = flavor
         self.expires = expires
         self.timeline = timeline
+        self.keys = keys
+        self.user = user
+        self.run = run
     }
 }
 

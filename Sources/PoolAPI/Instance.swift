@@ -84,20 +84,25 @@ public struct InstanceReport: Codable, Sendable, Equatable {
     /// Where users reach its SSH server (a Corral addition): the forward
     /// on the appliance, or the guest's address in network and bridge modes.
     public var ssh: SSHEndpoint?
+    /// The id of the newest `keys` action carried out in the guest (a
+    /// Corral addition); a failure shows in `error`.
+    public var keysApplied: String?
 
     enum CodingKeys: String, CodingKey {
         case name, state, flavor, ask, expires, address
         case ipAddresses = "ip_addresses"
         case consoleOutput = "console_output"
         case error, reason, timeline, ssh
+        case keysApplied = "keys_applied"
     }
 
     public init(
         name: String, state: InstanceState, flavor: InstanceFlavor? = nil, ask: Int? = nil, expires: Int? = nil,
         address: String? = nil, ipAddresses: [IPAddress]? = nil, consoleOutput: [String]? = nil, error: String? = nil,
-        reason: String? = nil, timeline: [TimelineEntry]? = nil, ssh: SSHEndpoint? = nil
+        reason: String? = nil, timeline: [TimelineEntry]? = nil, ssh: SSHEndpoint? = nil, keysApplied: String? = nil
     ) {
         self.ssh = ssh
+        self.keysApplied = keysApplied
         self.name = name
         self.state = state
         self.flavor = flavor

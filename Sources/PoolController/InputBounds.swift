@@ -150,6 +150,9 @@ struct InputBounds: Sendable {
                 throw Self.refuse("instance.ssh.host", "must be an IP address or a DNS name")
             }
         }
+        if let applied = report.keysApplied, applied.isEmpty || applied.utf8.count > 64 {
+            throw Self.refuse("instance.keys_applied", "must be an action id of 1 to 64 bytes")
+        }
         if let lines = report.consoleOutput {
             try Self.checkCount(lines.count, at: Self.maxConsoleLines, field: "instance.console_output")
             report.consoleOutput = lines.map { Self.cut($0, to: Self.maxConsoleLineBytes) }

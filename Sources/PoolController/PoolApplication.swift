@@ -65,10 +65,9 @@ func buildPoolRouter(
     let reservations = ReservationRoutes(store: store, configuration: configuration, events: events)
     router.post("api/v1/bids", use: reservations.reserve)
     router.get("api/v1/bids", use: reservations.list)
-    ServerInstanceRoutes(store: store, configuration: configuration, events: events).register(in: router)
-    let templates = TemplateRoutes(
-        store: store, configuration: configuration, events: events,
-        warmPools: warmPools ?? WarmPoolService(store: store, configuration: configuration, events: events, logger: logger))
+    let warmPools = warmPools ?? WarmPoolService(store: store, configuration: configuration, events: events, logger: logger)
+    ServerInstanceRoutes(store: store, configuration: configuration, events: events, warmPools: warmPools).register(in: router)
+    let templates = TemplateRoutes(store: store, configuration: configuration, events: events, warmPools: warmPools)
     router.post("api/stream/:template", use: templates.launch)
     let watchers = EventRoutes(store: store, events: events, limits: configuration.limits)
     router.get("api/v1/events", use: watchers.stream)

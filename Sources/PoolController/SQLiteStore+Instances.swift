@@ -35,19 +35,36 @@ extension SQLiteStore {
                 wispID = try template.decode(forColumn: "wispID")
                 templateID = try template.decode(forColumn: "id")
                 flavorName = try template.decode(forColumn: "flavor")
-                if let warm = try Self.claimWarm(db, templateID: try template.decode(forColumn: "id"), region: request.region) {
+                // A warm instance booted long ago: the new owner's keys replace
+                // the template's through the guest agent and a `#!` user-data
+                // starts once. A `#cloud-config` needs a first boot, and an
+                // image with no login user cannot be re-keyed: both launch cold.
+                let keys = try Self.chosenKeys(db, ownerID: ownerID, request.sshKeys)
+                if request.requireSSHKey, keys.isEmpty { throw Self.noKeyRefusal(request) }
+                if request.userData.map(UserData.isScript) ?? true,
+                    let warm = try Self.claimWarm(db, templateID: try template.decode(forColumn: "id"), region: request.region)
+                {
                     try db.execute(
                         sql: """
-                            UPDATE instance SET warm = 0, ownerID = ?, expires = ?, preemptible = ?, topic = ?, updatedAt = ?
-                            WHERE id = ? AND warm = 1
+                            UPDATE instance SET warm = 0, ownerID = ?, expires = ?, preemptible = ?, topic = ?, updatedAt = ?,
+                            sshKeys = ?, userData = ? WHERE id = ? AND warm = 1
                             """,
-                        arguments: [ownerID, expires, request.preemptible, request.topic, date, warm.id])
+                        arguments: [
+                            ownerID, expires, request.preemptible, request.topic, date, keys.joined(separator: "\n"), request.userData,
+                            warm.id,
+                        ])
                     // The claim above picked it in this transaction; a
                     // second writer cannot have taken it meanwhile.
                     guard db.changesCount == 1 else { throw PoolError.storage("warm instance \(warm.id) was taken twice") }
                     try Self.grant(db, instanceID: warm.id, users: granted, ownerID: ownerID, at: date)
                     _ = try Self.insertAction(
                         db, kind: .lease, instanceID: warm.id, applianceID: warm.applianceID, flavor: nil, expires: expires, at: date)
+                    // Marked before the list is made, so the template's keys are left out of it.
+                    try db.execute(sql: "UPDATE instance SET handOutAction = '' WHERE id = ?", arguments: [warm.id])
+                    guard let rekey = try Self.queueKeys(db, instanceID: warm.id, run: request.userData, at: date) else {
+                        throw PoolError.storage("warm instance \(warm.id) could not be re-keyed")
+                    }
+                    try db.execute(sql: "UPDATE instance SET handOutAction = ? WHERE id = ?", arguments: [rekey.id, warm.id])
                     // Its build phases predate the request: it was built warm.
                     try Self.recordPhase(db, .requested, instanceID: warm.id, at: date, replacing: true)
                     try Self.recordPhase(
@@ -67,19 +84,11 @@ extension SQLiteStore {
             let keys = try Self.chosenKeys(db, ownerID: ownerID, request.sshKeys)
             if request.requireSSHKey, keys.isEmpty {
                 // The wisp it boots from gives keys only when it has no callback.
-                let row =
-                    try wispID.flatMap { try Row.fetchOne(db, sql: Self.wispQuery + " WHERE wisp.id = ?", arguments: [$0]) }
-                    ?? Row.fetchOne(db, sql: Self.wispQuery + " WHERE wisp.ownerID = ? AND wisp.isDefault", arguments: [ownerID])
-                    ?? Row.fetchOne(db, sql: Self.wispQuery + " WHERE wisp.isSystemDefault")
-                let wisp = try row.map(Self.wisp)
-                let wispKeys = (wisp?.callbackURL ?? "").isEmpty ? wisp?.sshKeys ?? [] : []
-                guard !wispKeys.isEmpty else {
-                    throw PoolError.invalid(
-                        field: "ssh-keys",
-                        reason: request.sshKeys == nil
-                            ? "you have no SSH key, so you could not log in: add one with POST /v1/ssh-key (`corral keys add NAME --file ~/.ssh/id_ed25519.pub`)"
-                            : "name at least one of your SSH keys (GET /v1/ssh-key lists them), or leave ssh-keys out to use all of them")
-                }
+                // (A template's wisp gives keys only to its own owner's instances.)
+                let wisp = try Self.bootWisp(db, wispID: wispID, ownerID: ownerID)
+                let wispKeys =
+                    (wisp?.callbackURL ?? "").isEmpty && (templateID == nil || wisp?.owner == request.owner) ? wisp?.sshKeys ?? [] : []
+                guard !wispKeys.isEmpty else { throw Self.noKeyRefusal(request) }
             }
             let id = try Self.place(
                 db,
@@ -100,6 +109,15 @@ extension SQLiteStore {
         }
     }
 
+    /// The refusal of a create that would give no key a way in.
+    static func noKeyRefusal(_ request: InstanceRequest) -> PoolError {
+        .invalid(
+            field: "ssh-keys",
+            reason: request.sshKeys == nil
+                ? "you have no SSH key, so you could not log in: add one with POST /v1/ssh-key (`corral keys add NAME --file ~/.ssh/id_ed25519.pub`)"
+                : "name at least one of your SSH keys (GET /v1/ssh-key lists them), or leave ssh-keys out to use all of them")
+    }
+
     public func instance(id: String) async throws -> Instance? {
         try await database.read { db in
             try Row.fetchOne(
@@ -112,6 +130,10 @@ extension SQLiteStore {
         try await database.write { db in
             let (instanceID, ownerID) = try Self.instanceIDs(db, id)
             let userIDs = try Self.userIDs(db, users, field: "task.users")
+            func granted() throws -> [Int64] {
+                try Int64.fetchAll(db, sql: "SELECT userID FROM instanceUser WHERE instanceID = ? ORDER BY userID", arguments: [instanceID])
+            }
+            let before = try granted()
             switch change {
             case .add:
                 try Self.grant(db, instanceID: instanceID, users: userIDs, ownerID: ownerID, at: date)
@@ -125,6 +147,9 @@ extension SQLiteStore {
                 }
             }
             try db.execute(sql: "UPDATE instance SET updatedAt = ? WHERE id = ?", arguments: [date, instanceID])
+            // The guest's keys follow the list (a guest not yet booted gets
+            // them in its seed as well).
+            if try granted() != before { _ = try Self.queueKeys(db, instanceID: instanceID, run: nil, at: date) }
             return try Self.instance(db, id: instanceID)
         }
     }
@@ -367,13 +392,20 @@ extension SQLiteStore {
         }
     }
 
-    /// The oldest warm instance of the template that its agent reported
-    /// running, on an enabled appliance (in the region, when given).
+    /// The oldest ready warm instance of the template, on an enabled
+    /// appliance (in the region, when given). Ready: reported running with
+    /// no error, its SSH server answered its appliance or cloud-init
+    /// finished (so the first boot cannot race the hand-out's keys), and its
+    /// image names the login user the keys go to.
     static func claimWarm(_ db: Database, templateID: Int64, region: String?) throws -> (id: Int64, applianceID: Int64)? {
         var sql = """
             SELECT instance.id, instance.applianceID FROM instance JOIN appliance ON appliance.id = instance.applianceID
             WHERE instance.warm AND instance.templateID = ? AND instance.state = ? AND instance.lastError IS NULL
             AND appliance.enabled AND NOT \(deletePending)
+            AND EXISTS (SELECT 1 FROM wisp JOIN image ON image.id = wisp.imageID
+                        WHERE wisp.id = instance.wispID AND image.loginUser IS NOT NULL)
+            AND EXISTS (SELECT 1 FROM timelineEntry WHERE timelineEntry.instanceID = instance.id
+                        AND timelineEntry.phase IN ('\(LaunchPhase.sshReachable.rawValue)', '\(LaunchPhase.postCreateDone.rawValue)'))
             """
         var arguments: StatementArguments = [templateID, InstanceState.running.rawValue]
         if let region {

@@ -238,6 +238,29 @@ public final class SQLiteStore: PoolStore {
                 table.add(column: "ssh", .text)
             }
         }
+        migrator.registerMigration("10-guest-keys-catalogue-edits") { db in
+            try db.alter(table: "image") { table in
+                // The guest user cloud-init gives the SSH keys to (nil: unknown,
+                // so keys are not changed in running guests).
+                table.add(column: "loginUser", .text)
+                // Inactive images take no new instances; running ones keep theirs.
+                table.add(column: "active", .boolean).notNull().defaults(to: true)
+            }
+            // A `keys` action: the login user's whole key list, and a script to
+            // start once after it.
+            try db.alter(table: "action") { table in
+                table.add(column: "keys", .jsonText)
+                table.add(column: "user", .text)
+                table.add(column: "run", .text)
+            }
+            try db.alter(table: "instance") { table in
+                // The `keys` action that re-keys a handed-out warm instance; until
+                // its appliance reports it applied, the new owner sees BUILD.
+                table.add(column: "handOutAction", .text)
+                // The newest `keys` action its appliance reported applied.
+                table.add(column: "keysApplied", .text)
+            }
+        }
         return migrator
     }
 
@@ -382,10 +405,11 @@ public final class SQLiteStore: PoolStore {
     public func addImage(_ image: Image) async throws {
         try await write(what: "image", name: image.name) { db in
             try db.execute(
-                sql: "INSERT INTO image (name, url, sha256, diskFormat, kernelBoot) VALUES (?, ?, ?, ?, ?)",
+                sql: "INSERT INTO image (name, url, sha256, diskFormat, kernelBoot, loginUser, active) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 arguments: [
                     image.name, image.url, image.sha256, image.diskFormat,
-                    try image.kernelBoot.map { String(decoding: try JSONEncoder().encode($0), as: UTF8.self) },
+                    try image.kernelBoot.map { String(decoding: try JSONEncoder().encode($0), as: UTF8.self) }, image.loginUser,
+                    image.active,
                 ])
         }
     }
@@ -440,6 +464,8 @@ public final class SQLiteStore: PoolStore {
     static let instanceQuery = """
         SELECT instance.*, appliance.name AS appliance, user.name AS owner, user.uuid AS ownerUUID, wisp.name AS wisp,
         COALESCE(image.name, wispImage.name) AS image, template.name AS template,
+        CASE WHEN image.id IS NOT NULL THEN image.loginUser ELSE wispImage.loginUser END AS loginUser,
+        (instance.handOutAction IS NOT NULL AND instance.handOutAction IS NOT instance.keysApplied) AS rekeying,
         (SELECT json_group_array(uuid) FROM (SELECT granted.uuid FROM instanceUser
          JOIN user AS granted ON granted.id = instanceUser.userID WHERE instanceUser.instanceID = instance.id
          ORDER BY instanceUser.addedAt, granted.name)) AS grantedUsers
@@ -467,11 +493,11 @@ public final class SQLiteStore: PoolStore {
                     sql: """
                         UPDATE instance SET state = ?, flavor = COALESCE(flavor, ?), ask = ?, expires = ?, address = ?,
                         ipAddresses = ?, consoleTail = ?, lastError = ?, stateReason = ?, reportedAt = ?, updatedAt = ?,
-                        ssh = COALESCE(?, ssh) WHERE id = ?
+                        ssh = COALESCE(?, ssh), keysApplied = COALESCE(?, keysApplied) WHERE id = ?
                         """,
                     arguments: [
                         report.state.rawValue, flavor, report.ask, expires, report.address, addresses, tail, report.error,
-                        report.reason, date, date, ssh, previous.id,
+                        report.reason, date, date, ssh, report.keysApplied, previous.id,
                     ])
             } else {
                 try Self.checkRecordRoom(db, applianceID: applianceID, appliance: appliance, adding: 1, most: maxInstances)
@@ -487,7 +513,9 @@ public final class SQLiteStore: PoolStore {
                     ])
             }
             try Self.claimReservation(db, instance: report.name, at: date)
-            let instanceID = try Self.ownedInstance(db, named: report.name, applianceID: applianceID)!.id
+            guard let instanceID = try Self.ownedInstance(db, named: report.name, applianceID: applianceID)?.id else {
+                throw PoolError.storage("instance '\(report.name)' vanished while its report was recorded")
+            }
             try Self.recordTimeline(db, instanceID: instanceID, agentEntries: report.timeline ?? [])
             if report.state == .running {
                 try Self.recordPhase(db, .runningReported, instanceID: instanceID, at: date, replacing: false)
@@ -501,10 +529,14 @@ public final class SQLiteStore: PoolStore {
         try await database.read { db in
             guard
                 let instance = try Row.fetchOne(
-                    db, sql: "SELECT wispID, ownerID, callbackURL, imageID, sshKeys, userData FROM instance WHERE name = ?", arguments: [name])
+                    db, sql: "SELECT id, wispID, ownerID, callbackURL, imageID, sshKeys, userData FROM instance WHERE name = ?",
+                    arguments: [name])
             else { throw PoolError.notFound(what: "instance", name: name) }
-            // The keys and user-data its create asked for come after the wisp's.
+            // The keys and user-data its create asked for come after the
+            // wisp's, then the keys of the users it was shared with.
+            let id: Int64 = try instance.decode(forColumn: "id")
             let ownKeys = Self.scriptLines(try instance.decode(forColumn: "sshKeys") as String? ?? "")
+                + (try Self.grantedKeys(db, instanceID: id))
             let userData: String? = try instance.decode(forColumn: "userData")
             func withOwn(_ parameters: StartParameters) -> StartParameters {
                 var parameters = parameters
@@ -513,12 +545,7 @@ public final class SQLiteStore: PoolStore {
                 return parameters
             }
             if let callback: String = try instance.decode(forColumn: "callbackURL"), !callback.isEmpty { return .callback(callback) }
-            let wispID: Int64? = try instance.decode(forColumn: "wispID")
-            let ownerID: Int64 = try instance.decode(forColumn: "ownerID")
-            let row =
-                try wispID.flatMap { try Row.fetchOne(db, sql: Self.wispQuery + " WHERE wisp.id = ?", arguments: [$0]) }
-                ?? Row.fetchOne(db, sql: Self.wispQuery + " WHERE wisp.ownerID = ? AND wisp.isDefault", arguments: [ownerID])
-                ?? Row.fetchOne(db, sql: Self.wispQuery + " WHERE wisp.isSystemDefault")
+            let wisp = try Self.bootWisp(db, wispID: try instance.decode(forColumn: "wispID"), ownerID: try instance.decode(forColumn: "ownerID"))
             // An instance created with its own image (the user-facing API)
             // boots that image with the SSH keys and script of the wisp
             // found above, if any.
@@ -526,19 +553,17 @@ public final class SQLiteStore: PoolStore {
                 guard let imageRow = try Row.fetchOne(db, sql: "SELECT * FROM image WHERE id = ?", arguments: [imageID]) else {
                     throw PoolError.storage("image \(imageID) of instance '\(name)' vanished")
                 }
-                let wisp = try row.map(Self.wisp)
                 let usable = wisp.map { $0.callbackURL?.isEmpty ?? true } ?? false
                 return .parameters(
                     withOwn(
                         StartParameters(
-                            image: Self.imageReference(try Self.image(imageRow)), sshKeys: usable ? wisp?.sshKeys ?? [] : [],
+                            image: Self.imageReference(try Self.image(imageRow)), sshKeys: try Self.wispKeys(db, wisp, instanceID: id),
                             postCreate: usable ? Self.scriptLines(wisp?.postCreate ?? "") : [])))
             }
-            guard let row else {
+            guard let wisp else {
                 throw PoolError.unavailable(
                     "instance '\(name)' has no wisp to boot from: neither its own, nor its owner's default, nor a system default (add one with `corral pool wisp add NAME --owner USER --image IMAGE --system-default`)")
             }
-            let wisp = try Self.wisp(row)
             if let callback = wisp.callbackURL, !callback.isEmpty { return .callback(callback) }
             let image: ImageReference
             if let imageName = wisp.image,
@@ -552,7 +577,10 @@ public final class SQLiteStore: PoolStore {
                 throw PoolError.unavailable(
                     "wisp '\(wisp.name)' names image '\(wisp.image ?? "")', which is not in the catalogue; add it with `corral pool image add`")
             }
-            return .parameters(withOwn(StartParameters(image: image, sshKeys: wisp.sshKeys, postCreate: Self.scriptLines(wisp.postCreate))))
+            return .parameters(
+                withOwn(
+                    StartParameters(
+                        image: image, sshKeys: try Self.wispKeys(db, wisp, instanceID: id), postCreate: Self.scriptLines(wisp.postCreate))))
         }
     }
 
@@ -621,16 +649,25 @@ public final class SQLiteStore: PoolStore {
         }
     }
 
-    public func instancesPage(owners: Set<String>?, includeWarm: Bool, ownerID: String?, after marker: String?, limit: Int)
-        async throws -> [Instance]
-    {
+    /// A page of instances by id: those of `owners` (nil: everyone's) and
+    /// those shared with the user `sharedWith` (a user id).
+    public func instancesPage(
+        owners: Set<String>?, sharedWith: String? = nil, includeWarm: Bool, ownerID: String?, after marker: String?, limit: Int
+    ) async throws -> [Instance] {
         try await database.read { db in
             var conditions: [String] = []
             var arguments: StatementArguments = []
             if let owners {
-                conditions.append("user.name IN (\(owners.map { _ in "?" }.joined(separator: ",")))")
+                var either = owners.isEmpty ? "0" : "user.name IN (\(owners.map { _ in "?" }.joined(separator: ",")))"
                 for owner in owners.sorted() { arguments += [owner] }
-                if owners.isEmpty { conditions.append("0") }
+                if let sharedWith {
+                    either += """
+                         OR EXISTS (SELECT 1 FROM instanceUser JOIN user AS shared ON shared.id = instanceUser.userID
+                        WHERE instanceUser.instanceID = instance.id AND shared.uuid = ?)
+                        """
+                    arguments += [sharedWith]
+                }
+                conditions.append("(\(either))")
             }
             if !includeWarm { conditions.append("instance.warm = 0") }
             if let ownerID {
@@ -960,12 +997,17 @@ public final class SQLiteStore: PoolStore {
     }
 
     static func insertAction(
-        _ db: Database, kind: Action.Kind, instanceID: Int64, applianceID: Int64, flavor: String?, expires: Date?, at date: Date
+        _ db: Database, kind: Action.Kind, instanceID: Int64, applianceID: Int64, flavor: String?, expires: Date?, at date: Date,
+        keys: [String]? = nil, user: String? = nil, run: String? = nil
     ) throws -> Action {
         let id = UUID().uuidString.lowercased()
+        let keyList = try keys.map { String(decoding: try JSONEncoder().encode($0), as: UTF8.self) }
         try db.execute(
-            sql: "INSERT INTO action (id, instanceID, applianceID, kind, flavor, expires, createdAt) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            arguments: [id, instanceID, applianceID, kind.rawValue, flavor, expires, date])
+            sql: """
+                INSERT INTO action (id, instanceID, applianceID, kind, flavor, expires, createdAt, keys, user, run)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                """,
+            arguments: [id, instanceID, applianceID, kind.rawValue, flavor, expires, date, keyList, user, run])
         guard
             let row = try Row.fetchOne(
                 db,
@@ -980,7 +1022,9 @@ public final class SQLiteStore: PoolStore {
         let expires: Date? = try row.decode(forColumn: "expires")
         return Action(
             id: try row.decode(forColumn: "id"), kind: Action.Kind(rawValue: try row.decode(forColumn: "kind")) ?? .reboot, instance: try row.decode(forColumn: "instance"), flavor: flavor,
-            expires: expires.map { Int($0.timeIntervalSince1970) })
+            expires: expires.map { Int($0.timeIntervalSince1970) },
+            keys: (try row.decode(forColumn: "keys") as String?).flatMap { try? JSONDecoder().decode([String].self, from: Data($0.utf8)) },
+            user: try row.decode(forColumn: "user"), run: try row.decode(forColumn: "run"))
     }
 
     static func reservation(_ row: Row) throws -> Reservation {
@@ -1006,7 +1050,10 @@ public final class SQLiteStore: PoolStore {
 
     static func image(_ row: Row) throws -> Image {
         let kernelBoot = (try row.decode(forColumn: "kernelBoot") as String?).flatMap { try? JSONDecoder().decode(KernelBoot.self, from: Data($0.utf8)) }
-        return Image(name: try row.decode(forColumn: "name"), url: try row.decode(forColumn: "url"), sha256: try row.decode(forColumn: "sha256"), diskFormat: try row.decode(forColumn: "diskFormat"), kernelBoot: kernelBoot)
+        return Image(
+            name: try row.decode(forColumn: "name"), url: try row.decode(forColumn: "url"), sha256: try row.decode(forColumn: "sha256"),
+            diskFormat: try row.decode(forColumn: "diskFormat"), kernelBoot: kernelBoot, loginUser: try row.decode(forColumn: "loginUser"),
+            active: try row.decode(forColumn: "active"))
     }
 
     static func wisp(_ row: Row) throws -> Wisp {
@@ -1032,6 +1079,7 @@ public final class SQLiteStore: PoolStore {
             ask: try row.decode(forColumn: "ask"), expires: try row.decode(forColumn: "expires"), address: try row.decode(forColumn: "address"),
             ipAddresses: decode("ipAddresses", as: [IPAddress].self) ?? [],
             consoleTail: decode("consoleTail", as: [String].self) ?? [], ssh: decode("ssh", as: SSHEndpoint.self),
+            loginUser: try row.decode(forColumn: "loginUser"), rekeying: try row.decode(forColumn: "rekeying"),
             callbackURL: try row.decode(forColumn: "callbackURL"),
             lastError: try row.decode(forColumn: "lastError"), stateReason: try row.decode(forColumn: "stateReason"), reportedAt: try row.decode(forColumn: "reportedAt"),
             createdAt: try row.decode(forColumn: "createdAt"), updatedAt: try row.decode(forColumn: "updatedAt"))

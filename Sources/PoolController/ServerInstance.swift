@@ -42,8 +42,9 @@ public struct ServerInstance: Codable, Sendable, Equatable {
     /// power failure its appliance reported, or the pool's own refusal.
     public var lastError: String?
     /// Where to reach its SSH server (a Corral addition), as its appliance
-    /// reports it: `{"host": ..., "port": ...}`; left out until it runs.
-    public var ssh: SSHEndpoint?
+    /// reports it, and the user to log in as: `{"host": ..., "port": ...,
+    /// "user": ...}`; left out until it runs.
+    public var ssh: ServerSSHEndpoint?
 
     enum CodingKeys: String, CodingKey {
         case id, users, status, hostname, ssh
@@ -72,7 +73,8 @@ public struct ServerInstance: Codable, Sendable, Equatable {
         publicIP = address("public")
         privateIP = address("private")
         lastError = instance.lastError
-        ssh = instance.state == .decommissioned ? nil : instance.ssh
+        ssh = instance.state == .decommissioned
+            ? nil : instance.ssh.map { ServerSSHEndpoint(host: $0.host, port: $0.port, user: instance.loginUser) }
     }
 
     /// RFC 3339 in UTC to the second, as in the API document's examples.
@@ -88,13 +90,16 @@ public struct ServerInstance: Codable, Sendable, Equatable {
     /// |---------------------------------------------|-------------|
     /// | 7 decommissioned                            | `DELETED`   |
     /// | an error reported (build, boot, power)      | `ERROR`     |
-    /// | 2 leased, 3 starting                        | `BUILD`     |
+    /// | 2 leased, 3 starting; a warm hand-out whose  | `BUILD`     |
+    /// |   new owner's keys are not yet in the guest  |             |
     /// | 1 on offer, 4 running                       | `ACTIVE`    |
     /// | 5 or 6 with reason "shut off ...", 0 inactive | `SHUTOFF` |
     /// | 5 or 6 otherwise (paused: lease ended, ...)  | `SUSPENDED` |
     public static func status(of instance: Instance) -> String {
         if instance.state == .decommissioned { return "DELETED" }
         if instance.lastError != nil { return "ERROR" }
+        // A warm instance stays BUILD to its new owner until its keys are theirs.
+        if instance.rekeying { return "BUILD" }
         switch instance.state {
         case .leased, .starting: return "BUILD"
         case .onOffer, .running: return "ACTIVE"
@@ -103,6 +108,21 @@ public struct ServerInstance: Codable, Sendable, Equatable {
             return instance.stateReason?.hasPrefix("shut off") == true ? "SHUTOFF" : "SUSPENDED"
         case .decommissioned: return "DELETED"
         }
+    }
+}
+
+/// Where and as whom to log into an instance over SSH.
+public struct ServerSSHEndpoint: Codable, Sendable, Equatable {
+    public var host: String
+    public var port: Int
+    /// The guest user holding the instance's keys (its image's login user);
+    /// left out when the image names none.
+    public var user: String?
+
+    public init(host: String, port: Int, user: String? = nil) {
+        self.host = host
+        self.port = port
+        self.user = user
     }
 }
 

@@ -13,6 +13,7 @@ struct ServerInstanceRoutes: Sendable {
     let store: any PoolStore
     let configuration: PoolConfiguration
     let events: InstanceEvents
+    let warmPools: WarmPoolService
 
     func register(in router: Router<BasicRequestContext>) {
         // Refusals under /v1 take the API document's envelope (EnvelopeErrorMiddleware).
@@ -54,7 +55,8 @@ struct ServerInstanceRoutes: Sendable {
         let owner = query["cloudauth-id"].map(String.init)
         let owners: Set<String>? = caller.superuser ? nil : try await managedUsers(of: caller).union([caller.name])
         let page = try await store.instancesPage(
-            owners: owners, includeWarm: caller.superuser, ownerID: owner, after: marker, limit: limit)
+            owners: owners, sharedWith: caller.superuser ? nil : caller.id, includeWarm: caller.superuser, ownerID: owner,
+            after: marker, limit: limit)
         return try reply(.ok, ServerEnvelope(data: page.map(ServerInstance.init)))
     }
 
@@ -69,13 +71,25 @@ struct ServerInstanceRoutes: Sendable {
         let received = Date()  // the timeline's `requested`
         let caller = try await authenticate(request)
         let body = try JSONBody(try await collectBody(request, upTo: maximumUserBody))
-        try body.only(
-            ["server-image", "server-flavor", "users", "ssh-keys", "user-data"], required: ["server-image", "server-flavor"])
-        let image = try body.string("server-image")!
-        let flavor = try body.string("server-flavor")!
+        try body.only(["server-image", "server-flavor", "server-template", "users", "ssh-keys", "user-data"], required: [])
         let users = try body.strings("users") ?? []
+        var creation = InstanceRequest(owner: caller.name, users: users)
+        // A template (with a warm pool, handed out at once), or an image and a flavor.
+        if let template = try body.string("server-template") {
+            if let extra = ["server-image", "server-flavor"].first(where: { body.fields[$0] != nil }) {
+                throw Refusal(.badRequest, "field '\(extra)': a template names its own image and flavor; give server-template alone")
+            }
+            creation.template = template
+        } else {
+            guard let image = try body.string("server-image"), let flavor = try body.string("server-flavor") else {
+                throw Refusal(
+                    .badRequest,
+                    "missing field '\(body.fields["server-image"] == nil ? "server-image" : "server-flavor")': give server-image and server-flavor, or server-template")
+            }
+            creation.image = image
+            creation.flavor = flavor
+        }
         try await checkMayGrant(users, caller: caller, field: "users")
-        var creation = InstanceRequest(owner: caller.name, flavor: flavor, image: image, users: users)
         if let keys = try body.strings("ssh-keys") {
             guard keys.count <= configuration.limits.maxSSHKeysPerUser else {
                 throw Refusal(.badRequest, "field 'ssh-keys': at most \(configuration.limits.maxSSHKeysPerUser) keys")
@@ -88,11 +102,16 @@ struct ServerInstanceRoutes: Sendable {
         }
         creation.requireSSHKey = true
         let instance = try await refusingPoolErrors {
-            try await store.createInstance(
-                creation, defaultLeaseSeconds: configuration.leases.defaultSeconds,
-                applianceStaleAfter: configuration.housekeeping.applianceStaleSeconds, at: received)
+            do {
+                return try await store.createInstance(
+                    creation, defaultLeaseSeconds: configuration.leases.defaultSeconds,
+                    applianceStaleAfter: configuration.housekeeping.applianceStaleSeconds, at: received)
+            } catch PoolError.notFound(what: "template", let name) {
+                throw PoolError.invalid(field: "server-template", reason: "there is no template '\(name)'")
+            }
         }
         events.publish(instance.event)
+        if instance.template != nil { warmPools.wake() }  // a claimed warm instance needs a replacement
         return try reply(.created, ServerEnvelope(data: [ServerInstance(instance)]))
     }
 
@@ -151,6 +170,7 @@ struct ServerInstanceRoutes: Sendable {
             try task.only(["what", "how", "users"], required: ["what", "how", "users"])
             let how = UsersChange(rawValue: try task.string("how", choices: UsersChange.allCases.map(\.rawValue))!)!
             let users = try task.strings("users")!
+            try await checkGoverns(caller, instance, "modify-users")
             if how != .delete { try await checkMayGrant(users, caller: caller, field: "task.users") }
             changed = try await refusingPoolErrors { try await store.changeUsers(ofInstance: instance.id, how, users: users, at: now) }
         case "extend-lease":
@@ -173,7 +193,8 @@ struct ServerInstanceRoutes: Sendable {
     /// and its disks, and the status becomes `DELETED` when it reports
     /// that. 404 if the caller does not see it; 409 if it is decommissioned.
     @Sendable func delete(_ request: Request, context: BasicRequestContext) async throws -> Response {
-        let (_, instance) = try await visibleInstance(request, context: context)
+        let (caller, instance) = try await visibleInstance(request, context: context)
+        try await checkGoverns(caller, instance, "delete")
         _ = try await refusingPoolErrors { try await store.enqueueAction(.delete, instance: instance.name, expires: nil, at: Date()) }
         return try reply(.ok, ServerEnvelope(data: [ServerInstance(instance)]))
     }
@@ -208,10 +229,25 @@ struct ServerInstanceRoutes: Sendable {
         Set(try await store.users().filter { $0.manager == caller.name }.map(\.name))
     }
 
+    /// Who sees an instance: superusers, its owner, the owner's manager,
+    /// and the users it is shared with (`users`).
     static func sees(_ caller: User, _ instance: Instance, managed: Set<String>) -> Bool {
         if caller.superuser { return true }
         if instance.warm { return false }
-        return instance.owner == caller.name || managed.contains(instance.owner)
+        return instance.owner == caller.name || managed.contains(instance.owner) || instance.users.contains(caller.id)
+    }
+
+    /// Who may change who has access and delete it: superusers, its owner
+    /// and the owner's manager (a user it is only shared with may not).
+    static func governs(_ caller: User, _ instance: Instance, managed: Set<String>) -> Bool {
+        caller.superuser || instance.owner == caller.name || managed.contains(instance.owner)
+    }
+
+    /// Refuses a task that only those who govern the instance may ask for.
+    func checkGoverns(_ caller: User, _ instance: Instance, _ what: String) async throws {
+        guard Self.governs(caller, instance, managed: try await managedUsers(of: caller)) else {
+            throw Refusal(.forbidden, "\(what): only the instance's owner (or their manager) may; it is only shared with you")
+        }
     }
 
     /// The caller and the instance the path names, or 404 if they do not see it.

@@ -80,13 +80,24 @@ public struct Image: Sendable, Equatable, Codable {
     /// For a root file system without a boot loader: the kernel, initrd
     /// and command line to boot it with.
     public var kernelBoot: KernelBoot?
+    /// The guest user cloud-init gives instances' SSH keys to (`debian` in
+    /// Debian's cloud images); nil: unknown, so the keys of running guests
+    /// are not changed and the API names no user to log in as.
+    public var loginUser: String?
+    /// Whether new instances may use it; deactivating it keeps running ones.
+    public var active: Bool
 
-    public init(name: String, url: String, sha256: String? = nil, diskFormat: String = "qcow2", kernelBoot: KernelBoot? = nil) {
+    public init(
+        name: String, url: String, sha256: String? = nil, diskFormat: String = "qcow2", kernelBoot: KernelBoot? = nil,
+        loginUser: String? = nil, active: Bool = true
+    ) {
         self.name = name
         self.url = url
         self.sha256 = sha256
         self.diskFormat = diskFormat
         self.kernelBoot = kernelBoot
+        self.loginUser = loginUser
+        self.active = active
     }
 }
 
@@ -161,6 +172,11 @@ public struct Instance: Sendable, Equatable, Codable {
     public var consoleTail: [String]
     /// Where its appliance says users reach its SSH server.
     public var ssh: SSHEndpoint?
+    /// The guest user its SSH keys belong to (its image's login user).
+    public var loginUser: String?
+    /// A warm instance handed to a new owner whose keys its appliance has
+    /// not yet reported installed.
+    public var rekeying: Bool = false
     /// Where the pool fetches its start parameters (from a reservation).
     public var callbackURL: String?
     /// Why it failed, as its appliance reported (a build step, the boot),
@@ -352,8 +368,9 @@ public protocol PoolStore: Sendable {
     /// One page of instances, ordered by id: those of `owners` (all when
     /// nil), warm ones only with `includeWarm`, of the user with id
     /// `ownerID` when given, with ids after `marker`, at most `limit`.
-    func instancesPage(owners: Set<String>?, includeWarm: Bool, ownerID: String?, after marker: String?, limit: Int)
-        async throws -> [Instance]
+    func instancesPage(
+        owners: Set<String>?, sharedWith: String?, includeWarm: Bool, ownerID: String?, after marker: String?, limit: Int
+    ) async throws -> [Instance]
 
     /// Records a check-in (its appliance block goes through
     /// ``recordCheckIn(_:block:at:)``): last seen, stats, the state of each summarized

@@ -158,8 +158,8 @@ extension Corral.InstancesCommand {
                 """)
         @OptionGroup var api: UserAPIOptions
         @Argument(help: "The instance's id or hostname.") var id: String
-        @Option(name: [.customShort("l"), .long], help: "The guest user to log in as (Corral's Debian image: debian).")
-        var user = "debian"
+        @Option(name: [.customShort("l"), .long], help: "The guest user to log in as (default: the image's login user, from the API).")
+        var user: String?
         @Option(name: [.customShort("i"), .long], help: "The private key to log in with (default: ssh's own choice).")
         var identity: String?
         @Option(name: [.customShort("o"), .customLong("ssh-option")], help: "An ssh -o option, e.g. BatchMode=yes (repeatable).")
@@ -170,12 +170,15 @@ extension Corral.InstancesCommand {
         func run() async throws {
             let instance = try await api.one(id)
             // Where its appliance says to connect; else where it reached the guest.
-            var endpoint = instance.ssh
+            var endpoint = instance.ssh.map { SSHEndpoint(host: $0.host, port: $0.port) }
             if endpoint == nil {
                 endpoint = sshEndpoint(in: try await api.call(.GET, instancePath(id) + "/timeline", as: [ServerTimelineEntry].self))
             }
             guard let endpoint else {
                 fail("\(id)'s SSH server has not answered its appliance yet (status \(instance.status)); `corral instances create --wait` waits for it")
+            }
+            guard let user = user ?? instance.ssh?.user else {
+                fail("\(id)'s image names no login user; give one with --user (e.g. debian)")
             }
             var arguments = ["ssh", "-p", "\(endpoint.port)"]
             if let identity { arguments += ["-i", identity] }

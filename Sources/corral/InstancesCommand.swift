@@ -218,7 +218,7 @@ extension Corral.InstancesCommand {
                 return print("\(name) is up; cloud-init finished, but its appliance cannot reach the guest's SSH server to check it.")
             }
             print("\(name) is up; its SSH server answers at \(ssh.detail). Log in with:")
-            print("    corral instances ssh \(instance.id) --user USER    (USER: the image's login user, e.g. debian)")
+            print("    corral instances ssh \(instance.id)\(outcome.instance.ssh?.user == nil ? " --user USER" : "")")
         }
     }
 

@@ -480,9 +480,15 @@ extension Corral.Pool {
             @Option(help: "The URL of the initrd to boot the kernel with.") var initrdURL: String?
             @Option(help: "The initrd's SHA-256 in hex.") var initrdSha256: String?
             @Option(help: "The kernel command line (with --kernel-url).") var cmdline = "root=/dev/vda console=ttyS0 rw"
+            @Option(
+                help: ArgumentHelp(
+                    "The guest user cloud-init gives instances' SSH keys to (Debian's images: debian).",
+                    discussion: "The API then names it as the user to log in as, and the keys of running guests follow their instance's users through the QEMU guest agent (the image needs qemu-guest-agent); warm instances are handed out only of images that name one."))
+            var loginUser: String?
 
             func validate() throws {
                 try validateName(name, field: "NAME")
+                if let loginUser { try validateLoginUser(loginUser) }
                 try validateHTTPURL(url, option: "--url")
                 for (option, value) in [("--sha256", sha256), ("--kernel-sha256", kernelSha256), ("--initrd-sha256", initrdSha256)] {
                     if let value, value.count != 64 || !value.allSatisfy(\.isHexDigit) {
@@ -507,7 +513,8 @@ extension Corral.Pool {
                         initrd: initrdURL.map { RemoteFile(url: $0, sha256: initrdSha256?.lowercased()) }, cmdline: cmdline)
                 }
                 let image = Image(
-                    name: name, url: url, sha256: sha256?.lowercased(), diskFormat: diskFormat, kernelBoot: kernelBoot)
+                    name: name, url: url, sha256: sha256?.lowercased(), diskFormat: diskFormat, kernelBoot: kernelBoot,
+                    loginUser: loginUser)
                 try await administer { try await store.openExisting().addImage(image) }
                 print("image '\(name)' added")
             }
@@ -765,5 +772,16 @@ func validateName(_ name: String, field: String) throws {
     }
     guard !(name.count == 32 && name.allSatisfy(\.isHexDigit)) else {
         throw ValidationError("\(field) must not be 32 hexadecimal digits, the form of ids (it was '\(name)').")
+    }
+}
+
+/// A guest login user: what `useradd` accepts by default (a lowercase
+/// letter or `_`, then up to 31 lowercase letters, digits, `_` or `-`).
+func validateLoginUser(_ user: String) throws {
+    let lower = "abcdefghijklmnopqrstuvwxyz_"
+    guard let first = user.first, lower.contains(first), user.count <= 32,
+        user.allSatisfy({ lower.contains($0) || "0123456789-".contains($0) })
+    else {
+        throw ValidationError("--login-user must be a user name such as debian: a lowercase letter or '_', then up to 31 lowercase letters, digits, '_' or '-' (it was '\(user)').")
     }
 }

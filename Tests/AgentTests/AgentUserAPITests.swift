@@ -10,16 +10,18 @@ extension Harness {
     /// A request to the pool's user-facing API as alice; returns the first
     /// item of the reply's `data`.
     @discardableResult
-    func v1(_ method: HTTPMethod, _ path: String, body: [String: Any]? = nil) async throws -> [String: Any] {
-        guard let item = try await v1Data(method, path, body: body).first else { throw SetupError("\(method) \(path) gave no data") }
+    func v1(_ method: HTTPMethod, _ path: String, body: [String: Any]? = nil, token: String? = nil) async throws -> [String: Any] {
+        guard let item = try await v1Data(method, path, body: body, token: token).first else {
+            throw SetupError("\(method) \(path) gave no data")
+        }
         return item
     }
 
-    /// A user-facing API request as alice; the `data` of the reply.
-    func v1Data(_ method: HTTPMethod, _ path: String, body: [String: Any]? = nil) async throws -> [[String: Any]] {
+    /// A user-facing API request as alice (or `token`'s user); the `data` of the reply.
+    func v1Data(_ method: HTTPMethod, _ path: String, body: [String: Any]? = nil, token: String? = nil) async throws -> [[String: Any]] {
         var request = HTTPClientRequest(url: poolURL + path)
         request.method = method
-        request.headers.add(name: "X-Auth-Token", value: userToken)
+        request.headers.add(name: "X-Auth-Token", value: token ?? userToken)
         if let body { request.body = .bytes(ByteBuffer(bytes: try JSONSerialization.data(withJSONObject: body))) }
         let response = try await http.execute(request, timeout: .seconds(30))
         let data = Data(try await response.body.collect(upTo: 1 << 20).readableBytesView)
@@ -32,11 +34,13 @@ extension Harness {
 
     /// Waits until the user-facing API shows the instance with `status`.
     @discardableResult
-    func waitForStatus(_ id: String, _ status: String, timeout: Duration = .seconds(120)) async throws -> [String: Any] {
+    func waitForStatus(_ id: String, _ status: String, timeout: Duration = .seconds(120), token: String? = nil) async throws
+        -> [String: Any]
+    {
         let deadline = ContinuousClock.now + timeout
         var last: [String: Any] = [:]
         while ContinuousClock.now < deadline {
-            last = try await v1(.GET, "/v1/server-instance/\(id)")
+            last = try await v1(.GET, "/v1/server-instance/\(id)", token: token)
             if last["status"] as? String == status { return last }
             try await Task.sleep(for: .milliseconds(250))
         }

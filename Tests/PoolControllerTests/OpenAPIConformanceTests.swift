@@ -41,6 +41,8 @@ struct OpenAPIConformanceTests {
         _ = try await pool.store.addUser(name: "dora", superuser: false, maxInstances: 1, tokenDigest: Token.digest(Token.generate()))
         // root's creates install root's key (without one they are a 400).
         _ = try await pool.store.addSSHKey(owner: "root", name: "laptop", key: try SSHPublicKey(testPublicKey(1)), maxKeys: 10, at: Date())
+        // Shared with alice: she sees it, but may not delete it.
+        _ = try await pool.store.changeUsers(ofInstance: rootInstance.id, .add, users: ["alice"], at: Date())
         let served = openAPIDocument(publicURL: "https://pool.example.org")
         let spec = try OpenAPISpec(yaml: served)
         #expect((spec.root["servers"] as? [[String: Any]])?.first?["url"] as? String == "https://pool.example.org")
@@ -116,7 +118,7 @@ struct OpenAPIConformanceTests {
             Call(
                 template: one, uri: "\(si)/\(rootID)", method: .get,
                 headers: user("root") + [HTTPField(name: HTTPField.Name("X-Auth-Cloudauth-Id")!, value: "someone-else")], status: 401),
-            Call(template: one, uri: "\(si)/\(rootID)", method: .get, headers: user("alice"), status: 404),
+            Call(template: one, uri: "\(si)/\(rootID)", method: .get, headers: user("bob"), status: 404),
             Call(template: one + "/timeline", uri: "\(si)/\(rootID)/timeline", method: .get, headers: user("root"), status: 200),
             Call(template: one + "/timeline", uri: "\(si)/\(rootID)/timeline", method: .get, status: 401),
             Call(template: one + "/timeline", uri: "\(si)/nope/timeline", method: .get, headers: user("root"), status: 404),
@@ -135,6 +137,7 @@ struct OpenAPIConformanceTests {
             Call(template: instance, uri: "/api/v1/instances/gone-1/", body: report(rack1, "gone-1", state: 7), status: 200),
             Call(template: one, uri: "\(si)/gone-1", method: .put, headers: user("root"), body: #"{"task": {"what": "reboot"}}"#, status: 409),
             Call(template: one, uri: "\(si)/gone-1", method: .delete, headers: user("root"), status: 409),
+            Call(template: one, uri: "\(si)/\(rootID)", method: .delete, headers: user("alice"), status: 403),
             Call(template: one, uri: "\(si)/\(rootID)", method: .delete, headers: user("root"), status: 200),
             Call(template: one, uri: "\(si)/\(rootID)", method: .delete, status: 401),
             Call(template: one, uri: "\(si)/nope", method: .delete, headers: user("root"), status: 404),

@@ -188,15 +188,25 @@ struct PlacementTests {
                 #expect(coldStatus == 201)
                 let cold = try JSONDecoder().decode(Envelope<ServerInstance>.self, from: coldBody).result
                 #expect(cold.map { !warmNames.contains($0.hostname ?? "") } == true)
-                for instance in first.started {
-                    let report = InstanceReportRequest(
-                        appliance: ApplianceBlock(apitoken: pool.token(instance.appliance)),
-                        instance: InstanceReport(name: instance.name, state: .running))
-                    let (status, _) = try await api.send(
-                        .POST, "/api/v1/instances/\(instance.name)/", token: nil,
-                        body: String(decoding: try JSONEncoder().encode(report), as: UTF8.self))
-                    #expect(status == 200)
+                // Nor when running until its SSH server answered (the first boot
+                // would race the hand-out's keys).
+                func reportRunning(timeline: [TimelineEntry]?) async throws {
+                    for instance in first.started {
+                        let report = InstanceReportRequest(
+                            appliance: ApplianceBlock(apitoken: pool.token(instance.appliance)),
+                            instance: InstanceReport(name: instance.name, state: .running, timeline: timeline))
+                        let (status, _) = try await api.send(
+                            .POST, "/api/v1/instances/\(instance.name)/", token: nil,
+                            body: String(decoding: try JSONEncoder().encode(report), as: UTF8.self))
+                        #expect(status == 200)
+                    }
                 }
+                try await reportRunning(timeline: nil)
+                let (booting, bootingBody) = try await api.send(.POST, "/api/stream/web", token: pool.token("alice"))
+                #expect(booting == 201)
+                let stillCold = try JSONDecoder().decode(Envelope<ServerInstance>.self, from: bootingBody).result
+                #expect(stillCold.map { !warmNames.contains($0.hostname ?? "") } == true)
+                try await reportRunning(timeline: [TimelineEntry(phase: .sshReachable, at: Date(), detail: "127.0.0.1 port 22001")])
                 // Ten users at once: each warm instance goes to exactly one of them.
                 let replies = try await withThrowingTaskGroup(of: (String, Int, ServerInstance?).self) { group in
                     for (index, token) in userTokens.enumerated() {
@@ -218,15 +228,30 @@ struct PlacementTests {
                     #expect(stored.owner == user)
                     #expect(!stored.warm)
                     #expect(stored.topic == "ai")
-                    #expect(instance?.status == "ACTIVE")
+                    // BUILD to the new owner until the guest holds their keys.
+                    #expect(instance?.status == "BUILD")
+                    #expect(stored.rekeying)
                 }
             }
         }
-        // The handed-out instances get their lease through their appliance.
+        // The handed-out instances get their lease, and their new owner's keys
+        // (these users have none: the template owner's are dropped all the same).
         let pending = try await pool.checkInRoomy("rack-1", at: Date()).actions
             + pool.checkInRoomy("rack-2", at: Date()).actions
         let leases = pending.filter { $0.kind == .lease }
         #expect(Set(leases.map(\.instance)) == warmNames)
+        let rekeys = pending.filter { $0.kind == .keys }
+        #expect(Set(rekeys.map(\.instance)) == warmNames)
+        #expect(rekeys.allSatisfy { $0.keys == [] && $0.user == "debian" && $0.run == nil }, "\(rekeys)")
+        for action in rekeys {
+            let stored = try #require(try await pool.store.instances().first { $0.name == action.instance })
+            _ = try await pool.store.recordReport(
+                InstanceReport(name: action.instance, state: .running, keysApplied: action.id), appliance: stored.appliance,
+                consoleLimit: 10, maxInstances: 1000, at: Date())
+            let now = try #require(try await pool.store.instances().first { $0.name == action.instance })
+            #expect(!now.rekeying)
+            #expect(ServerInstance.status(of: now) == "ACTIVE")
+        }
         // A week from the hand-out, which happened since the test began.
         let latest = Date().timeIntervalSince1970 + 7 * 86_400
         #expect(leases.allSatisfy { ((began + 7 * 86_400 - 1)...(latest + 1)).contains(Double($0.expires ?? 0)) })

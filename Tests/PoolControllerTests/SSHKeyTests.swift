@@ -182,6 +182,50 @@ struct SSHKeyTests {
         }
     }
 
+    @Test("sharing an instance sends its guest the granted user's keys (and seeds them); taking the user off sends the list without")
+    func sharedKeys() async throws {
+        let pool = try await TestPool.make()
+        let aliceKey = try SSHPublicKey(testPublicKey(1))
+        let bobKey = try SSHPublicKey(testPublicKey(2))
+        _ = try await pool.store.addSSHKey(owner: "alice", name: "a", key: aliceKey, maxKeys: 10, at: Date())
+        _ = try await pool.store.addSSHKey(owner: "bob", name: "b", key: bobKey, maxKeys: 10, at: Date())
+        for appliance in ["rack-1", "rack-2"] { _ = try await pool.checkInRoomy(appliance, at: Date()) }
+        func create(image: String) async throws -> Instance {
+            let created = try await pool.store.createInstance(
+                InstanceRequest(owner: "alice", flavor: "small", image: image), defaultLeaseSeconds: 3600, applianceStaleAfter: 300,
+                at: Date())
+            _ = try await pool.store.recordReport(
+                InstanceReport(name: created.name, state: .running), appliance: created.appliance, consoleLimit: 10,
+                maxInstances: 1000, at: Date())
+            return created
+        }
+        let created = try await create(image: "debian")
+        func keyActions(_ instance: Instance) async throws -> [Action] {
+            try await pool.store.pendingActions(appliance: instance.appliance).filter { $0.kind == .keys && $0.instance == instance.name }
+        }
+        #expect(try await keyActions(created).isEmpty)
+        let shared = try await pool.store.changeUsers(ofInstance: created.id, .add, users: ["bob"], at: Date())
+        #expect(shared.users.count == 2)
+        // Her wisp's key, her own, then bob's, for the image's login user.
+        let wispKey = "ssh-ed25519 AAAA alice"
+        var actions = try await keyActions(created)
+        #expect(actions.map(\.keys) == [[wispKey, aliceKey.line, bobKey.line]])
+        #expect(actions.map(\.user) == ["debian"])
+        // A guest built from now on has bob's key in its seed too.
+        guard case .parameters(let parameters) = try await pool.store.bootSource(forInstance: created.name) else {
+            Issue.record("no start parameters")
+            return
+        }
+        #expect(parameters.sshKeys == [wispKey, aliceKey.line, bobKey.line])
+        _ = try await pool.store.changeUsers(ofInstance: created.id, .delete, users: ["bob"], at: Date())
+        actions = try await keyActions(created)
+        #expect(actions.map(\.keys) == [[wispKey, aliceKey.line, bobKey.line], [wispKey, aliceKey.line]])
+        // An image that names no login user gets no key changes (nobody to give them to).
+        let plain = try await create(image: "cirros")
+        _ = try await pool.store.changeUsers(ofInstance: plain.id, .add, users: ["bob"], at: Date())
+        #expect(try await keyActions(plain).isEmpty)
+    }
+
     @Test("the SSH endpoint an appliance reports is the instance's ssh; a hostile one is refused")
     func endpoint() async throws {
         let pool = try await TestPool.make()
@@ -201,12 +245,19 @@ struct SSHKeyTests {
                 let message = try refusal(refused).1
                 #expect(message.hasPrefix(field), "\(message)")
             }
+            for applied in ["", String(repeating: "a", count: 65)] {
+                let refused = try await client.report(
+                    pool, stored.appliance, InstanceReport(name: stored.name, state: .running, keysApplied: applied))
+                #expect(refused.status == .badRequest)
+                #expect(try refusal(refused).1.hasPrefix("field 'instance.keys_applied'"))
+            }
             let endpoint = SSHEndpoint(host: "rack-1.example.org", port: 22001)
             #expect(try await client.report(pool, stored.appliance, InstanceReport(name: stored.name, state: .running, ssh: endpoint)).status == .ok)
             // A later report without it keeps it.
             #expect(try await client.report(pool, stored.appliance, InstanceReport(name: stored.name, state: .running)).status == .ok)
             let shown = try serverInstance(try await client.v1(.get, "/v1/server-instance/\(created.id)", token: pool.token("alice")))
-            #expect(shown.ssh == endpoint)
+            // With the image's login user.
+            #expect(shown.ssh == ServerSSHEndpoint(host: endpoint.host, port: endpoint.port, user: "debian"))
         }
     }
 }

@@ -69,6 +69,41 @@ func serverInstance(_ response: TestResponse) throws -> ServerInstance {
 
 @Suite("User-facing API: /v1/server-instance")
 struct ServerInstanceTests {
+    @Test("a user an instance is shared with sees, lists, reboots and powers it, but neither deletes it nor changes its users; unshared, it is 404")
+    func sharedAccess() async throws {
+        let pool = try await TestPool.make()
+        let users = try await AccessUsers.add(to: pool)
+        try await pool.app.test(.router) { client in
+            _ = try await client.checkIn(pool, "rack-1")
+            _ = try await client.checkIn(pool, "rack-2")
+            let instance = try serverInstance(try await client.createSmall(token: users.tokens["mia"]))
+            let path = "/v1/server-instance/\(instance.id)"
+            let bob = users.tokens["bob"]
+            func share(_ how: String, by token: String?) async throws -> TestResponse {
+                try await client.v1(.put, path, token: token, body: #"{"task": {"what": "modify-users", "how": "\#(how)", "users": ["bob"]}}"#)
+            }
+            #expect(try await client.v1(.get, path, token: bob).status == .notFound)
+            // mia does not manage bob, so only a superuser can share it with him.
+            #expect(try await share("add", by: users.tokens["mia"]).status == .forbidden)
+            #expect(try await share("add", by: pool.token("root")).status == .ok)
+            #expect(try await client.v1(.get, path, token: bob).status == .ok)
+            let listed = try serverEnvelope(try await client.v1(.get, "/v1/server-instance", token: bob)).data ?? []
+            #expect(listed.map(\.id) == [instance.id])
+            for what in ["reboot", "power-off", "power-on"] {
+                let response = try await client.v1(.put, path, token: bob, body: #"{"task": {"what": "\#(what)"}}"#)
+                #expect(response.status == .ok, "bob \(what)")
+            }
+            for response in [try await share("delete", by: bob), try await client.v1(.delete, path, token: bob)] {
+                #expect(response.status == .forbidden)
+                #expect(try v1Refusal(response).1.contains("only the instance's owner (or their manager) may"))
+            }
+            #expect(try await share("delete", by: users.tokens["mia"]).status == .ok)
+            #expect(try await client.v1(.get, path, token: bob).status == .notFound)
+            #expect(try serverEnvelope(try await client.v1(.get, "/v1/server-instance", token: bob)).data?.isEmpty == true)
+            #expect(try await client.v1(.put, path, token: bob, body: #"{"task": {"what": "reboot"}}"#).status == .notFound)
+        }
+    }
+
     @Test("superuser, owner, manager and stranger: who sees, changes and deletes an instance")
     func accessMatrix() async throws {
         let pool = try await TestPool.make()
@@ -183,11 +218,22 @@ struct ServerInstanceTests {
             let posts: [(String, HTTPResponse.Status, String)] = [
                 ("not json", .badRequest, "the body must be a JSON object"),
                 ("[]", .badRequest, "the body must be a JSON object"),
-                (#"{"server-flavor": "small"}"#, .badRequest, "missing field 'server-image'"),
-                (#"{"server-image": "debian"}"#, .badRequest, "missing field 'server-flavor'"),
+                (
+                    #"{"server-flavor": "small"}"#, .badRequest,
+                    "missing field 'server-image': give server-image and server-flavor, or server-template"
+                ),
+                (
+                    #"{"server-image": "debian"}"#, .badRequest,
+                    "missing field 'server-flavor': give server-image and server-flavor, or server-template"
+                ),
+                (
+                    #"{"server-template": "web", "server-flavor": "small"}"#, .badRequest,
+                    "field 'server-flavor': a template names its own image and flavor; give server-template alone"
+                ),
+                (#"{"server-template": "nope"}"#, .badRequest, "server-template: there is no template 'nope'"),
                 (
                     #"{"server-image": "debian", "server-flavor": "small", "colour": "red"}"#, .badRequest,
-                    "unknown field 'colour'; allowed: 'server-image', 'server-flavor', 'users', 'ssh-keys', 'user-data'"
+                    "unknown field 'colour'; allowed: 'server-image', 'server-flavor', 'server-template', 'users', 'ssh-keys', 'user-data'"
                 ),
                 (#"{"server-image": 7, "server-flavor": "small"}"#, .badRequest, "field 'server-image' must be a non-empty string of at most 64 bytes"),
                 (

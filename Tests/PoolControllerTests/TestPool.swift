@@ -34,7 +34,7 @@ struct TestPool {
         }
         try await store.addFlavor(Flavor(name: "small", vcpus: 1, memory: 512, disk: 5))
         try await store.addFlavor(Flavor(name: "big", vcpus: 8, memory: 16384, disk: 100))
-        try await store.addImage(Image(name: "debian", url: "http://images.test/debian.qcow2"))
+        try await store.addImage(Image(name: "debian", url: "http://images.test/debian.qcow2", loginUser: "debian"))
         try await store.addImage(Image(name: "cirros", url: "http://images.test/cirros.qcow2"))
         try await store.addWisp(Wisp(name: "alice-web", owner: "alice", image: "debian", sshKeys: ["ssh-ed25519 AAAA alice"], isDefault: true))
         // Every user's create has a key to install (the user-facing API refuses one without).
