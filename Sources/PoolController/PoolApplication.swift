@@ -131,7 +131,8 @@ enum RouteTable {
         ("/api/v1/events", ["GET"]), ("/api/stream/{template}", ["POST"]), ("/openapi.yaml", ["GET"]),
         ("/v1/server-instance", ["GET", "POST"]), ("/v1/server-instance/{id}", ["DELETE", "GET", "PUT"]),
         ("/v1/server-instance/{id}/timeline", ["GET"]), ("/v1/server-instance/{id}/console", ["GET"]),
-        ("/v1/server-flavor", ["GET"]), ("/v1/server-image", ["GET"]), ("/v1/user/{name}", ["GET", "PUT"]),
+        ("/v1/server-flavor", ["GET"]), ("/v1/server-image", ["GET"]), ("/v1/server-flavor/{id}", ["PUT"]),
+        ("/v1/server-image/{id}", ["PUT"]), ("/v1/user/{name}", ["GET", "PUT"]),
         ("/v1/user/{name}/token", ["POST"]), ("/v1/ssh-key", ["GET", "POST"]), ("/v1/ssh-key/{id}", ["DELETE"]),
     ]
 

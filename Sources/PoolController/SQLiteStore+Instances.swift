@@ -75,7 +75,7 @@ extension SQLiteStore {
             guard let flavorName else { throw PoolError.invalid(field: "server-flavor", reason: "give a flavor") }
             var imageID: Int64?
             if let image = request.image {
-                guard let id = try Int64.fetchOne(db, sql: "SELECT id FROM image WHERE name = ?", arguments: [image]) else {
+                guard let id = try Int64.fetchOne(db, sql: "SELECT id FROM image WHERE name = ? AND active", arguments: [image]) else {
                     throw PoolError.invalid(
                         field: "server-image", reason: "there is no image '\(image)'; GET /v1/server-image lists them")
                 }
@@ -206,10 +206,14 @@ extension SQLiteStore {
 
     public func templates() async throws -> [Template] {
         try await database.read { db in
-            try Row.fetchAll(db, sql: Self.templateQuery + " ORDER BY template.name").map { row in
-                Template(name: try row.decode(forColumn: "name"), wisp: try row.decode(forColumn: "wisp"), flavor: try row.decode(forColumn: "flavor"), hotStarts: try row.decode(forColumn: "hotStarts"), owner: try row.decode(forColumn: "owner"))
-            }
+            try Row.fetchAll(db, sql: Self.templateQuery + " ORDER BY template.name").map(Self.template)
         }
+    }
+
+    static func template(_ row: Row) throws -> Template {
+        Template(
+            name: try row.decode(forColumn: "name"), wisp: try row.decode(forColumn: "wisp"), flavor: try row.decode(forColumn: "flavor"),
+            hotStarts: try row.decode(forColumn: "hotStarts"), owner: try row.decode(forColumn: "owner"))
     }
 
     public func maintainWarmPools(maxAgeSeconds: Int, applianceStaleAfter: Int, at date: Date) async throws -> WarmPoolPass {

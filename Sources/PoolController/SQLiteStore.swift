@@ -391,13 +391,15 @@ public final class SQLiteStore: PoolStore {
 
     public func flavors() async throws -> [Flavor] {
         try await database.read { db in
-            try Row.fetchAll(db, sql: "SELECT * FROM flavor ORDER BY name").map { row in
-                Flavor(
-                    name: try row.decode(forColumn: "name"), description: try row.decode(forColumn: "description"), vcpus: try row.decode(forColumn: "vcpus"), memory: try row.decode(forColumn: "memory"),
-                    disk: try row.decode(forColumn: "disk"), networkUp: try row.decode(forColumn: "networkUp"), networkDown: try row.decode(forColumn: "networkDown"), rate: try row.decode(forColumn: "rate"),
-                    ask: try row.decode(forColumn: "ask"), hot: try row.decode(forColumn: "hot"), active: try row.decode(forColumn: "active"))
-            }
+            try Row.fetchAll(db, sql: "SELECT * FROM flavor ORDER BY name").map(Self.flavor)
         }
+    }
+
+    static func flavor(_ row: Row) throws -> Flavor {
+        Flavor(
+            name: try row.decode(forColumn: "name"), description: try row.decode(forColumn: "description"), vcpus: try row.decode(forColumn: "vcpus"), memory: try row.decode(forColumn: "memory"),
+            disk: try row.decode(forColumn: "disk"), networkUp: try row.decode(forColumn: "networkUp"), networkDown: try row.decode(forColumn: "networkDown"), rate: try row.decode(forColumn: "rate"),
+            ask: try row.decode(forColumn: "ask"), hot: try row.decode(forColumn: "hot"), active: try row.decode(forColumn: "active"))
     }
 
     // MARK: Images and wisps

@@ -27,7 +27,9 @@ struct ServerInstanceRoutes: Sendable {
         v1.delete("server-instance/:id", use: delete)
         v1.get("server-flavor", use: flavors)
         v1.get("server-image", use: images)
-        UserRoutes(store: store, events: events).register(in: v1)
+        v1.put("server-flavor/:id", use: changeFlavor)
+        v1.put("server-image/:id", use: changeImage)
+        UserRoutes(store: store, events: events, maxLeaseSeconds: configuration.limits.maxLeaseSeconds).register(in: v1)
         SSHKeyRoutes(store: store, configuration: configuration).register(in: v1)
     }
 
@@ -209,7 +211,32 @@ struct ServerInstanceRoutes: Sendable {
     /// `GET /v1/server-image`: the catalogue's images; an id is an image's name.
     @Sendable func images(_ request: Request, context: BasicRequestContext) async throws -> Response {
         _ = try await authenticate(request)
-        return try reply(.ok, ServerEnvelope(data: try await store.images().map(ServerImage.init)))
+        return try reply(.ok, ServerEnvelope(data: try await store.images().filter(\.active).map(ServerImage.init)))
+    }
+
+    /// `PUT /v1/server-flavor/ID` and `PUT /v1/server-image/ID` `{"active":
+    /// BOOL}`, superusers only: 200 with the flavor or image as a superuser
+    /// sees it; an inactive one takes no new instances and is not listed;
+    /// running instances keep it. 400 another body; 403 for others; 404.
+    @Sendable func changeFlavor(_ request: Request, context: BasicRequestContext) async throws -> Response {
+        let active = try await catalogueChange(request, what: "flavors")
+        let flavor = try await refusingPoolErrors { try await store.setFlavor(try pathParameter(context, "id"), active: active) }
+        return try reply(.ok, ServerEnvelope(data: [CatalogueEntry(name: flavor.name, active: flavor.active)]))
+    }
+
+    @Sendable func changeImage(_ request: Request, context: BasicRequestContext) async throws -> Response {
+        let active = try await catalogueChange(request, what: "images")
+        let image = try await refusingPoolErrors { try await store.setImage(try pathParameter(context, "id"), active: active, loginUser: nil) }
+        return try reply(.ok, ServerEnvelope(data: [CatalogueEntry(name: image.name, active: image.active)]))
+    }
+
+    private func catalogueChange(_ request: Request, what: String) async throws -> Bool {
+        let caller = try await authenticate(request)
+        guard caller.superuser else { throw Refusal(.forbidden, "only a superuser may change \(what)") }
+        let body = try JSONBody(try await collectBody(request, upTo: maximumUserBody))
+        try body.only(["active"], required: ["active"])
+        guard let active = try body.bool("active") else { throw Refusal(.badRequest, "field 'active' must be true or false") }
+        return active
     }
 
     // MARK: Access

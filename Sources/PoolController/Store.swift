@@ -368,6 +368,10 @@ public protocol PoolStore: Sendable {
     /// One page of instances, ordered by id: those of `owners` (all when
     /// nil), warm ones only with `includeWarm`, of the user with id
     /// `ownerID` when given, with ids after `marker`, at most `limit`.
+    func setFlavor(_ name: String, active: Bool) async throws -> Flavor
+    func setImage(_ name: String, active: Bool?, loginUser: String??) async throws -> Image
+    func setUserLimits(_ name: String, maxInstances: Int?, leaseSeconds: Int??) async throws -> User
+
     func instancesPage(
         owners: Set<String>?, sharedWith: String?, includeWarm: Bool, ownerID: String?, after marker: String?, limit: Int
     ) async throws -> [Instance]

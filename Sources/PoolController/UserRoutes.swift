@@ -8,6 +8,9 @@ struct UserView: Codable, Sendable, Equatable {
     var name: String
     var superuser: Bool
     var enabled: Bool
+    var maxInstances: Int
+    /// Seconds; nil: the pool's default lease.
+    var leaseSeconds: Int?
     /// Only in the reply to a token rotation: the new token, shown once.
     var token: String?
 
@@ -16,7 +19,15 @@ struct UserView: Codable, Sendable, Equatable {
         name = user.name
         superuser = user.superuser
         enabled = user.enabled
+        maxInstances = user.maxInstances
+        leaseSeconds = user.leaseSeconds
         self.token = token
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case id, name, superuser, enabled, token
+        case maxInstances = "max-instances"
+        case leaseSeconds = "lease-seconds"
     }
 }
 
@@ -26,6 +37,8 @@ struct UserView: Codable, Sendable, Equatable {
 struct UserRoutes: Sendable {
     let store: any PoolStore
     let events: InstanceEvents
+    /// The longest lease a user may be given (`limits.max_lease_seconds`).
+    let maxLeaseSeconds: Int
 
     func register(in group: RouterGroup<BasicRequestContext>) {
         group.get("user/:name", use: show)
@@ -50,20 +63,36 @@ struct UserRoutes: Sendable {
         return try reply(.ok, ServerEnvelope(data: [UserView(user)]))
     }
 
-    /// `PUT /v1/user/<name>` `{"enabled": BOOL}`, superusers only: 200 with
+    /// `PUT /v1/user/<name>` `{"enabled"?: BOOL, "max-instances"?: N,
+    /// "lease-seconds"?: N|null}` (at least one), superusers only: 200 with
     /// the user; 400 for another body; 401; 403 for others; 404; 409 for a
     /// superuser disabling themself.
     @Sendable func modify(_ request: Request, context: BasicRequestContext) async throws -> Response {
         let (caller, user) = try await target(request, context: context)
-        guard caller.superuser else { throw Refusal(.forbidden, "only a superuser may enable or disable users") }
+        guard caller.superuser else { throw Refusal(.forbidden, "only a superuser may change users") }
         let body = try JSONBody(try await collectBody(request, upTo: maximumUserBody))
-        try body.only(["enabled"], required: ["enabled"])
-        guard let enabled = try body.bool("enabled") else { throw Refusal(.badRequest, "field 'enabled' must be true or false") }
-        if !enabled, user.name == caller.name {
+        try body.only(["enabled", "max-instances", "lease-seconds"], required: [])
+        guard !body.fields.isEmpty else {
+            throw Refusal(.badRequest, "give at least one of 'enabled', 'max-instances' and 'lease-seconds'")
+        }
+        let enabled = try body.bool("enabled")
+        let maxInstances = try body.int("max-instances", in: 0...1_000_000)
+        // null: the pool's default lease.
+        let leaseSeconds: Int?? =
+            body.fields["lease-seconds"] is NSNull ? .some(nil) : try body.int("lease-seconds", in: 60...maxLeaseSeconds).map { .some($0) }
+        if enabled == false, user.name == caller.name {
             throw Refusal(.conflict, "you cannot disable yourself; another superuser (or corral pool user disable) can")
         }
-        let changed = try await refusingPoolErrors { try await store.setUser(user.name, enabled: enabled) }
-        if !enabled { events.finish(principal: "user:\(user.name)") }
+        var changed = user
+        if maxInstances != nil || leaseSeconds != nil {
+            changed = try await refusingPoolErrors {
+                try await store.setUserLimits(user.name, maxInstances: maxInstances, leaseSeconds: leaseSeconds)
+            }
+        }
+        if let enabled {
+            changed = try await refusingPoolErrors { try await store.setUser(user.name, enabled: enabled) }
+            if !enabled { events.finish(principal: "user:\(user.name)") }
+        }
         return try reply(.ok, ServerEnvelope(data: [UserView(changed)]))
     }
 

@@ -1,7 +1,6 @@
 import ArgumentParser
 import Foundation
 import PoolAPI
-import PoolController
 
 #if canImport(Glibc)
 import Glibc

@@ -6,7 +6,6 @@ import NIOCore
 import NIOHTTP1
 import NIOSSL
 import PoolAPI
-import PoolController
 import Support
 
 extension Corral {
@@ -74,14 +73,14 @@ struct UserAPIOptions: ParsableArguments {
     /// Sends a request and returns the `data` of the reply's envelope;
     /// a refusal prints its `msg` and exits 1.
     func call<T: Codable & Sendable>(
-        _ method: HTTPMethod, _ path: String, body: [String: Any]? = nil, as type: T.Type = [ServerInstance].self
+        _ method: HTTPMethod, _ path: String, body: (any Encodable)? = nil, as type: T.Type = [ServerInstance].self
     ) async throws -> T {
         var request = HTTPClientRequest(url: poolURL + path)
         request.method = method
         request.headers.add(name: "X-Auth-Token", value: token())
         if let body {
             request.headers.add(name: "Content-Type", value: "application/json")
-            request.body = .bytes(ByteBuffer(bytes: try JSONSerialization.data(withJSONObject: body)))
+            request.body = .bytes(ByteBuffer(bytes: try JSONEncoder().encode(body)))
         }
         let client = try httpClient()
         let reply: Result<(Int, ByteBuffer), any Error>
@@ -189,10 +188,13 @@ extension Corral.InstancesCommand {
     }
 
     struct Create: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Create an instance of a flavor from an image.")
+        static let configuration = CommandConfiguration(
+            abstract: "Create an instance of a flavor from an image, or from a template (warm when one is ready).")
         @OptionGroup var api: UserAPIOptions
-        @Option(help: "The flavor (see `corral instances flavors`).") var flavor: String
-        @Option(help: "The image (see `corral instances images`).") var image: String
+        @Option(help: "The flavor (see `corral instances flavors`).") var flavor: String?
+        @Option(help: "The image (see `corral instances images`).") var image: String?
+        @Option(help: "Or: a template (its image and flavor); a warm instance of it is handed out when one is ready.")
+        var template: String?
         @Option(name: .customLong("user"), help: "Also give this user (id or name) access (repeatable).") var users: [String] = []
         @Option(
             name: .customLong("ssh-key"),
@@ -202,11 +204,19 @@ extension Corral.InstancesCommand {
         var userData: String?
         @OptionGroup var waiting: WaitOptions
 
+        func validate() throws {
+            if template != nil {
+                guard flavor == nil, image == nil else { throw ValidationError("--template names its own image and flavor; give it alone.") }
+            } else if flavor == nil || image == nil {
+                throw ValidationError("Give --flavor and --image, or --template.")
+            }
+        }
+
         func run() async throws {
-            var body: [String: Any] = ["server-flavor": flavor, "server-image": image]
-            if !users.isEmpty { body["users"] = users }
-            if !sshKeys.isEmpty { body["ssh-keys"] = sshKeys }
-            if let userData { body["user-data"] = readTextFile(userData, option: "--user-data", maxBytes: 64 * 1024) }
+            let body = ServerInstanceCreation(
+                serverImage: image, serverFlavor: flavor, serverTemplate: template, users: users.isEmpty ? nil : users,
+                sshKeys: sshKeys.isEmpty ? nil : sshKeys,
+                userData: userData.map { readTextFile($0, option: "--user-data", maxBytes: 64 * 1024) })
             let created = try await api.call(.POST, "/v1/server-instance", body: body)
             guard waiting.wait, let instance = created.first else { return try api.show(created) }
             let name = instance.hostname ?? instance.id
@@ -258,7 +268,7 @@ extension Corral.InstancesCommand {
 
     /// Sends one of the power tasks.
     static func power(_ what: String, _ id: String, _ api: UserAPIOptions) async throws {
-        let instances = try await api.call(.PUT, instancePath(id), body: ["task": ["what": what]])
+        let instances = try await api.call(.PUT, instancePath(id), body: ServerInstanceChange(.init(what: what)))
         if api.json { return try printJSON(instances.first) }
         print("\(what) sent to \(id); its status follows when its appliance reports (now \(instances.first?.status ?? "?"))")
     }
@@ -314,7 +324,7 @@ extension Corral.InstancesCommand {
         enum How: String, EnumerableFlag { case add, replace, delete }
 
         func run() async throws {
-            let body: [String: Any] = ["task": ["what": "modify-users", "how": how.rawValue, "users": users]]
+            let body = ServerInstanceChange(.init(what: "modify-users", how: how.rawValue, users: users))
             try api.show(try await api.call(.PUT, instancePath(id), body: body))
         }
     }
@@ -327,7 +337,7 @@ extension Corral.InstancesCommand {
         @Option(help: "How many seconds to add.") var seconds: Int
 
         func run() async throws {
-            try api.show(try await api.call(.PUT, instancePath(id), body: ["task": ["what": "extend-lease", "seconds": seconds]]))
+            try api.show(try await api.call(.PUT, instancePath(id), body: ServerInstanceChange(.init(what: "extend-lease", seconds: seconds))))
         }
     }
 

@@ -33,7 +33,7 @@ extension Corral {
                 let text = readTextFile(file, option: "--file", maxBytes: 16 * 1024)
                 if text.contains("PRIVATE KEY") { fail("--file \(file) is a private key; give its .pub file") }
                 let added = try await api.call(
-                    .POST, "/v1/ssh-key", body: ["name": name, "public-key": text], as: [ServerSSHKey].self)
+                    .POST, "/v1/ssh-key", body: ServerSSHKeyCreation(name: name, publicKey: text), as: [ServerSSHKey].self)
                 KeysCommand.show(added, api: api)
             }
         }

@@ -157,7 +157,7 @@ extension Corral.Pool {
     struct Users: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "user", abstract: "Manage the pool's users.",
-            subcommands: [Add.self, List.self, Disable.self, Enable.self, RotateToken.self])
+            subcommands: [Add.self, List.self, Set.self, Disable.self, Enable.self, RotateToken.self])
 
         struct Disable: AsyncParsableCommand {
             static let configuration = CommandConfiguration(
@@ -400,7 +400,7 @@ extension Corral.Pool {
 
     struct Flavors: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            commandName: "flavor", abstract: "Manage the flavor catalogue.", subcommands: [Add.self, List.self])
+            commandName: "flavor", abstract: "Manage the flavor catalogue.", subcommands: [Add.self, List.self, Set.self])
 
         struct Add: AsyncParsableCommand {
             static let configuration = CommandConfiguration(abstract: "Add a flavor (a size of instance).")
@@ -466,7 +466,7 @@ extension Corral.Pool {
 extension Corral.Pool {
     struct Images: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            commandName: "image", abstract: "Manage the boot images.", subcommands: [Add.self, List.self])
+            commandName: "image", abstract: "Manage the boot images.", subcommands: [Add.self, List.self, Set.self])
 
         struct Add: AsyncParsableCommand {
             static let configuration = CommandConfiguration(abstract: "Add an image that appliances download by URL.")
@@ -540,7 +540,7 @@ extension Corral.Pool {
     struct Wisps: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "wisp", abstract: "Manage wisps: the image, SSH keys and script an instance boots with.",
-            subcommands: [Add.self, List.self])
+            subcommands: [Add.self, List.self, Remove.self])
 
         struct Add: AsyncParsableCommand {
             static let configuration = CommandConfiguration(abstract: "Add a wisp.")
@@ -609,7 +609,7 @@ extension Corral.Pool {
         static let configuration = CommandConfiguration(
             commandName: "template",
             abstract: "Manage templates: a wisp and a flavor users launch by name, with a pool of warm instances.",
-            subcommands: [Add.self, List.self])
+            subcommands: [Add.self, List.self, Set.self, Remove.self])
 
         struct Add: AsyncParsableCommand {
             static let configuration = CommandConfiguration(abstract: "Add a template.")

@@ -30,6 +30,51 @@ struct PoolCommandTests {
         return (status, try JSONDecoder().decode(Envelope<AuthorizationResult>.self, from: data))
     }
 
+    @Test("catalogue changes from the command line: flavors and images set, users' limits, templates set and removed, wisps removed")
+    func catalogueChanges() async throws {
+        let database = Self.databasePath()
+        func pool(_ arguments: [String]) async throws -> CommandResult { try await Self.pool(arguments, database: database) }
+        func succeeds(_ arguments: [String]) async throws -> String {
+            let result = try await pool(arguments)
+            #expect(result.status == 0, "corral pool \(arguments.joined(separator: " ")): \(result.stderr)")
+            return result.stdout
+        }
+        _ = try await succeeds(["init"])
+        _ = try await succeeds(["user", "add", "alice"])
+        _ = try await succeeds(["flavor", "add", "small", "--vcpus", "1", "--memory-mib", "512", "--disk-gib", "5"])
+        _ = try await succeeds(["image", "add", "debian", "--url", "http://images.test/debian.qcow2", "--login-user", "debian"])
+        _ = try await succeeds(["wisp", "add", "web", "--owner", "alice", "--image", "debian"])
+        _ = try await succeeds(["template", "add", "web", "--wisp", "web", "--flavor", "small", "--hot-starts", "2"])
+
+        #expect(try await succeeds(["flavor", "set", "small", "--inactive"]) == "flavor 'small' inactive\n")
+        #expect(try await succeeds(["flavor", "list", "--json"]).contains(#""active" : false"#))
+        #expect(try await succeeds(["flavor", "set", "small", "--active"]) == "flavor 'small' active\n")
+        #expect(try await succeeds(["image", "set", "debian", "--inactive", "--no-login-user"]) == "image 'debian' inactive, login user none\n")
+        #expect(try await succeeds(["image", "set", "debian", "--active", "--login-user", "ubuntu"]) == "image 'debian' active, login user ubuntu\n")
+        #expect(try await succeeds(["user", "set", "alice", "--max-instances", "7", "--lease-seconds", "3600"])
+            == "user 'alice': at most 7 instances, leased for 3600 s\n")
+        #expect(try await succeeds(["user", "set", "alice", "--default-lease"]) == "user 'alice': at most 7 instances, leased for the pool's default\n")
+        #expect(try await succeeds(["template", "set", "web", "--hot-starts", "1"]) == "template 'web': wisp web, flavor small, 1 hot starts\n")
+        let inUse = try await pool(["wisp", "remove", "web"])
+        #expect(inUse.status == 1)
+        #expect(inUse.stderr.contains("wisp 'web' is the wisp of template 'web'"), "\(inUse.stderr)")
+        #expect(try await succeeds(["template", "remove", "web"]) == "template 'web' removed; 0 warm instances being decommissioned\n")
+        #expect(try await succeeds(["wisp", "remove", "web"]) == "wisp 'web' removed\n")
+        // Mistakes name the option and the fix.
+        for (arguments, message) in [
+            (["flavor", "set", "small"], "Missing one of: '--active', '--inactive'"),
+            (["image", "set", "debian"], "Give --active, --inactive, --login-user or --no-login-user."),
+            (["image", "set", "debian", "--login-user", "Root!"], "--login-user must be a user name such as debian"),
+            (["user", "set", "alice", "--max-instances=-1"], "--max-instances must be from 0 to 1000000"),
+            (["template", "set", "nope", "--hot-starts", "1"], "no template named 'nope'"),
+            (["flavor", "set", "nope", "--active"], "no flavor named 'nope'"),
+        ] {
+            let refused = try await pool(arguments)
+            #expect(refused.status != 0)
+            #expect(refused.stderr.contains(message), "corral pool \(arguments.joined(separator: " ")): \(refused.stderr)")
+        }
+    }
+
     @Test("admin commands need an existing database and say how to make one")
     func missingDatabase() async throws {
         let database = Self.databasePath()

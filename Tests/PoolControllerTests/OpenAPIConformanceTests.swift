@@ -145,6 +145,19 @@ struct OpenAPIConformanceTests {
             Call(template: "/v1/server-flavor", uri: "/v1/server-flavor", method: .get, status: 401),
             Call(template: "/v1/server-image", uri: "/v1/server-image", method: .get, headers: user("bob"), status: 200),
             Call(template: "/v1/server-image", uri: "/v1/server-image", method: .get, status: 401),
+            // (They stay active: the calls after these still create instances of them.)
+            Call(template: "/v1/server-flavor/{id}", uri: "/v1/server-flavor/small", method: .put, headers: user("root"), body: #"{"active": true}"#, status: 200),
+            Call(template: "/v1/server-flavor/{id}", uri: "/v1/server-flavor/small", method: .put, headers: user("root"), body: #"{"active": 1}"#, status: 400),
+            Call(template: "/v1/server-flavor/{id}", uri: "/v1/server-flavor/small", method: .put, body: #"{"active": true}"#, status: 401),
+            Call(template: "/v1/server-flavor/{id}", uri: "/v1/server-flavor/small", method: .put, headers: user("bob"), body: #"{"active": false}"#, status: 403),
+            Call(template: "/v1/server-flavor/{id}", uri: "/v1/server-flavor/nope", method: .put, headers: user("root"), body: #"{"active": true}"#, status: 404),
+            Call(template: "/v1/server-flavor/{id}", uri: "/v1/server-flavor/small", method: .put, headers: user("root"), body: huge, status: 413),
+            Call(template: "/v1/server-image/{id}", uri: "/v1/server-image/debian", method: .put, headers: user("root"), body: #"{"active": true}"#, status: 200),
+            Call(template: "/v1/server-image/{id}", uri: "/v1/server-image/debian", method: .put, headers: user("root"), body: #"{}"#, status: 400),
+            Call(template: "/v1/server-image/{id}", uri: "/v1/server-image/debian", method: .put, body: #"{"active": true}"#, status: 401),
+            Call(template: "/v1/server-image/{id}", uri: "/v1/server-image/debian", method: .put, headers: user("bob"), body: #"{"active": false}"#, status: 403),
+            Call(template: "/v1/server-image/{id}", uri: "/v1/server-image/nope", method: .put, headers: user("root"), body: #"{"active": true}"#, status: 404),
+            Call(template: "/v1/server-image/{id}", uri: "/v1/server-image/debian", method: .put, headers: user("root"), body: huge, status: 413),
         ]
         // SSH keys.
         let keys = "/v1/ssh-key"
@@ -170,6 +183,11 @@ struct OpenAPIConformanceTests {
             Call(template: person, uri: "/v1/user/alice", method: .get, headers: user("bob"), status: 404),
             Call(template: person, uri: "/v1/user/bob", method: .put, headers: user("root"), body: #"{"enabled": true}"#, status: 200),
             Call(template: person, uri: "/v1/user/bob", method: .put, headers: user("root"), body: #"{"enabled": 1}"#, status: 400),
+            Call(
+                template: person, uri: "/v1/user/bob", method: .put, headers: user("root"),
+                body: #"{"max-instances": 5, "lease-seconds": null}"#, status: 200),
+            Call(template: person, uri: "/v1/user/bob", method: .put, headers: user("root"), body: #"{"lease-seconds": 5}"#, status: 400),
+            Call(template: person, uri: "/v1/user/bob", method: .put, headers: user("root"), body: #"{}"#, status: 400),
             Call(template: person, uri: "/v1/user/bob", method: .put, body: #"{"enabled": true}"#, status: 401),
             Call(template: person, uri: "/v1/user/bob", method: .put, headers: user("bob"), body: #"{"enabled": false}"#, status: 403),
             Call(template: person, uri: "/v1/user/nobody", method: .put, headers: user("root"), body: #"{"enabled": true}"#, status: 404),

@@ -69,7 +69,7 @@ struct TokenAndLimitTests {
             #expect(try await client.v1(.post, "/v1/user/alice/token", token: pool.token("bob")).status == .notFound)
             #expect(try await client.v1(.get, "/v1/user/alice", token: pool.token("bob")).status == .notFound)
             let bobDisables = try await client.v1(.put, "/v1/user/bob", token: pool.token("bob"), body: #"{"enabled": false}"#)
-            #expect(try v1Refusal(bobDisables) == (.forbidden, "only a superuser may enable or disable users"))
+            #expect(try v1Refusal(bobDisables) == (.forbidden, "only a superuser may change users"))
             let selfDisable = try await client.v1(.put, "/v1/user/root", token: root, body: #"{"enabled": false}"#)
             #expect(try v1Refusal(selfDisable).0 == .conflict)
             let badBody = try await client.v1(.put, "/v1/user/alice", token: root, body: #"{"enabled": "no"}"#)

@@ -1,0 +1,138 @@
+import ArgumentParser
+import Foundation
+import PoolController
+
+/// Changes to the catalogue and to users' limits (nothing running is lost).
+extension Corral.Pool.Users {
+    struct Set: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Change a user's instance limit or lease length (instances they hold keep running).")
+        @OptionGroup var store: PoolDatabaseOptions
+        @Argument(help: "The user's name.") var name: String
+        @Option(help: "The most instances they may hold.") var maxInstances: Int?
+        @Option(help: "How long their new instances are leased for, in seconds.") var leaseSeconds: Int?
+        @Flag(help: "Lease their new instances for the pool's leases.default_seconds.") var defaultLease = false
+
+        func validate() throws {
+            guard maxInstances != nil || leaseSeconds != nil || defaultLease else {
+                throw ValidationError("Give --max-instances, --lease-seconds or --default-lease.")
+            }
+            if let maxInstances, !(0...1_000_000).contains(maxInstances) {
+                throw ValidationError("--max-instances must be from 0 to 1000000 (it was \(maxInstances)).")
+            }
+            if let leaseSeconds, !(60...31_536_000).contains(leaseSeconds) {
+                throw ValidationError("--lease-seconds must be from 60 to 31536000 (it was \(leaseSeconds)).")
+            }
+            if leaseSeconds != nil, defaultLease { throw ValidationError("Give --lease-seconds or --default-lease, not both.") }
+        }
+
+        func run() async throws {
+            let lease: Int?? = defaultLease ? .some(nil) : leaseSeconds.map { .some($0) }
+            let user = try await administer {
+                try await store.openExisting().setUserLimits(name, maxInstances: maxInstances, leaseSeconds: lease)
+            }
+            print("user '\(name)': at most \(user.maxInstances) instances, leased for \(user.leaseSeconds.map { "\($0) s" } ?? "the pool's default")")
+        }
+    }
+}
+
+/// `--active` or `--inactive`.
+enum Activity: EnumerableFlag {
+    case active, inactive
+}
+
+extension Corral.Pool.Flavors {
+    struct Set: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Activate or deactivate a flavor (an inactive one takes no new instances; running ones keep it).")
+        @OptionGroup var store: PoolDatabaseOptions
+        @Argument(help: "The flavor's name.") var name: String
+        @Flag var activity: Activity
+
+        func run() async throws {
+            let flavor = try await administer { try await store.openExisting().setFlavor(name, active: activity == .active) }
+            print("flavor '\(name)' \(flavor.active ? "active" : "inactive")")
+        }
+    }
+}
+
+extension Corral.Pool.Images {
+    struct Set: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Activate or deactivate an image, or change its login user (running instances keep it).")
+        @OptionGroup var store: PoolDatabaseOptions
+        @Argument(help: "The image's name.") var name: String
+        @Flag var activity: Activity?
+        @Option(help: "The guest user cloud-init gives instances' SSH keys to.") var loginUser: String?
+        @Flag(help: "Forget its login user.") var noLoginUser = false
+
+        func validate() throws {
+            guard activity != nil || loginUser != nil || noLoginUser else {
+                throw ValidationError("Give --active, --inactive, --login-user or --no-login-user.")
+            }
+            if let loginUser { try validateLoginUser(loginUser) }
+            if loginUser != nil, noLoginUser { throw ValidationError("Give --login-user or --no-login-user, not both.") }
+        }
+
+        func run() async throws {
+            let user: String?? = noLoginUser ? .some(nil) : loginUser.map { .some($0) }
+            let image = try await administer {
+                try await store.openExisting().setImage(name, active: activity.map { $0 == .active }, loginUser: user)
+            }
+            print("image '\(name)' \(image.active ? "active" : "inactive"), login user \(image.loginUser ?? "none")")
+        }
+    }
+}
+
+extension Corral.Pool.Wisps {
+    struct Remove: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Remove a wisp no template and no live instance boots from.")
+        @OptionGroup var store: PoolDatabaseOptions
+        @Argument(help: "The wisp's name.") var name: String
+
+        func run() async throws {
+            try await administer { try await store.openExisting().removeWisp(name) }
+            print("wisp '\(name)' removed")
+        }
+    }
+}
+
+extension Corral.Pool.Templates {
+    struct Set: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Change a template's wisp, flavor or warm instances; warm ones of the old kind are replaced.")
+        @OptionGroup var store: PoolDatabaseOptions
+        @Argument(help: "The template's name.") var name: String
+        @Option(help: "The wisp its instances boot from.") var wisp: String?
+        @Option(help: "The flavor its instances run with.") var flavor: String?
+        @Option(help: "How many booted instances to keep warm for it.") var hotStarts: Int?
+
+        func validate() throws {
+            guard wisp != nil || flavor != nil || hotStarts != nil else {
+                throw ValidationError("Give --wisp, --flavor or --hot-starts.")
+            }
+            if let hotStarts, !(0...1000).contains(hotStarts) {
+                throw ValidationError("--hot-starts must be from 0 to 1000 (it was \(hotStarts)).")
+            }
+        }
+
+        func run() async throws {
+            let template = try await administer {
+                try await store.openExisting().setTemplate(name, wisp: wisp, flavor: flavor, hotStarts: hotStarts, at: Date())
+            }
+            print("template '\(name)': wisp \(template.wisp), flavor \(template.flavor), \(template.hotStarts) hot starts")
+        }
+    }
+
+    struct Remove: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Remove a template; its warm instances are decommissioned, those handed out keep running.")
+        @OptionGroup var store: PoolDatabaseOptions
+        @Argument(help: "The template's name.") var name: String
+
+        func run() async throws {
+            let retired = try await administer { try await store.openExisting().removeTemplate(name, at: Date()) }
+            print("template '\(name)' removed; \(retired.count) warm instances being decommissioned")
+        }
+    }
+}
