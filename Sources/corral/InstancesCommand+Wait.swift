@@ -138,11 +138,30 @@ extension Corral.InstancesCommand {
         @OptionGroup var api: UserAPIOptions
         @Argument(help: "The instance's id or hostname.") var id: String
         @Option(help: "How many lines (1 to the pool's console_tail_lines).") var lines = 100
+        @Flag(name: [.customShort("f"), .long], help: "Keep printing new lines as the appliance reports them (every 2 s), until Ctrl-C.")
+        var follow = false
 
         func run() async throws {
-            let console = try await api.call(.GET, instancePath(id) + "/console?lines=\(lines)", as: [String].self)
-            if api.json { return try printJSON(console) }
-            for line in console { print(neutralised(line)) }
+            var shown = try await api.call(.GET, instancePath(id) + "/console?lines=\(lines)", as: [String].self)
+            if api.json, !follow { return try printJSON(shown) }
+            for line in shown { print(neutralised(line)) }
+            while follow {
+                try await Task.sleep(for: .seconds(2))
+                let now = try await api.call(.GET, instancePath(id) + "/console?lines=\(lines)", as: [String].self)
+                for line in Self.newLines(after: shown, in: now) { print(neutralised(line)) }
+                fflush(nil)  // all C streams: print goes through stdout
+                shown = now
+            }
+        }
+
+        /// The lines of `now` after what `before` ended with: the longest
+        /// end of `before` that `now` starts with is skipped.
+        static func newLines(after before: [String], in now: [String]) -> ArraySlice<String> {
+            for overlap in stride(from: min(before.count, now.count), to: 0, by: -1)
+            where Array(before.suffix(overlap)) == Array(now.prefix(overlap)) {
+                return now.dropFirst(overlap)
+            }
+            return now[...]
         }
     }
 

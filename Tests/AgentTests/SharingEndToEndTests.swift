@@ -2,6 +2,7 @@ import Foundation
 import PoolAPI
 import Testing
 import TestSupport
+import AsyncHTTPClient
 
 @Suite("End to end: users mean access, and warm hand-outs are re-keyed, in real Debian guests")
 struct SharingEndToEndTests {
@@ -57,6 +58,20 @@ struct SharingEndToEndTests {
                 #expect(endpoint.user == "debian")
                 let alice = GuestShell(key: try #require(keys["alice"]), port: endpoint.port)
                 let bob = GuestShell(key: try #require(keys["bob"]), port: endpoint.port)
+                // The console route shows the guest's boot lines (cloud-init's, as its appliance reported them).
+                var lines: [String] = []
+                let consoleDeadline = ContinuousClock.now + .seconds(120)
+                while ContinuousClock.now < consoleDeadline {
+                    var request = HTTPClientRequest(url: harness.poolURL + "/v1/server-instance/\(id)/console?lines=20")
+                    request.headers.add(name: "X-Auth-Token", value: harness.userToken)
+                    let response = try await harness.http.execute(request, timeout: .seconds(30))
+                    let body = try await response.body.collect(upTo: 1 << 20)
+                    let envelope = try JSONSerialization.jsonObject(with: Data(body.readableBytesView)) as? [String: Any]
+                    lines = envelope?["data"] as? [String] ?? []
+                    if lines.contains(where: { $0.contains("Cloud-init v.") }) { break }
+                    try await Task.sleep(for: .seconds(1))
+                }
+                #expect(lines.contains { $0.contains("Cloud-init v.") }, "\(lines)")
                 try await alice.waitUntilReachable(timeout: .seconds(240))
                 #expect(try await bob.run("true", timeout: 20).status != 0, "bob logged in before he was granted access")
                 #expect(await isRefused { try await harness.v1(.GET, "/v1/server-instance/\(id)", token: tokens["bob"]) })
