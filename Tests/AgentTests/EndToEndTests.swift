@@ -96,7 +96,7 @@ struct EndToEndTests {
                     """.write(to: script, atomically: true, encoding: .utf8)
                 try await harness.poolCommand(["flavor", "add", "debian", "--vcpus", "1", "--memory-mib", "768", "--disk-gib", "3"])
                 try await harness.poolCommand([
-                    "image", "add", "debian", "--url", "\(base)/debian.qcow2", "--sha256", image.rootfsSHA256,
+                    "image", "add", "debian", "--login-user", "debian", "--url", "\(base)/debian.qcow2", "--sha256", image.rootfsSHA256,
                     "--kernel-url", "\(base)/debian-vmlinuz", "--kernel-sha256", image.kernelSHA256,
                     "--initrd-url", "\(base)/debian-initrd.img", "--initrd-sha256", image.initrdSHA256,
                 ])
@@ -142,6 +142,7 @@ struct EndToEndTests {
                 let endpoint = try #require(shown["ssh"] as? [String: Any], "\(shown)")
                 #expect(endpoint["host"] as? String == "127.0.0.1")
                 #expect(endpoint["port"] as? Int == sshPort)
+                #expect(endpoint["user"] as? String == "debian")
                 let viaCLI = try await runCorral(
                     [
                         "instances", "ssh", id, "-i", key, "-o", "BatchMode=yes", "-o", "UserKnownHostsFile=/dev/null", "--",
