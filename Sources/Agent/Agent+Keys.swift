@@ -17,10 +17,9 @@ enum GuestKeys {
 
     /// Why a `keys` action cannot be carried out as sent, or nil.
     static func problem(keys: [String], user: String, run: String?) -> String? {
-        let lower = "abcdefghijklmnopqrstuvwxyz_"
-        guard let first = user.first, lower.contains(first), user.count <= 32,
-            user.allSatisfy({ lower.contains($0) || "0123456789-".contains($0) })
-        else { return "the login user \(String(reflecting: String(user.prefix(40)))) is not a user name" }
+        guard LoginUserName.isValid(user) else {
+            return "the login user \(String(reflecting: String(user.prefix(40)))) is not a user name"
+        }
         guard keys.count <= maximumKeys else { return "\(keys.count) keys, more than \(maximumKeys)" }
         for key in keys {
             guard key.utf8.count <= maximumKeyBytes, !key.isEmpty,

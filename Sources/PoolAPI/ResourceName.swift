@@ -29,3 +29,14 @@ public enum ResourceName {
     /// Whether `name` keeps the rule.
     public static func isValid(_ name: String) -> Bool { problem(name) == nil }
 }
+
+/// A guest login user's name: what `useradd` accepts by default (a
+/// lowercase letter or `_`, then up to 31 lowercase letters, digits, `_` or
+/// `-`).
+public enum LoginUserName {
+    public static func isValid(_ user: String) -> Bool {
+        let lower = "abcdefghijklmnopqrstuvwxyz_"
+        guard let first = user.first, lower.contains(first), user.count <= 32 else { return false }
+        return user.allSatisfy { lower.contains($0) || "0123456789-".contains($0) }
+    }
+}

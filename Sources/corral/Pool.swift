@@ -778,10 +778,7 @@ func validateName(_ name: String, field: String) throws {
 /// A guest login user: what `useradd` accepts by default (a lowercase
 /// letter or `_`, then up to 31 lowercase letters, digits, `_` or `-`).
 func validateLoginUser(_ user: String) throws {
-    let lower = "abcdefghijklmnopqrstuvwxyz_"
-    guard let first = user.first, lower.contains(first), user.count <= 32,
-        user.allSatisfy({ lower.contains($0) || "0123456789-".contains($0) })
-    else {
+    guard LoginUserName.isValid(user) else {
         throw ValidationError("--login-user must be a user name such as debian: a lowercase letter or '_', then up to 31 lowercase letters, digits, '_' or '-' (it was '\(user)').")
     }
 }

@@ -221,3 +221,27 @@ struct AgentPartsTests {
         #expect(backoff.next() <= .seconds(1))
     }
 }
+
+@Suite("Keys actions are bounded before they reach a guest")
+struct GuestKeysTests {
+    @Test("a keys action with a bad user, key or script is refused with the reason; a good one passes")
+    func bounds() {
+        let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl carol"
+        #expect(GuestKeys.problem(keys: [key], user: "debian", run: "#!/bin/sh\ntrue\n") == nil)
+        #expect(GuestKeys.problem(keys: [], user: "debian", run: nil) == nil)
+        for (keys, user, run, reason) in [
+            ([key], "../root", nil, "is not a user name"),
+            ([key], "Root", nil, "is not a user name"),
+            ([key], "", nil, "is not a user name"),
+            ([key + "\n" + key], "debian", nil, "not one line"),
+            ([""], "debian", nil, "not one line"),
+            ([String(repeating: "a", count: 9000)], "debian", nil, "longer than 8192 bytes"),
+            (Array(repeating: key, count: 1001), "debian", nil, "1001 keys, more than 1000"),
+            ([key], "debian", "echo no shebang", "does not start with #!"),
+            ([key], "debian", "#!/bin/sh\n" + String(repeating: "x", count: 70_000), "longer than 65536 bytes"),
+        ] as [([String], String, String?, String)] {
+            let problem = GuestKeys.problem(keys: keys, user: user, run: run)
+            #expect(problem?.contains(reason) == true, "\(user): \(problem ?? "accepted")")
+        }
+    }
+}

@@ -34,6 +34,19 @@ struct DebianImage: Sendable {
     }
 }
 
+extension DebianImage {
+    /// Adds the flavor `debian` (1 vCPU, 768 MiB, 3 GiB) and this image as
+    /// `debian` (login user `debian`), served at `base`, to the harness's pool.
+    func addToCatalogue(_ harness: Harness, base: String) async throws {
+        try await harness.poolCommand(["flavor", "add", "debian", "--vcpus", "1", "--memory-mib", "768", "--disk-gib", "3"])
+        try await harness.poolCommand([
+            "image", "add", "debian", "--login-user", "debian", "--url", "\(base)/debian.qcow2", "--sha256", rootfsSHA256,
+            "--kernel-url", "\(base)/debian-vmlinuz", "--kernel-sha256", kernelSHA256,
+            "--initrd-url", "\(base)/debian-initrd.img", "--initrd-sha256", initrdSHA256,
+        ])
+    }
+}
+
 /// `ssh` to a guest through its loopback port forward, as the image's
 /// default user, with the generated key; never to any other address.
 struct GuestShell: Sendable {
@@ -94,12 +107,7 @@ struct EndToEndTests {
                     # Later the test asks for a console flood (10 MiB), which only root can write.
                     setsid sh -c 'while [ ! -e /var/tmp/corral-flood ]; do sleep 1; done; dd if=/dev/zero of=/dev/ttyS0 bs=64k count=160' >/dev/null 2>&1 </dev/null &
                     """.write(to: script, atomically: true, encoding: .utf8)
-                try await harness.poolCommand(["flavor", "add", "debian", "--vcpus", "1", "--memory-mib", "768", "--disk-gib", "3"])
-                try await harness.poolCommand([
-                    "image", "add", "debian", "--login-user", "debian", "--url", "\(base)/debian.qcow2", "--sha256", image.rootfsSHA256,
-                    "--kernel-url", "\(base)/debian-vmlinuz", "--kernel-sha256", image.kernelSHA256,
-                    "--initrd-url", "\(base)/debian-initrd.img", "--initrd-sha256", image.initrdSHA256,
-                ])
+                try await image.addToCatalogue(harness, base: base)
                 try await harness.poolCommand([
                     "wisp", "add", "e2e", "--owner", "alice", "--image", "debian", "--post-create-file", script.path, "--default",
                 ])

@@ -35,12 +35,7 @@ struct SharingEndToEndTests {
                     let line = try String(contentsOfFile: try #require(keys[user]) + ".pub", encoding: .utf8)
                     _ = try await harness.v1(.POST, "/v1/ssh-key", body: ["name": user, "public-key": line], token: tokens[user])
                 }
-                try await harness.poolCommand(["flavor", "add", "debian", "--vcpus", "1", "--memory-mib", "768", "--disk-gib", "3"])
-                try await harness.poolCommand([
-                    "image", "add", "debian", "--login-user", "debian", "--url", "\(base)/debian.qcow2", "--sha256", image.rootfsSHA256,
-                    "--kernel-url", "\(base)/debian-vmlinuz", "--kernel-sha256", image.kernelSHA256,
-                    "--initrd-url", "\(base)/debian-initrd.img", "--initrd-sha256", image.initrdSHA256,
-                ])
+                try await image.addToCatalogue(harness, base: base)
                 // tom's template keeps one warm instance, booted with his key.
                 try await harness.poolCommand([
                     "wisp", "add", "tom-web", "--owner", "tom", "--image", "debian", "--ssh-key-file", try #require(keys["tom"]) + ".pub",
