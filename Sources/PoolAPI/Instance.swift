@@ -190,7 +190,7 @@ public struct RemoteFile: Codable, Sendable, Equatable {
 public struct KernelBoot: Codable, Sendable, Equatable {
     public var kernel: RemoteFile
     public var initrd: RemoteFile?
-    /// The kernel command line, e.g. `root=/dev/vda console=ttyS0 rw`.
+    /// The kernel command line, e.g. `root=/dev/vda console=ttyS0 rw no_timer_check`.
     public var cmdline: String
 
     public init(kernel: RemoteFile, initrd: RemoteFile? = nil, cmdline: String = "") {

@@ -183,11 +183,11 @@ public struct ServerInstanceCreation: Codable, Sendable, Equatable {
     public var sshKeys: [String]?
     public var userData: String?
 
-    enum CodingKeys: String, CodingKey {
-        case users
+    enum CodingKeys: String, CodingKey, CaseIterable {
         case serverImage = "server-image"
         case serverFlavor = "server-flavor"
         case serverTemplate = "server-template"
+        case users
         case sshKeys = "ssh-keys"
         case userData = "user-data"
     }
@@ -216,6 +216,8 @@ public struct ServerInstanceChange: Codable, Sendable, Equatable {
         /// For `extend-lease`.
         public var seconds: Int?
 
+        enum CodingKeys: String, CodingKey, CaseIterable { case what, how, users, seconds }
+
         public init(what: String, how: String? = nil, users: [String]? = nil, seconds: Int? = nil) {
             self.what = what
             self.how = how
@@ -226,6 +228,8 @@ public struct ServerInstanceChange: Codable, Sendable, Equatable {
 
     public var task: Task
 
+    enum CodingKeys: String, CodingKey, CaseIterable { case task }
+
     public init(_ task: Task) { self.task = task }
 }
 
@@ -234,7 +238,7 @@ public struct ServerSSHKeyCreation: Codable, Sendable, Equatable {
     public var name: String
     public var publicKey: String
 
-    enum CodingKeys: String, CodingKey {
+    enum CodingKeys: String, CodingKey, CaseIterable {
         case name
         case publicKey = "public-key"
     }
@@ -256,5 +260,226 @@ public struct CatalogueEntry: Codable, Sendable, Equatable {
         id = name
         self.name = name
         self.active = active
+    }
+}
+
+/// The body of `PUT /v1/server-flavor/ID` and `PUT /v1/server-image/ID`.
+public struct ServerCatalogueChange: Codable, Sendable, Equatable {
+    public var active: Bool
+
+    enum CodingKeys: String, CodingKey, CaseIterable { case active }
+
+    public init(active: Bool) { self.active = active }
+}
+
+/// The body of `PUT /v1/user/NAME`: the fields given change.
+public struct ServerUserChange: Codable, Sendable, Equatable {
+    public var enabled: Bool?
+    public var maxInstances: Int?
+    /// `.some(nil)` (JSON `null`): back to the pool's default lease.
+    public var leaseSeconds: Int??
+
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case enabled
+        case maxInstances = "max-instances"
+        case leaseSeconds = "lease-seconds"
+    }
+
+    public init(enabled: Bool? = nil, maxInstances: Int? = nil, leaseSeconds: Int?? = nil) {
+        self.enabled = enabled
+        self.maxInstances = maxInstances
+        self.leaseSeconds = leaseSeconds
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        enabled = try container.decodeIfPresent(Bool.self, forKey: .enabled)
+        maxInstances = try container.decodeIfPresent(Int.self, forKey: .maxInstances)
+        if container.contains(.leaseSeconds) {
+            leaseSeconds = .some(try container.decodeNil(forKey: .leaseSeconds) ? nil : try container.decode(Int.self, forKey: .leaseSeconds))
+        }
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.container(keyedBy: CodingKeys.self)
+        try container.encodeIfPresent(enabled, forKey: .enabled)
+        try container.encodeIfPresent(maxInstances, forKey: .maxInstances)
+        if let leaseSeconds {
+            if let seconds = leaseSeconds { try container.encode(seconds, forKey: .leaseSeconds) } else { try container.encodeNil(forKey: .leaseSeconds) }
+        }
+    }
+}
+
+/// A request body whose every field is known: the pool refuses any other
+/// field by name (the schemas' `additionalProperties: false`).
+public protocol StrictRequestBody: Decodable {
+    /// The JSON names of its fields.
+    static var fieldNames: [String] { get }
+    /// The fields that hold objects, with their types.
+    static var objectFields: [String: any StrictRequestBody.Type] { get }
+}
+
+extension StrictRequestBody {
+    public static var objectFields: [String: any StrictRequestBody.Type] { [:] }
+}
+
+extension ServerInstanceCreation: StrictRequestBody {
+    public static var fieldNames: [String] { CodingKeys.allCases.map(\.stringValue) }
+}
+
+extension ServerInstanceChange: StrictRequestBody {
+    public static var fieldNames: [String] { CodingKeys.allCases.map(\.stringValue) }
+    public static var objectFields: [String: any StrictRequestBody.Type] { ["task": Task.self] }
+}
+
+extension ServerInstanceChange.Task: StrictRequestBody {
+    public static var fieldNames: [String] { CodingKeys.allCases.map(\.stringValue) }
+}
+
+extension ServerSSHKeyCreation: StrictRequestBody {
+    public static var fieldNames: [String] { CodingKeys.allCases.map(\.stringValue) }
+}
+
+extension ServerCatalogueChange: StrictRequestBody {
+    public static var fieldNames: [String] { CodingKeys.allCases.map(\.stringValue) }
+}
+
+extension ServerUserChange: StrictRequestBody {
+    public static var fieldNames: [String] { CodingKeys.allCases.map(\.stringValue) }
+}
+
+/// A template as `GET /v1/server-template` shows it: instances made from
+/// it boot its wisp on its flavor, handed out at once from its warm pool
+/// of `hot-starts` instances when one is ready. Its id is its name.
+public struct ServerTemplate: Codable, Sendable, Equatable {
+    public var id: String
+    public var name: String
+    public var wisp: String
+    public var serverFlavor: String
+    public var hotStarts: Int
+
+    enum CodingKeys: String, CodingKey {
+        case id, name, wisp
+        case serverFlavor = "server-flavor"
+        case hotStarts = "hot-starts"
+    }
+
+    public init(name: String, wisp: String, serverFlavor: String, hotStarts: Int) {
+        id = name
+        self.name = name
+        self.wisp = wisp
+        self.serverFlavor = serverFlavor
+        self.hotStarts = hotStarts
+    }
+}
+
+/// The body of `PUT /v1/server-template/ID`: the fields given change.
+public struct ServerTemplateChange: Codable, Sendable, Equatable, StrictRequestBody {
+    public var wisp: String?
+    public var serverFlavor: String?
+    public var hotStarts: Int?
+
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case wisp
+        case serverFlavor = "server-flavor"
+        case hotStarts = "hot-starts"
+    }
+
+    public static var fieldNames: [String] { CodingKeys.allCases.map(\.stringValue) }
+
+    public init(wisp: String? = nil, serverFlavor: String? = nil, hotStarts: Int? = nil) {
+        self.wisp = wisp
+        self.serverFlavor = serverFlavor
+        self.hotStarts = hotStarts
+    }
+}
+
+/// A wisp as superusers see it (`GET /v1/wisp`): what an instance boots,
+/// a catalogue image or an image URL, with SSH keys, a post-creation
+/// script or cloud-config, and a callback. Its id is its name.
+public struct ServerWisp: Codable, Sendable, Equatable {
+    public var id: String
+    public var name: String
+    public var owner: String
+    public var serverImage: String?
+    public var dynamicImageURL: String?
+    public var sshKeys: [String]
+    public var postCreate: String
+    public var callbackURL: String?
+
+    enum CodingKeys: String, CodingKey {
+        case id, name, owner
+        case serverImage = "server-image"
+        case dynamicImageURL = "dynamic-image-url"
+        case sshKeys = "ssh-keys"
+        case postCreate = "post-create"
+        case callbackURL = "callback-url"
+    }
+
+    public init(
+        name: String, owner: String, serverImage: String?, dynamicImageURL: String?, sshKeys: [String], postCreate: String, callbackURL: String?
+    ) {
+        id = name
+        self.name = name
+        self.owner = owner
+        self.serverImage = serverImage
+        self.dynamicImageURL = dynamicImageURL
+        self.sshKeys = sshKeys
+        self.postCreate = postCreate
+        self.callbackURL = callbackURL
+    }
+}
+
+/// The body of `PUT /v1/wisp/ID`: the fields given change; a
+/// `server-image` replaces a `dynamic-image-url` and the other way round;
+/// `callback-url: null` removes the callback, `post-create: ""` the script.
+public struct ServerWispChange: Codable, Sendable, Equatable, StrictRequestBody {
+    public var serverImage: String?
+    public var dynamicImageURL: String?
+    public var sshKeys: [String]?
+    public var postCreate: String?
+    public var callbackURL: String??
+
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case serverImage = "server-image"
+        case dynamicImageURL = "dynamic-image-url"
+        case sshKeys = "ssh-keys"
+        case postCreate = "post-create"
+        case callbackURL = "callback-url"
+    }
+
+    public static var fieldNames: [String] { CodingKeys.allCases.map(\.stringValue) }
+
+    public init(
+        serverImage: String? = nil, dynamicImageURL: String? = nil, sshKeys: [String]? = nil, postCreate: String? = nil,
+        callbackURL: String?? = nil
+    ) {
+        self.serverImage = serverImage
+        self.dynamicImageURL = dynamicImageURL
+        self.sshKeys = sshKeys
+        self.postCreate = postCreate
+        self.callbackURL = callbackURL
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        serverImage = try container.decodeIfPresent(String.self, forKey: .serverImage)
+        dynamicImageURL = try container.decodeIfPresent(String.self, forKey: .dynamicImageURL)
+        sshKeys = try container.decodeIfPresent([String].self, forKey: .sshKeys)
+        postCreate = try container.decodeIfPresent(String.self, forKey: .postCreate)
+        if container.contains(.callbackURL) {
+            callbackURL = .some(try container.decodeNil(forKey: .callbackURL) ? nil : try container.decode(String.self, forKey: .callbackURL))
+        }
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.container(keyedBy: CodingKeys.self)
+        try container.encodeIfPresent(serverImage, forKey: .serverImage)
+        try container.encodeIfPresent(dynamicImageURL, forKey: .dynamicImageURL)
+        try container.encodeIfPresent(sshKeys, forKey: .sshKeys)
+        try container.encodeIfPresent(postCreate, forKey: .postCreate)
+        if let callbackURL {
+            if let url = callbackURL { try container.encode(url, forKey: .callbackURL) } else { try container.encodeNil(forKey: .callbackURL) }
+        }
     }
 }

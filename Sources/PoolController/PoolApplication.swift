@@ -134,6 +134,8 @@ enum RouteTable {
         ("/v1/server-flavor", ["GET"]), ("/v1/server-image", ["GET"]), ("/v1/server-flavor/{id}", ["PUT"]),
         ("/v1/server-image/{id}", ["PUT"]), ("/v1/user/{name}", ["GET", "PUT"]),
         ("/v1/user/{name}/token", ["POST"]), ("/v1/ssh-key", ["GET", "POST"]), ("/v1/ssh-key/{id}", ["DELETE"]),
+        ("/v1/server-template", ["GET"]), ("/v1/server-template/{id}", ["DELETE", "PUT"]), ("/v1/wisp", ["GET"]),
+        ("/v1/wisp/{id}", ["DELETE", "PUT"]),
     ]
 
     /// The methods of the route `path` matches (with or without its

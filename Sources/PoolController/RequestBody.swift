@@ -1,5 +1,6 @@
 import Foundation
 import Hummingbird
+import PoolAPI
 
 /// Why a request body could not be read, naming the field at fault.
 struct RequestBodyError: Error, CustomStringConvertible {
@@ -64,8 +65,122 @@ private func typeName(_ type: Any.Type) -> String {
     switch type {
     case is String.Type: "a string"
     case is Bool.Type: "true or false"
-    case is Int.Type, is Int64.Type: "an integer"
+    case is Int.Type, is Int64.Type: "a whole number"
     case is Double.Type: "a number"
-    default: "\(type)".hasPrefix("Array") ? "an array" : "an object"
+    default: "\(type)".hasPrefix("Array") ? "a list" : "an object"
+    }
+}
+
+/// A `/v1` body decoded as `T`. A body that is not a JSON object, a field
+/// `T` does not have (at any depth), a missing field or one of the wrong
+/// type is a 400 naming the field.
+func decodeStrictBody<T: StrictRequestBody>(_ type: T.Type, from buffer: ByteBuffer) throws -> T {
+    let data = Data(buffer.readableBytesView)
+    guard let fields = try? JSONDecoder().decode(ObjectFields.self, from: data) else {
+        throw Refusal(.badRequest, "the body must be a JSON object")
+    }
+    try fields.refuseUnknown(by: T.self, prefix: "")
+    do {
+        return try JSONDecoder().decode(T.self, from: data)
+    } catch DecodingError.dataCorrupted(let context) where context.codingPath.isEmpty {
+        // The JSON is valid, so a number did not fit its field (the decoder names none).
+        guard let field = fields.firstUnfitNumber() else { throw Refusal(.badRequest, "the body could not be read: \(context.debugDescription)") }
+        throw Refusal(.badRequest, "field '\(field)' must be a whole number in its range")
+    } catch let error as DecodingError {
+        throw Refusal(.badRequest, describe(error))
+    }
+}
+
+/// The field names of a JSON object, with those of the objects inside it.
+private struct ObjectFields: Decodable {
+    var fields: [String: ObjectFields?] = [:]
+
+    struct Name: CodingKey {
+        var stringValue: String
+        var intValue: Int? { nil }
+        init(stringValue: String) { self.stringValue = stringValue }
+        init?(intValue: Int) { nil }
+    }
+
+    /// Its fields holding numbers that are no `Int` (fractions, too large).
+    var unfitNumbers: [String] = []
+
+    init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: Name.self)
+        for key in container.allKeys {
+            let inner: ObjectFields? = try? container.decode(ObjectFields.self, forKey: key)
+            fields.updateValue(inner, forKey: key.stringValue)  // kept when nil: the field is there
+            if (try? container.decode(Double.self, forKey: key)) != nil, (try? container.decode(Int.self, forKey: key)) == nil {
+                unfitNumbers.append(key.stringValue)
+            }
+        }
+        unfitNumbers.sort()
+    }
+
+    func firstUnfitNumber(prefix: String = "") -> String? {
+        if let name = unfitNumbers.first { return prefix + name }
+        for (name, inner) in fields.sorted(by: { $0.key < $1.key }) {
+            if let found = inner?.firstUnfitNumber(prefix: prefix + name + ".") { return found }
+        }
+        return nil
+    }
+
+    func refuseUnknown(by type: any StrictRequestBody.Type, prefix: String) throws {
+        let allowed = type.fieldNames
+        if let unknown = fields.keys.sorted().first(where: { !allowed.contains($0) }) {
+            throw Refusal(
+                .badRequest,
+                "unknown field '\(prefix)\(unknown.prefix(64))'; allowed: \(allowed.map { "'\(prefix)\($0)'" }.joined(separator: ", "))")
+        }
+        for (name, nested) in type.objectFields.sorted(by: { $0.key < $1.key }) {
+            if let inner = fields[name] ?? nil { try inner.refuseUnknown(by: nested, prefix: prefix + name + ".") }
+        }
+    }
+}
+
+/// Checks of a decoded body's values beyond their types, each refusal
+/// naming the field and what it must be.
+enum BodyField {
+    /// A non-empty string of at most `maxBytes` bytes, one of `choices` if given.
+    static func text(_ value: String?, _ field: String, maxBytes: Int = 64, choices: [String]? = nil) throws -> String? {
+        guard let value else { return nil }
+        guard !value.isEmpty, value.utf8.count <= maxBytes else {
+            throw Refusal(.badRequest, "field '\(field)' must be a non-empty string of at most \(maxBytes) bytes")
+        }
+        if let choices, !choices.contains(value) {
+            throw Refusal(
+                .badRequest, "field '\(field)' must be one of \(choices.map { "'\($0)'" }.joined(separator: ", ")), not '\(value)'")
+        }
+        return value
+    }
+
+    /// A list of at most 100 names or ids of at most 64 bytes each.
+    static func names(_ value: [String]?, _ field: String) throws -> [String]? {
+        guard let value else { return nil }
+        guard value.count <= 100, value.allSatisfy({ $0.utf8.count <= 64 }) else {
+            throw Refusal(.badRequest, "field '\(field)' must be a list of at most 100 ids or names (strings of at most 64 bytes)")
+        }
+        return value
+    }
+
+    /// A whole number in `range`.
+    static func number(_ value: Int?, _ field: String, in range: ClosedRange<Int>) throws -> Int? {
+        guard let value else { return nil }
+        guard range.contains(value) else {
+            throw Refusal(.badRequest, "field '\(field)' must be a whole number from \(range.lowerBound) to \(range.upperBound)")
+        }
+        return value
+    }
+
+    /// Refuses the fields given (`present`) that `allowed` does not list,
+    /// and the `required` ones missing, e.g. a task's fields for its kind.
+    static func only(_ present: [String], allowed: [String], required: [String], prefix: String) throws {
+        if let unknown = present.first(where: { !allowed.contains($0) }) {
+            throw Refusal(
+                .badRequest, "unknown field '\(prefix)\(unknown)'; allowed: \(allowed.map { "'\(prefix)\($0)'" }.joined(separator: ", "))")
+        }
+        if let missing = required.first(where: { !present.contains($0) }) {
+            throw Refusal(.badRequest, "missing field '\(prefix)\(missing)'")
+        }
     }
 }

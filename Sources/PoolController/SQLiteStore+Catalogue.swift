@@ -119,6 +119,45 @@ extension SQLiteStore {
         }
     }
 
+    /// Changes what a wisp boots. Instances already made keep what they
+    /// booted; warm instances of the templates using it are retired (the
+    /// warm-pool pass builds new ones from the wisp as it is now).
+    public func setWisp(_ name: String, _ change: WispChange, at date: Date) async throws -> (wisp: Wisp, retired: [String]) {
+        if change.image != nil, change.dynamicImageURL != nil {
+            throw PoolError.invalid(field: "image", reason: "give a catalogue image or a dynamic image URL, not both")
+        }
+        return try await database.write { db in
+            guard let wispID = try Int64.fetchOne(db, sql: "SELECT id FROM wisp WHERE name = ?", arguments: [name]) else {
+                throw PoolError.notFound(what: "wisp", name: name)
+            }
+            if let image = change.image {
+                guard let imageID = try Int64.fetchOne(db, sql: "SELECT id FROM image WHERE name = ? AND active", arguments: [image]) else {
+                    throw PoolError.notFound(what: "image", name: image)
+                }
+                try db.execute(sql: "UPDATE wisp SET imageID = ?, dynamicImageURL = NULL WHERE id = ?", arguments: [imageID, wispID])
+            }
+            if let url = change.dynamicImageURL {
+                try db.execute(sql: "UPDATE wisp SET imageID = NULL, dynamicImageURL = ? WHERE id = ?", arguments: [url, wispID])
+            }
+            if let keys = change.sshKeys {
+                try db.execute(sql: "UPDATE wisp SET sshKeys = ? WHERE id = ?", arguments: [keys.joined(separator: "\n"), wispID])
+            }
+            if let postCreate = change.postCreate {
+                try db.execute(sql: "UPDATE wisp SET postCreate = ? WHERE id = ?", arguments: [postCreate, wispID])
+            }
+            if let callbackURL = change.callbackURL {
+                try db.execute(sql: "UPDATE wisp SET callbackURL = ? WHERE id = ?", arguments: [callbackURL, wispID])
+            }
+            let retired =
+                change.isEmpty
+                ? [] : try Self.retireWarm(db, where: "instance.templateID IN (SELECT id FROM template WHERE wispID = ?)", arguments: [wispID], at: date)
+            guard let wisp = try Row.fetchOne(db, sql: Self.wispQuery + " WHERE wisp.id = ?", arguments: [wispID]).map(Self.wisp) else {
+                throw PoolError.storage("wisp '\(name)' vanished")
+            }
+            return (wisp, retired)
+        }
+    }
+
     /// Removes a wisp no template and no live instance boots from (409
     /// naming them otherwise); decommissioned instances forget it.
     public func removeWisp(_ name: String) async throws {

@@ -28,13 +28,12 @@ struct SSHKeyRoutes: Sendable {
     /// `limits.max_ssh_keys_per_user`.
     @Sendable func add(_ request: Request, context: BasicRequestContext) async throws -> Response {
         let caller = try await authenticateUser(request, store: store)
-        let body = try JSONBody(try await collectBody(request, upTo: maximumUserBody))
-        try body.only(["name", "public-key"], required: ["name", "public-key"])
-        let name = try body.string("name")!
+        let body = try decodeStrictBody(ServerSSHKeyCreation.self, from: try await collectBody(request, upTo: maximumUserBody))
+        let name = try BodyField.text(body.name, "name")!
         if let problem = ResourceName.problem(name) { throw Refusal(.badRequest, "field 'name': the key's name \(problem)") }
         let key: SSHPublicKey
         do {
-            key = try SSHPublicKey(try body.string("public-key", maxBytes: SSHPublicKey.maximumLength + 2)!)
+            key = try SSHPublicKey(try BodyField.text(body.publicKey, "public-key", maxBytes: SSHPublicKey.maximumLength + 2)!)
         } catch {
             throw Refusal(.badRequest, "field 'public-key': the text \(error) (paste the .pub file, e.g. ~/.ssh/id_ed25519.pub)")
         }

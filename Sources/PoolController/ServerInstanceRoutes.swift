@@ -31,6 +31,7 @@ struct ServerInstanceRoutes: Sendable {
         v1.put("server-image/:id", use: changeImage)
         UserRoutes(store: store, events: events, maxLeaseSeconds: configuration.limits.maxLeaseSeconds).register(in: v1)
         SSHKeyRoutes(store: store, configuration: configuration).register(in: v1)
+        CatalogueRoutes(store: store, warmPools: warmPools).register(in: v1)
     }
 
     /// `GET /v1/server-instance[?cloudauth-id=ID][&limit=N][&marker=ID]`:
@@ -72,33 +73,35 @@ struct ServerInstanceRoutes: Sendable {
     @Sendable func create(_ request: Request, context: BasicRequestContext) async throws -> Response {
         let received = Date()  // the timeline's `requested`
         let caller = try await authenticate(request)
-        let body = try JSONBody(try await collectBody(request, upTo: maximumUserBody))
-        try body.only(["server-image", "server-flavor", "server-template", "users", "ssh-keys", "user-data"], required: [])
-        let users = try body.strings("users") ?? []
+        let body = try decodeStrictBody(ServerInstanceCreation.self, from: try await collectBody(request, upTo: maximumUserBody))
+        let users = try BodyField.names(body.users, "users") ?? []
         var creation = InstanceRequest(owner: caller.name, users: users)
         // A template (with a warm pool, handed out at once), or an image and a flavor.
-        if let template = try body.string("server-template") {
-            if let extra = ["server-image", "server-flavor"].first(where: { body.fields[$0] != nil }) {
+        if let template = try BodyField.text(body.serverTemplate, "server-template") {
+            if body.serverImage != nil || body.serverFlavor != nil {
+                let extra = body.serverImage != nil ? "server-image" : "server-flavor"
                 throw Refusal(.badRequest, "field '\(extra)': a template names its own image and flavor; give server-template alone")
             }
             creation.template = template
         } else {
-            guard let image = try body.string("server-image"), let flavor = try body.string("server-flavor") else {
+            guard let image = try BodyField.text(body.serverImage, "server-image"),
+                let flavor = try BodyField.text(body.serverFlavor, "server-flavor")
+            else {
                 throw Refusal(
                     .badRequest,
-                    "missing field '\(body.fields["server-image"] == nil ? "server-image" : "server-flavor")': give server-image and server-flavor, or server-template")
+                    "missing field '\(body.serverImage == nil ? "server-image" : "server-flavor")': give server-image and server-flavor, or server-template")
             }
             creation.image = image
             creation.flavor = flavor
         }
         try await checkMayGrant(users, caller: caller, field: "users")
-        if let keys = try body.strings("ssh-keys") {
+        if let keys = try BodyField.names(body.sshKeys, "ssh-keys") {
             guard keys.count <= configuration.limits.maxSSHKeysPerUser else {
                 throw Refusal(.badRequest, "field 'ssh-keys': at most \(configuration.limits.maxSSHKeysPerUser) keys")
             }
             creation.sshKeys = keys
         }
-        if let userData = try body.string("user-data", maxBytes: UserData.maximumBytes) {
+        if let userData = try BodyField.text(body.userData, "user-data", maxBytes: UserData.maximumBytes) {
             if let problem = UserData.problem(userData) { throw Refusal(.badRequest, "field 'user-data': \(problem)") }
             creation.userData = userData
         }
@@ -161,30 +164,30 @@ struct ServerInstanceRoutes: Sendable {
     /// decommissioned.
     @Sendable func modify(_ request: Request, context: BasicRequestContext) async throws -> Response {
         let (caller, instance) = try await visibleInstance(request, context: context)
-        let body = try JSONBody(try await collectBody(request, upTo: maximumUserBody))
-        try body.only(["task"], required: ["task"])
-        let task = try body.object("task")!
-        let what = try task.string("what", choices: ["modify-users", "reboot", "power-on", "power-off", "extend-lease"])
+        let task = try decodeStrictBody(ServerInstanceChange.self, from: try await collectBody(request, upTo: maximumUserBody)).task
+        let what = try BodyField.text(task.what, "task.what", choices: ["modify-users", "reboot", "power-on", "power-off", "extend-lease"])!
+        let given = [("what", true), ("how", task.how != nil), ("users", task.users != nil), ("seconds", task.seconds != nil)]
+            .filter(\.1).map(\.0)
         let now = Date()
         var changed = instance
         switch what {
         case "modify-users":
-            try task.only(["what", "how", "users"], required: ["what", "how", "users"])
-            let how = UsersChange(rawValue: try task.string("how", choices: UsersChange.allCases.map(\.rawValue))!)!
-            let users = try task.strings("users")!
+            try BodyField.only(given, allowed: ["what", "how", "users"], required: ["how", "users"], prefix: "task.")
+            let how = UsersChange(rawValue: try BodyField.text(task.how, "task.how", choices: UsersChange.allCases.map(\.rawValue))!)!
+            let users = try BodyField.names(task.users, "task.users")!
             try await checkGoverns(caller, instance, "modify-users")
             if how != .delete { try await checkMayGrant(users, caller: caller, field: "task.users") }
             changed = try await refusingPoolErrors { try await store.changeUsers(ofInstance: instance.id, how, users: users, at: now) }
         case "extend-lease":
-            try task.only(["what", "seconds"], required: ["what", "seconds"])
+            try BodyField.only(given, allowed: ["what", "seconds"], required: ["seconds"], prefix: "task.")
             guard caller.superuser else { throw Refusal(.forbidden, "only a superuser may extend a lease") }
             let most = configuration.limits.maxLeaseSeconds
-            let seconds = try task.int("seconds", in: 1...most)!
+            let seconds = try BodyField.number(task.seconds, "task.seconds", in: 1...most)!
             changed = try await refusingPoolErrors {
                 try await store.extendLease(ofInstance: instance.id, bySeconds: seconds, atMost: most, at: now)
             }
         default:
-            try task.only(["what"], required: ["what"])
+            try BodyField.only(given, allowed: ["what"], required: [], prefix: "task.")
             let kind: Action.Kind = what == "reboot" ? .reboot : what == "power-on" ? .powerOn : .powerOff
             _ = try await refusingPoolErrors { try await store.enqueueAction(kind, instance: instance.name, expires: nil, at: now) }
         }
@@ -233,10 +236,7 @@ struct ServerInstanceRoutes: Sendable {
     private func catalogueChange(_ request: Request, what: String) async throws -> Bool {
         let caller = try await authenticate(request)
         guard caller.superuser else { throw Refusal(.forbidden, "only a superuser may change \(what)") }
-        let body = try JSONBody(try await collectBody(request, upTo: maximumUserBody))
-        try body.only(["active"], required: ["active"])
-        guard let active = try body.bool("active") else { throw Refusal(.badRequest, "field 'active' must be true or false") }
-        return active
+        return try decodeStrictBody(ServerCatalogueChange.self, from: try await collectBody(request, upTo: maximumUserBody)).active
     }
 
     // MARK: Access
@@ -299,89 +299,5 @@ struct ServerInstanceRoutes: Sendable {
                 throw Refusal(.forbidden, "\(field): you may give access only to yourself and the users you manage, not '\(named)'")
             }
         }
-    }
-}
-
-/// A JSON object from a request body, read field by field so that every
-/// refusal names the field: unknown fields, missing ones and wrong types
-/// are 400s (the schemas' `additionalProperties: false`).
-struct JSONBody {
-    let fields: [String: Any]
-    /// The path of this object in the body, for messages (`task.`).
-    let prefix: String
-
-    init(_ buffer: ByteBuffer) throws {
-        let data = Data(buffer.readableBytesView)
-        guard let object = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any] else {
-            throw Refusal(.badRequest, "the body must be a JSON object")
-        }
-        self.init(object, prefix: "")
-    }
-
-    init(_ fields: [String: Any], prefix: String) {
-        self.fields = fields
-        self.prefix = prefix
-    }
-
-    func only(_ allowed: [String], required: [String]) throws {
-        if let unknown = fields.keys.sorted().first(where: { !allowed.contains($0) }) {
-            throw Refusal(
-                .badRequest,
-                "unknown field '\(prefix)\(unknown)'; allowed: \(allowed.map { "'\(prefix)\($0)'" }.joined(separator: ", "))")
-        }
-        if let missing = required.first(where: { fields[$0] == nil }) {
-            throw Refusal(.badRequest, "missing field '\(prefix)\(missing)'")
-        }
-    }
-
-    func string(_ key: String, choices: [String]? = nil, maxBytes: Int = 64) throws -> String? {
-        guard let value = fields[key] else { return nil }
-        guard let string = value as? String, !string.isEmpty, string.utf8.count <= maxBytes else {
-            throw Refusal(.badRequest, "field '\(prefix)\(key)' must be a non-empty string of at most \(maxBytes) bytes")
-        }
-        if let choices, !choices.contains(string) {
-            throw Refusal(
-                .badRequest, "field '\(prefix)\(key)' must be one of \(choices.map { "'\($0)'" }.joined(separator: ", ")), not '\(string)'")
-        }
-        return string
-    }
-
-    func strings(_ key: String) throws -> [String]? {
-        guard let value = fields[key] else { return nil }
-        guard let list = value as? [Any], let strings = list as? [String],
-            strings.count <= 100, strings.allSatisfy({ $0.utf8.count <= 64 })
-        else {
-            throw Refusal(.badRequest, "field '\(prefix)\(key)' must be a list of at most 100 user ids or names (strings)")
-        }
-        return strings
-    }
-
-    func int(_ key: String, in range: ClosedRange<Int>) throws -> Int? {
-        guard let value = fields[key] else { return nil }
-        // JSONSerialization gives `true` as a number too; it is not one here.
-        guard !isJSONBool(value), let number = value as? NSNumber, let int = Int(exactly: number.doubleValue), range.contains(int)
-        else { throw Refusal(.badRequest, "field '\(prefix)\(key)' must be a whole number from \(range.lowerBound) to \(range.upperBound)") }
-        return int
-    }
-
-    func bool(_ key: String) throws -> Bool? {
-        guard let value = fields[key] else { return nil }
-        guard isJSONBool(value), let bool = value as? Bool else {
-            throw Refusal(.badRequest, "field '\(prefix)\(key)' must be true or false")
-        }
-        return bool
-    }
-
-    /// Whether a value from JSONSerialization was JSON's `true` or `false`.
-    private func isJSONBool(_ value: Any) -> Bool {
-        type(of: value) == type(of: NSNumber(value: true))
-    }
-
-    func object(_ key: String) throws -> JSONBody? {
-        guard let value = fields[key] else { return nil }
-        guard let object = value as? [String: Any] else {
-            throw Refusal(.badRequest, "field '\(prefix)\(key)' must be an object")
-        }
-        return JSONBody(object, prefix: prefix + key + ".")
     }
 }

@@ -195,6 +195,29 @@ public struct Instance: Sendable, Equatable, Codable {
 
 /// A template (the original system's "stream"): a wisp and a flavor, with a warm
 /// pool of `hotStarts` booted instances waiting to be handed out.
+/// A change to a wisp: nil leaves a part as it is. An image replaces a
+/// dynamic image URL and the other way round.
+public struct WispChange: Sendable, Equatable {
+    public var image: String?
+    public var dynamicImageURL: String?
+    public var sshKeys: [String]?
+    public var postCreate: String?
+    /// `.some(nil)`: no callback from now on.
+    public var callbackURL: String??
+
+    public init(
+        image: String? = nil, dynamicImageURL: String? = nil, sshKeys: [String]? = nil, postCreate: String? = nil, callbackURL: String?? = nil
+    ) {
+        self.image = image
+        self.dynamicImageURL = dynamicImageURL
+        self.sshKeys = sshKeys
+        self.postCreate = postCreate
+        self.callbackURL = callbackURL
+    }
+
+    public var isEmpty: Bool { self == WispChange() }
+}
+
 public struct Template: Sendable, Equatable, Codable {
     public var name: String
     public var wisp: String
@@ -371,6 +394,15 @@ public protocol PoolStore: Sendable {
     func setFlavor(_ name: String, active: Bool) async throws -> Flavor
     func setImage(_ name: String, active: Bool?, loginUser: String??) async throws -> Image
     func setUserLimits(_ name: String, maxInstances: Int?, leaseSeconds: Int??) async throws -> User
+    /// Changes a template; warm instances of what it was are retired.
+    func setTemplate(_ name: String, wisp: String?, flavor: String?, hotStarts: Int?, at date: Date) async throws -> Template
+    /// Removes a template; the names of the warm instances being decommissioned.
+    func removeTemplate(_ name: String, at date: Date) async throws -> [String]
+    /// Changes what a wisp boots (nil leaves a part as it is); warm
+    /// instances of its templates are retired. The wisp, and those names.
+    func setWisp(_ name: String, _ change: WispChange, at date: Date) async throws -> (wisp: Wisp, retired: [String])
+    /// Removes a wisp no template and no live instance boots from.
+    func removeWisp(_ name: String) async throws
 
     func instancesPage(
         owners: Set<String>?, sharedWith: String?, includeWarm: Bool, ownerID: String?, after marker: String?, limit: Int

@@ -70,16 +70,16 @@ struct UserRoutes: Sendable {
     @Sendable func modify(_ request: Request, context: BasicRequestContext) async throws -> Response {
         let (caller, user) = try await target(request, context: context)
         guard caller.superuser else { throw Refusal(.forbidden, "only a superuser may change users") }
-        let body = try JSONBody(try await collectBody(request, upTo: maximumUserBody))
-        try body.only(["enabled", "max-instances", "lease-seconds"], required: [])
-        guard !body.fields.isEmpty else {
+        let body = try decodeStrictBody(ServerUserChange.self, from: try await collectBody(request, upTo: maximumUserBody))
+        guard body.enabled != nil || body.maxInstances != nil || body.leaseSeconds != nil else {
             throw Refusal(.badRequest, "give at least one of 'enabled', 'max-instances' and 'lease-seconds'")
         }
-        let enabled = try body.bool("enabled")
-        let maxInstances = try body.int("max-instances", in: 0...1_000_000)
+        let enabled = body.enabled
+        let maxInstances = try BodyField.number(body.maxInstances, "max-instances", in: 0...1_000_000)
         // null: the pool's default lease.
-        let leaseSeconds: Int?? =
-            body.fields["lease-seconds"] is NSNull ? .some(nil) : try body.int("lease-seconds", in: 60...maxLeaseSeconds).map { .some($0) }
+        let leaseSeconds: Int?? = try body.leaseSeconds.map { seconds in
+            try seconds.map { try BodyField.number($0, "lease-seconds", in: 60...maxLeaseSeconds)! }
+        }
         if enabled == false, user.name == caller.name {
             throw Refusal(.conflict, "you cannot disable yourself; another superuser (or corral pool user disable) can")
         }

@@ -97,6 +97,48 @@ extension Corral.Pool.Wisps {
     }
 }
 
+extension Corral.Pool.Wisps {
+    struct Set: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Change what a wisp boots; instances made keep theirs, warm ones of its templates are replaced.")
+        @OptionGroup var store: PoolDatabaseOptions
+        @Argument(help: "The wisp's name.") var name: String
+        @Option(help: "A catalogue image to boot (replaces a dynamic image URL).") var image: String?
+        @Option(help: "Or: an image URL the appliance downloads itself.") var dynamicImageURL: String?
+        @Option(help: "A file of SSH public keys, one per line (repeatable); they replace the wisp's keys.") var sshKeyFile: [String] = []
+        @Flag(help: "Remove the wisp's SSH keys.") var noSSHKeys = false
+        @Option(help: "A post-creation script (#!...) or cloud-config (#cloud-config) file.") var postCreateFile: String?
+        @Flag(help: "Remove the post-creation script.") var noPostCreate = false
+        @Option(help: "A URL the appliance asks for its start parameters instead.") var callbackURL: String?
+        @Flag(help: "Remove the callback URL.") var noCallbackURL = false
+
+        func validate() throws {
+            guard image == nil || dynamicImageURL == nil else { throw ValidationError("Give --image or --dynamic-image-url, not both.") }
+            guard sshKeyFile.isEmpty || !noSSHKeys, postCreateFile == nil || !noPostCreate, callbackURL == nil || !noCallbackURL else {
+                throw ValidationError("An option and its --no- form cannot go together.")
+            }
+            if let dynamicImageURL { try validateHTTPURL(dynamicImageURL, option: "--dynamic-image-url") }
+            if let callbackURL { try validateHTTPURL(callbackURL, option: "--callback-url") }
+        }
+
+        func run() async throws {
+            var change = WispChange(image: image, dynamicImageURL: dynamicImageURL)
+            if !sshKeyFile.isEmpty { change.sshKeys = try sshKeyFile.flatMap { try readKeyLines($0) } }
+            if noSSHKeys { change.sshKeys = [] }
+            if let postCreateFile { change.postCreate = try readText(postCreateFile, option: "--post-create-file") }
+            if noPostCreate { change.postCreate = "" }
+            if let callbackURL { change.callbackURL = .some(callbackURL) }
+            if noCallbackURL { change.callbackURL = .some(nil) }
+            guard !change.isEmpty else { throw ValidationError("Give at least one change (see --help).") }
+            let (wisp, retired) = try await administer { try await store.openExisting().setWisp(name, change, at: Date()) }
+            print(
+                "wisp '\(name)': \(wisp.image.map { "image \($0)" } ?? "image URL \(wisp.dynamicImageURL ?? "-")"), \(wisp.sshKeys.count) SSH keys, "
+                    + "\(wisp.postCreate.isEmpty ? "no" : "a") post-create, \(wisp.callbackURL == nil ? "no" : "a") callback; "
+                    + "\(retired.count) warm instances being replaced")
+        }
+    }
+}
+
 extension Corral.Pool.Templates {
     struct Set: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
@@ -111,8 +153,8 @@ extension Corral.Pool.Templates {
             guard wisp != nil || flavor != nil || hotStarts != nil else {
                 throw ValidationError("Give --wisp, --flavor or --hot-starts.")
             }
-            if let hotStarts, !(0...1000).contains(hotStarts) {
-                throw ValidationError("--hot-starts must be from 0 to 1000 (it was \(hotStarts)).")
+            if let hotStarts, !(0...100).contains(hotStarts) {
+                throw ValidationError("--hot-starts must be from 0 to 100 (it was \(hotStarts)).")
             }
         }
 

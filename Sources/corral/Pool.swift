@@ -479,7 +479,7 @@ extension Corral.Pool {
             @Option(help: "The kernel's SHA-256 in hex.") var kernelSha256: String?
             @Option(help: "The URL of the initrd to boot the kernel with.") var initrdURL: String?
             @Option(help: "The initrd's SHA-256 in hex.") var initrdSha256: String?
-            @Option(help: "The kernel command line (with --kernel-url).") var cmdline = "root=/dev/vda console=ttyS0 rw"
+            @Option(help: "The kernel command line (with --kernel-url).") var cmdline = "root=/dev/vda console=ttyS0 rw no_timer_check"
             @Option(
                 help: ArgumentHelp(
                     "The guest user cloud-init gives instances' SSH keys to (Debian's images: debian).",
@@ -540,7 +540,7 @@ extension Corral.Pool {
     struct Wisps: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "wisp", abstract: "Manage wisps: the image, SSH keys and script an instance boots with.",
-            subcommands: [Add.self, List.self, Remove.self])
+            subcommands: [Add.self, List.self, Set.self, Remove.self])
 
         struct Add: AsyncParsableCommand {
             static let configuration = CommandConfiguration(abstract: "Add a wisp.")
@@ -565,20 +565,8 @@ extension Corral.Pool {
             }
 
             func run() async throws {
-                var keys: [String] = []
-                for file in sshKeyFile {
-                    guard let text = try? String(contentsOfFile: file, encoding: .utf8) else {
-                        fail("cannot read --ssh-key-file \(file)")
-                    }
-                    keys += text.split(whereSeparator: \.isNewline).map(String.init).filter { !$0.trimmingCharacters(in: .whitespaces).isEmpty }
-                }
-                var postCreate = ""
-                if let postCreateFile {
-                    guard let text = try? String(contentsOfFile: postCreateFile, encoding: .utf8) else {
-                        fail("cannot read --post-create-file \(postCreateFile)")
-                    }
-                    postCreate = text
-                }
+                let keys = try sshKeyFile.flatMap { try readKeyLines($0) }
+                let postCreate = try postCreateFile.map { try readText($0, option: "--post-create-file") } ?? ""
                 let wisp = Wisp(
                     name: name, owner: owner, image: image, dynamicImageURL: dynamicImageURL, sshKeys: keys,
                     postCreate: postCreate, callbackURL: callbackURL, isDefault: self.default, isSystemDefault: systemDefault)
@@ -621,7 +609,7 @@ extension Corral.Pool {
 
             func validate() throws {
                 try validateName(name, field: "NAME")
-                guard hotStarts >= 0 else { throw ValidationError("--hot-starts must be 0 or more (it was \(hotStarts)).") }
+                guard (0...100).contains(hotStarts) else { throw ValidationError("--hot-starts must be from 0 to 100 (it was \(hotStarts)).") }
             }
 
             func run() async throws {
@@ -758,6 +746,18 @@ extension Corral.Pool {
 }
 
 /// URLs the pool hands to appliances: http or https with a host.
+/// The non-blank lines of an `--ssh-key-file`.
+func readKeyLines(_ file: String) throws -> [String] {
+    try readText(file, option: "--ssh-key-file").split(whereSeparator: \.isNewline).map(String.init)
+        .filter { !$0.trimmingCharacters(in: .whitespaces).isEmpty }
+}
+
+/// The text of a file an option names, or a failure naming the option.
+func readText(_ file: String, option: String) throws -> String {
+    guard let text = try? String(contentsOfFile: file, encoding: .utf8) else { fail("cannot read \(option) \(file)") }
+    return text
+}
+
 func validateHTTPURL(_ text: String, option: String) throws {
     guard let url = URL(string: text), ["http", "https"].contains(url.scheme?.lowercased() ?? ""), url.host != nil else {
         throw ValidationError("\(option) must be an http or https URL (it was '\(text)').")

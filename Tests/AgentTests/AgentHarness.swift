@@ -211,7 +211,7 @@ final class Harness: @unchecked Sendable {
             "image", "add", name, "--url", "\(imageBase)/\(path)", "--sha256", sha!,
             "--kernel-url", "\(imageBase)/vmlinuz", "--kernel-sha256", try await sha256(of: files.kernel),
             "--initrd-url", "\(imageBase)/initrd.img", "--initrd-sha256", try await sha256(of: files.initrd),
-            "--cmdline", "console=ttyS0 panic=-1",
+            "--cmdline", "console=ttyS0 panic=-1 no_timer_check",
         ])
     }
 

@@ -30,7 +30,7 @@ struct PoolCommandTests {
         return (status, try JSONDecoder().decode(Envelope<AuthorizationResult>.self, from: data))
     }
 
-    @Test("catalogue changes from the command line: flavors and images set, users' limits, templates set and removed, wisps removed")
+    @Test("catalogue changes from the command line: flavors and images set, users' limits, templates set and removed, wisps set and removed")
     func catalogueChanges() async throws {
         let database = Self.databasePath()
         func pool(_ arguments: [String]) async throws -> CommandResult { try await Self.pool(arguments, database: database) }
@@ -55,6 +55,15 @@ struct PoolCommandTests {
             == "user 'alice': at most 7 instances, leased for 3600 s\n")
         #expect(try await succeeds(["user", "set", "alice", "--default-lease"]) == "user 'alice': at most 7 instances, leased for the pool's default\n")
         #expect(try await succeeds(["template", "set", "web", "--hot-starts", "1"]) == "template 'web': wisp web, flavor small, 1 hot starts\n")
+        let script = FileManager.default.temporaryDirectory.appendingPathComponent("corral-post-create-\(UUID().uuidString)")
+        try "#!/bin/sh\ntouch /done\n".write(to: script, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(at: script) }
+        #expect(
+            try await succeeds(["wisp", "set", "web", "--post-create-file", script.path, "--callback-url", "http://127.0.0.1:9/start"])
+                == "wisp 'web': image debian, 0 SSH keys, a post-create, a callback; 0 warm instances being replaced\n")
+        #expect(
+            try await succeeds(["wisp", "set", "web", "--no-post-create", "--no-callback-url"])
+                == "wisp 'web': image debian, 0 SSH keys, no post-create, no callback; 0 warm instances being replaced\n")
         let inUse = try await pool(["wisp", "remove", "web"])
         #expect(inUse.status == 1)
         #expect(inUse.stderr.contains("wisp 'web' is the wisp of template 'web'"), "\(inUse.stderr)")
@@ -67,6 +76,9 @@ struct PoolCommandTests {
             (["image", "set", "debian", "--login-user", "Root!"], "--login-user must be a user name such as debian"),
             (["user", "set", "alice", "--max-instances=-1"], "--max-instances must be from 0 to 1000000"),
             (["template", "set", "nope", "--hot-starts", "1"], "no template named 'nope'"),
+            (["template", "set", "web", "--hot-starts", "101"], "--hot-starts must be from 0 to 100"),
+            (["wisp", "set", "web"], "Give at least one change"),
+            (["wisp", "set", "web", "--post-create-file", "/x", "--no-post-create"], "An option and its --no- form cannot go together."),
             (["flavor", "set", "nope", "--active"], "no flavor named 'nope'"),
         ] {
             let refused = try await pool(arguments)

@@ -106,4 +106,66 @@ struct CatalogueTests {
         try await pool.store.removeWisp("bob-web")
         #expect(try await pool.store.wisps().contains { $0.name == "bob-web" } == false)
     }
+
+    @Test("superusers change and remove templates and wisps through the API: warm instances of the old kind are retired, bad values are 400s that change nothing")
+    func templatesAndWispsThroughTheAPI() async throws {
+        let pool = try await TestPool.make()
+        try await pool.store.addTemplate(Template(name: "web", wisp: "bob-web", flavor: "small", hotStarts: 1))
+        _ = try await pool.checkInRoomy("rack-1", at: Date())
+        let staleAfter = pool.configuration.housekeeping.applianceStaleSeconds
+        let warm = try await pool.store.maintainWarmPools(maxAgeSeconds: 14_400, applianceStaleAfter: staleAfter, at: Date()).started
+        #expect(warm.count == 1)
+        @Sendable func deleting() async throws -> [String] {
+            try await pool.store.pendingActions(appliance: "rack-1").filter { $0.kind == .delete }.map(\.instance)
+        }
+        try await pool.app.test(.router) { client in
+            let root = pool.token("root")
+            // Everyone sees the templates.
+            let listed = try await client.v1(.get, "/v1/server-template", token: pool.token("bob"))
+            let templates = try JSONDecoder().decode(ServerEnvelope<[ServerTemplate]>.self, from: Data(listed.body.readableBytesView))
+            #expect(templates.data == [ServerTemplate(name: "web", wisp: "bob-web", serverFlavor: "small", hotStarts: 1)])
+            // Bad values are refused by name, and the wisp is as it was.
+            let before = try await pool.store.wisps()
+            for (body, message) in [
+                (#"{"ssh-keys": ["ssh-ed25519 AAAA"]}"#, "field 'ssh-keys[0]': the text "),
+                (#"{"post-create": "echo no interpreter"}"#, "field 'post-create': "),
+                (#"{"server-image": "gentoo"}"#, "server-image: there is no active image 'gentoo'"),
+                (#"{"server-image": "debian", "dynamic-image-url": "http://images.test/x.qcow2"}"#, "field 'dynamic-image-url': give server-image"),
+                (#"{"callback-url": "file:///etc/shadow"}"#, "field 'callback-url' must be an http or https URL"),
+                (#"{"ssh-keys": "one"}"#, "field 'ssh-keys' must be a list"),
+                (#"{"colour": "red"}"#, "unknown field 'colour'; allowed: 'server-image', 'dynamic-image-url', 'ssh-keys', 'post-create', 'callback-url'"),
+                (#"{}"#, "give at least one of"),
+            ] {
+                let response = try await client.v1(.put, "/v1/wisp/bob-web", token: root, body: body)
+                let (status, text) = try v1Refusal(response)
+                #expect(status == .badRequest && text.hasPrefix(message), "PUT \(body): \(text)")
+            }
+            #expect(try await pool.store.wisps() == before)
+            #expect(try await deleting().isEmpty)
+            // A new script and key: the warm instance built from the old wisp is retired.
+            let key = testPublicKey(4)
+            let changed = try await client.v1(
+                .put, "/v1/wisp/bob-web", token: root, body: ##"{"post-create": "#!/bin/sh\ntouch /done\n", "ssh-keys": ["\##(key)"]}"##)
+            #expect(changed.status == .ok)
+            let wisp = try #require(try await pool.store.wisps().first { $0.name == "bob-web" })
+            #expect(wisp.postCreate == "#!/bin/sh\ntouch /done\n")
+            #expect(wisp.sshKeys == [try SSHPublicKey(key).line])
+            #expect(try await deleting() == warm.map(\.name))
+            // Only superusers.
+            let refused = try await client.v1(.put, "/v1/server-template/web", token: pool.token("bob"), body: #"{"hot-starts": 0}"#)
+            #expect(try v1Refusal(refused) == (.forbidden, "only a superuser may change templates"))
+            let unknownFlavor = try await client.v1(.put, "/v1/server-template/web", token: root, body: #"{"server-flavor": "huge"}"#)
+            #expect(try v1Refusal(unknownFlavor) == (.badRequest, "server-flavor: there is no flavor 'huge' (or it is inactive)"))
+            let tooMany = try await client.v1(.put, "/v1/server-template/web", token: root, body: #"{"hot-starts": 101}"#)
+            #expect(try v1Refusal(tooMany) == (.badRequest, "field 'hot-starts' must be a whole number from 0 to 100"))
+            let none = try await client.v1(.put, "/v1/server-template/web", token: root, body: #"{"hot-starts": 0}"#)
+            #expect(none.status == .ok)
+            #expect(try await pool.store.templates().first?.hotStarts == 0)
+            // A wisp in use stays; the template goes, then the wisp can.
+            let inUse = try await client.v1(.delete, "/v1/wisp/bob-web", token: root)
+            #expect(try v1Refusal(inUse).0 == .conflict)
+            #expect(try await client.v1(.delete, "/v1/server-template/web", token: root).status == .ok)
+            #expect(try await pool.store.templates().isEmpty)
+        }
+    }
 }

@@ -119,7 +119,7 @@ struct InstanceReportTests {
                 ("web-1", #"{"appliance": {"apitoken": "\#(token)"}, "instance": {"name": "web-1", "state": 9}}"#, .badRequest,
                  "field 'instance.state' is invalid"),
                 ("web-1", #"{"appliance": {"apitoken": "\#(token)"}, "instance": {"name": "web-1", "state": "up"}}"#, .badRequest,
-                 "field 'instance.state' must be an integer"),
+                 "field 'instance.state' must be a whole number"),
                 ("web-2", #"{"appliance": {"apitoken": "\#(token)"}, "instance": {"name": "web-1", "state": 3}}"#, .badRequest,
                  "instance.name 'web-1' must equal the name in the URI, 'web-2'"),
             ]

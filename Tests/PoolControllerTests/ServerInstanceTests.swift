@@ -235,10 +235,11 @@ struct ServerInstanceTests {
                     #"{"server-image": "debian", "server-flavor": "small", "colour": "red"}"#, .badRequest,
                     "unknown field 'colour'; allowed: 'server-image', 'server-flavor', 'server-template', 'users', 'ssh-keys', 'user-data'"
                 ),
-                (#"{"server-image": 7, "server-flavor": "small"}"#, .badRequest, "field 'server-image' must be a non-empty string of at most 64 bytes"),
+                (#"{"server-image": 7, "server-flavor": "small"}"#, .badRequest, "field 'server-image' must be a string"),
+                (#"{"server-image": "", "server-flavor": "small"}"#, .badRequest, "field 'server-image' must be a non-empty string of at most 64 bytes"),
                 (
                     #"{"server-image": "debian", "server-flavor": "small", "users": "bob"}"#, .badRequest,
-                    "field 'users' must be a list of at most 100 user ids or names (strings)"
+                    "field 'users' must be a list"
                 ),
                 (
                     #"{"server-image": "debian", "server-flavor": "huge"}"#, .badRequest,
@@ -275,6 +276,13 @@ struct ServerInstanceTests {
                     "field 'task.what' must be one of 'modify-users', 'reboot', 'power-on', 'power-off', 'extend-lease', not 'explode'"
                 ),
                 (#"{"task": {"what": "reboot", "how": "add"}}"#, "unknown field 'task.how'; allowed: 'task.what'"),
+                (
+                    #"{"task": {"what": "reboot", "colour": "red"}}"#,
+                    "unknown field 'task.colour'; allowed: 'task.what', 'task.how', 'task.users', 'task.seconds'"
+                ),
+                (#"{"task": {"what": "extend-lease", "seconds": 1.5}}"#, "field 'task.seconds' must be a whole number in its range"),
+                (#"{"task": {"what": "extend-lease", "seconds": 1e30}}"#, "field 'task.seconds' must be a whole number in its range"),
+                (#"{"task": {"what": "modify-users", "how": "add", "users": [7]}}"#, "field 'task.users[0]' must be a string"),
                 (#"{"task": {"what": "modify-users", "how": "add"}}"#, "missing field 'task.users'"),
                 (
                     #"{"task": {"what": "modify-users", "how": "merge", "users": []}}"#,

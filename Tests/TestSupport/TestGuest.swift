@@ -63,7 +63,7 @@ public struct TestGuest: Sendable {
             <type arch='x86_64'>hvm</type>
             <kernel>\(kernel)</kernel>
             <initrd>\(initrd)</initrd>
-            <cmdline>console=ttyS0 panic=-1</cmdline>
+            <cmdline>console=ttyS0 panic=-1 no_timer_check</cmdline>
           </os>
           <features><acpi/></features>
           <on_poweroff>destroy</on_poweroff>
