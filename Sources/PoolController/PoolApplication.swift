@@ -38,6 +38,7 @@ public func buildPoolApplication(
             HousekeepingService(store: store, settings: configuration.housekeeping, events: events, logger: logger),
             HeartbeatService(events: events, interval: .seconds(15)),
             warmPools,
+            OtherWritersService(store: store, logger: logger),
             ShutdownAction { await fetcher.shutdown() },
         ],
         onServerRunning: { channel in
@@ -159,6 +160,23 @@ func pathParameter(_ context: some RequestContext, _ name: String) throws -> Str
         throw Refusal(.badRequest, "the path's \(name) is not valid percent-encoding")
     }
     return decoded
+}
+
+/// Wakes held check-ins for actions that other processes (the admin CLI)
+/// commit to the store, until shutdown.
+struct OtherWritersService: Service {
+    let store: any PoolStore
+    let logger: Logger
+
+    func run() async throws {
+        do {
+            try await cancelWhenGracefulShutdown { try await store.followOtherWriters(every: .milliseconds(200)) }
+        } catch is CancellationError {
+        } catch {
+            // Check-ins still see these actions at their next call.
+            logger.error("actions queued by other processes no longer wake held check-ins: \(error)")
+        }
+    }
 }
 
 /// Runs `action` when the service group shuts down.

@@ -1119,8 +1119,8 @@ public final class SQLiteStore: PoolStore {
 }
 
 /// Wakes the held check-ins of the appliances whose actions were inserted
-/// by a committed transaction of this process (a `corral pool` command run
-/// in another process is seen at the appliance's next check-in).
+/// by a committed transaction of this process (those of a `corral pool`
+/// command, another process, are found by `followOtherWriters`).
 final class NewActionObserver: TransactionObserver, @unchecked Sendable {
     private let signal: ChangeSignal
     /// Row ids inserted by the current transaction; touched only on the

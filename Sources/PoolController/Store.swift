@@ -417,6 +417,9 @@ public protocol PoolStore: Sendable {
     func pendingActions(appliance: String) async throws -> [Action]
     /// Signalled after every change to the actions (a held check-in waits for it).
     var actionsChanged: ChangeSignal { get }
+    /// Signals `actionsChanged` for actions other processes commit, until
+    /// cancelled (the admin CLI writes the database itself).
+    func followOtherWriters(every interval: Duration) async throws
     /// The launch phases of the instance with this id or name, in order.
     func timeline(ofInstance id: String) async throws -> [TimelineEntry]
 

@@ -140,4 +140,48 @@ struct PoolServerTests {
         let file = try Data(contentsOf: URL(fileURLWithPath: database))
         #expect(file.range(of: Data(userToken.utf8)) == nil && file.range(of: Data(applianceToken.utf8)) == nil)
     }
+
+    @Test("an action queued by the admin command, another process, wakes a held check-in at once")
+    func actionFromAnotherProcess() async throws {
+        let directory = try Self.scratch()
+        let database = directory.appendingPathComponent("pool.sqlite").path
+        func pool(_ arguments: [String]) async throws -> String {
+            let result = try await runCorral(["pool"] + arguments + ["--database", database])
+            #expect(result.status == 0, "\(arguments): \(result.stderr)")
+            return result.stdout.trimmingCharacters(in: .newlines)
+        }
+        _ = try await pool(["init"])
+        _ = try await pool(["user", "add", "alice"])
+        let applianceToken = try await pool(["appliance", "add", "rack-1", "--owner", "alice"])
+        let http = HTTPClient(eventLoopGroup: HTTPClient.defaultEventLoopGroup)
+        let (server, base) = try await Self.start(["--database", database, "--host", "127.0.0.1", "--port", "0", "--log-level", "trace"])
+        let block = ApplianceBlock(apitoken: applianceToken, version: "1.2.3")
+        let stats = HypervisorStats(
+            vcpus: Capacity(total: 4, free: 4), memoryMiB: Capacity(total: 4096, free: 4096), diskGiB: Capacity(total: 50, free: 50),
+            running: 0)
+        let first = CheckInRequest(appliance: block, stats: stats, instances: [InstanceSummary(name: "web-1", state: .running)])
+        #expect(try await Self.post(http, "\(base)/api/v1/broker/", first).0 == 200)
+
+        // A check-in held for 20 s; the reboot is queued once it is held.
+        let started = ContinuousClock.now
+        let held = Task {
+            try await Self.post(http, "\(base)/api/v1/broker/", CheckInRequest(appliance: block, stats: stats, holdSeconds: 20))
+        }
+        let requests = server.stderr.components(separatedBy: "hb.request.path=/api/v1/broker/").count
+        while server.stderr.components(separatedBy: "hb.request.path=/api/v1/broker/").count == requests,
+            ContinuousClock.now - started < .seconds(10)
+        {
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        try await Task.sleep(for: .milliseconds(500))
+        let reboot = try await pool(["instance", "action", "reboot", "web-1"])
+        let reply = await held.result
+        #expect(await server.terminate() == 0)
+        try await http.shutdown()
+        let (status, body) = try reply.get()
+        #expect(status == 200)
+        let actions = try #require(try JSONDecoder().decode(Envelope<CheckInResult>.self, from: body).result).actions
+        // Before, the held check-in returned empty after its 20 s.
+        #expect(actions.map(\.id) == [reboot])
+    }
 }
