@@ -317,10 +317,13 @@ public protocol StrictRequestBody: Decodable {
     static var fieldNames: [String] { get }
     /// The fields that hold objects, with their types.
     static var objectFields: [String: any StrictRequestBody.Type] { get }
+    /// The fields whose JSON `null` means something; any other is refused.
+    static var nullableFields: [String] { get }
 }
 
 extension StrictRequestBody {
     public static var objectFields: [String: any StrictRequestBody.Type] { [:] }
+    public static var nullableFields: [String] { [] }
 }
 
 extension ServerInstanceCreation: StrictRequestBody {
@@ -346,6 +349,7 @@ extension ServerCatalogueChange: StrictRequestBody {
 
 extension ServerUserChange: StrictRequestBody {
     public static var fieldNames: [String] { CodingKeys.allCases.map(\.stringValue) }
+    public static var nullableFields: [String] { [CodingKeys.leaseSeconds.stringValue] }
 }
 
 /// A template as `GET /v1/server-template` shows it: instances made from
@@ -449,6 +453,7 @@ public struct ServerWispChange: Codable, Sendable, Equatable, StrictRequestBody 
     }
 
     public static var fieldNames: [String] { CodingKeys.allCases.map(\.stringValue) }
+    public static var nullableFields: [String] { [CodingKeys.callbackURL.stringValue] }
 
     public init(
         serverImage: String? = nil, dynamicImageURL: String? = nil, sshKeys: [String]? = nil, postCreate: String? = nil,

@@ -104,6 +104,8 @@ private struct ObjectFields: Decodable {
 
     /// Its fields holding numbers that are no `Int` (fractions, too large).
     var unfitNumbers: [String] = []
+    /// Its fields holding `null`.
+    var nulls: [String] = []
 
     init(from decoder: any Decoder) throws {
         let container = try decoder.container(keyedBy: Name.self)
@@ -113,8 +115,10 @@ private struct ObjectFields: Decodable {
             if (try? container.decode(Double.self, forKey: key)) != nil, (try? container.decode(Int.self, forKey: key)) == nil {
                 unfitNumbers.append(key.stringValue)
             }
+            if (try? container.decodeNil(forKey: key)) == true { nulls.append(key.stringValue) }
         }
         unfitNumbers.sort()
+        nulls.sort()
     }
 
     func firstUnfitNumber(prefix: String = "") -> String? {
@@ -131,6 +135,10 @@ private struct ObjectFields: Decodable {
             throw Refusal(
                 .badRequest,
                 "unknown field '\(prefix)\(unknown.prefix(64))'; allowed: \(allowed.map { "'\(prefix)\($0)'" }.joined(separator: ", "))")
+        }
+        // Decoding reads a null as a field left out: refused where it means nothing.
+        if let null = nulls.first(where: { !type.nullableFields.contains($0) }) {
+            throw Refusal(.badRequest, "field '\(prefix)\(null)' must not be null; leave it out instead")
         }
         for (name, nested) in type.objectFields.sorted(by: { $0.key < $1.key }) {
             if let inner = fields[name] ?? nil { try inner.refuseUnknown(by: nested, prefix: prefix + name + ".") }

@@ -57,6 +57,10 @@ struct CatalogueTests {
             let second = try serverInstance(try await client.createSmall(token: pool.token("bob")))
             let expires = try #require(try await pool.store.instance(id: second.id)?.expires)
             #expect(abs(expires.timeIntervalSince(before) - 3600) < 5)
+            // What the fuzzer found: a null where null means nothing was read as left out.
+            let null = try await client.v1(.put, path, token: pool.token("root"), body: #"{"enabled": false, "max-instances": null}"#)
+            #expect(try v1Refusal(null) == (.badRequest, "field 'max-instances' must not be null; leave it out instead"))
+            #expect(try await pool.store.user(named: "bob").enabled)
             // Back to the pool's default (7 days).
             #expect(try await client.v1(.put, path, token: pool.token("root"), body: #"{"lease-seconds": null}"#).status == .ok)
             #expect(try await pool.store.user(named: "bob").leaseSeconds == nil)

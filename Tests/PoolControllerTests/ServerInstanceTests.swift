@@ -283,6 +283,7 @@ struct ServerInstanceTests {
                 (#"{"task": {"what": "extend-lease", "seconds": 1.5}}"#, "field 'task.seconds' must be a whole number in its range"),
                 (#"{"task": {"what": "extend-lease", "seconds": 1e30}}"#, "field 'task.seconds' must be a whole number in its range"),
                 (#"{"task": {"what": "modify-users", "how": "add", "users": [7]}}"#, "field 'task.users[0]' must be a string"),
+                (#"{"task": {"what": "reboot", "how": null}}"#, "field 'task.how' must not be null; leave it out instead"),
                 (#"{"task": {"what": "modify-users", "how": "add"}}"#, "missing field 'task.users'"),
                 (
                     #"{"task": {"what": "modify-users", "how": "merge", "users": []}}"#,

@@ -1,0 +1,305 @@
+import ArgumentParser
+import AsyncHTTPClient
+import Foundation
+import Hummingbird
+import Logging
+import NIOCore
+import PoolAPI
+import PoolController
+import Synchronization
+
+/// `corral bench ...`: load generators that measure Corral's own parts.
+struct BenchCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "bench", abstract: "Measure Corral's parts under load (loopback only).", subcommands: [PoolBench.self])
+}
+
+/// `corral bench pool`: a simulated fleet against a pool on loopback.
+///
+/// It makes a fresh pool database (users, appliances, a flavor, an image,
+/// a default wisp), serves it in this process on 127.0.0.1, and drives it
+/// over HTTP: `--connections` workers each check in for their share of
+/// the `--appliances` simulated appliances, every check-in carrying
+/// `--instances` instance summaries; actions that come back are
+/// acknowledged at the next check-in, and a start is reported running.
+/// Meanwhile `--users` simulated users create instances through
+/// `/v1/server-instance` and delete them. It stops after `--seconds` and
+/// prints the rates and latencies.
+struct PoolBench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "pool", abstract: "Drive a pool on loopback with simulated appliances and users; print rates and latencies.")
+
+    @Option(help: "Simulated appliances (1 to 20000).") var appliances = 100
+    @Option(help: "Instance summaries in each check-in (0 to 1000).") var instances = 20
+    @Option(help: "Concurrent appliance connections (1 to 1024).") var connections = 16
+    @Option(help: "Simulated users creating and deleting instances (0 to 64).") var users = 2
+    @Option(help: "How long to drive the pool, in seconds (1 to 600).") var seconds = 20
+    @Option(help: "The pool database to create (default: a temporary file, removed afterwards).") var database: String?
+    @Flag(help: "Print the results as JSON.") var json = false
+
+    func validate() throws {
+        for (name, value, range) in [
+            ("--appliances", appliances, 1...20_000), ("--instances", instances, 0...1000), ("--connections", connections, 1...1024),
+            ("--users", users, 0...64), ("--seconds", seconds, 1...600),
+        ] where !range.contains(value) {
+            throw ValidationError("\(name) must be from \(range.lowerBound) to \(range.upperBound) (it was \(value)).")
+        }
+        if let database, FileManager.default.fileExists(atPath: database) {
+            throw ValidationError("--database \(database) exists; the benchmark makes a fresh one")
+        }
+    }
+
+    func run() async throws {
+        let scratch = database == nil ? FileManager.default.temporaryDirectory.appendingPathComponent("corral-bench-\(UUID().uuidString)") : nil
+        let path = database ?? scratch!.appendingPathComponent("pool.sqlite").path
+        defer { if let scratch { try? FileManager.default.removeItem(at: scratch) } }
+        let store = try SQLiteStore(path: path)
+        let fleet = try await Fleet.provision(store, appliances: appliances, users: users)
+
+        var configuration = PoolConfiguration(host: "127.0.0.1", port: 0)
+        configuration.database = path
+        configuration.limits.maxInstancesPerAppliance = max(1000, instances + 100)
+        let listening = AsyncStream.makeStream(of: Int.self)
+        var logger = Logger(label: "corral.bench.pool")
+        logger.logLevel = .error
+        let app = try buildPoolApplication(configuration: configuration, store: store, logger: logger) { _, port in
+            listening.continuation.yield(port)
+        }
+        let server = Task { try await app.runService() }
+        var ports = listening.stream.makeAsyncIterator()
+        guard let port = await ports.next() else { fail("the pool did not start") }
+        let base = "http://127.0.0.1:\(port)"
+
+        var clientConfiguration = HTTPClient.Configuration()
+        clientConfiguration.connectionPool = .init(idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: connections + users)
+        let http = HTTPClient(eventLoopGroup: HTTPClient.defaultEventLoopGroup, configuration: clientConfiguration)
+        let results = Results()
+        let deadline = ContinuousClock.now + .seconds(seconds)
+        let started = ContinuousClock.now
+        await withTaskGroup(of: Void.self) { group in
+            for worker in 0..<connections {
+                let mine = Array(stride(from: worker, to: fleet.appliances.count, by: connections))
+                guard !mine.isEmpty else { continue }
+                group.addTask {
+                    await Self.appliancesLoop(
+                        mine.map { fleet.appliances[$0] }, instances: instances, base: base, http: http, results: results, until: deadline)
+                }
+            }
+            for user in fleet.users {
+                group.addTask { await Self.userLoop(user, base: base, http: http, results: results, until: deadline) }
+            }
+        }
+        let elapsed = ContinuousClock.now - started
+        try await http.shutdown()
+        server.cancel()
+        _ = await server.result
+
+        let report = results.report(elapsed: elapsed, appliances: appliances, instances: instances, connections: connections, users: users)
+        if json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            print(String(decoding: try encoder.encode(report), as: UTF8.self))
+        } else {
+            print(report.text)
+        }
+    }
+
+    /// One connection's share of the fleet: check in for each appliance in
+    /// turn until the deadline.
+    static func appliancesLoop(
+        _ appliances: [Fleet.Appliance], instances: Int, base: String, http: HTTPClient, results: Results, until deadline: ContinuousClock.Instant
+    ) async {
+        let stats = HypervisorStats(
+            vcpus: Capacity(total: 1 << 20, free: 1 << 19), memoryMiB: Capacity(total: 1 << 30, free: 1 << 29),
+            diskGiB: Capacity(total: 1 << 30, free: 1 << 29), running: instances)
+        var done = [[String]](repeating: [], count: appliances.count)
+        var started = [Set<String>](repeating: [], count: appliances.count)
+        while ContinuousClock.now < deadline {
+            for (index, appliance) in appliances.enumerated() where ContinuousClock.now < deadline {
+                let block = ApplianceBlock(apitoken: appliance.token, version: "bench")
+                var summaries = (0..<instances).map { InstanceSummary(name: "\(appliance.name)-\($0)", state: .running) }
+                summaries += started[index].sorted().map { InstanceSummary(name: $0, state: .running) }
+                let checkIn = CheckInRequest(appliance: block, stats: stats, instances: summaries, done: done[index])
+                let begun = ContinuousClock.now
+                guard let reply = await post(http, base + "/api/v1/broker/", checkIn, as: Envelope<CheckInResult>.self, results: results)?.result
+                else { continue }
+                results.record(.checkIn, ContinuousClock.now - begun)
+                done[index] = reply.actions.map(\.id)
+                for action in reply.actions {
+                    switch action.kind {
+                    case .start:
+                        // Booted at once: reported running (which is also the start's acknowledgement).
+                        let report = InstanceReportRequest(appliance: block, instance: InstanceReport(name: action.instance, state: .running))
+                        let reportBegun = ContinuousClock.now
+                        if await post(http, base + "/api/v1/instances/\(action.instance)/", report, as: Envelope<StartParameters>.self, results: results) != nil {
+                            results.record(.report, ContinuousClock.now - reportBegun)
+                            started[index].insert(action.instance)
+                        }
+                    case .delete:
+                        let report = InstanceReportRequest(
+                            appliance: block, instance: InstanceReport(name: action.instance, state: .decommissioned))
+                        if await post(http, base + "/api/v1/instances/\(action.instance)/", report, as: Envelope<StartParameters>.self, results: results) != nil {
+                            started[index].remove(action.instance)
+                        }
+                    default:
+                        break
+                    }
+                }
+            }
+        }
+    }
+
+    /// A user creating an instance through the user-facing API, then deleting it, until the deadline.
+    static func userLoop(_ user: Fleet.User, base: String, http: HTTPClient, results: Results, until deadline: ContinuousClock.Instant) async {
+        while ContinuousClock.now < deadline {
+            let begun = ContinuousClock.now
+            let creation = ServerInstanceCreation(serverImage: "bench", serverFlavor: "bench")
+            guard
+                let made = await post(http, base + "/v1/server-instance", creation, token: user.token, as: ServerEnvelope<[ServerInstance]>.self, results: results)?
+                    .data?.first
+            else {
+                try? await Task.sleep(for: .milliseconds(100))  // no room yet: the fleet has not checked in
+                continue
+            }
+            results.record(.placement, ContinuousClock.now - begun)
+            var request = HTTPClientRequest(url: base + "/v1/server-instance/\(made.id)")
+            request.method = .DELETE
+            request.headers.add(name: "X-Auth-Token", value: user.token)
+            if let response = try? await http.execute(request, timeout: .seconds(30)) {
+                _ = try? await response.body.collect(upTo: 1 << 20)
+                if response.status != .ok { results.refused(Int(response.status.code)) }
+            } else {
+                results.refused(0)
+            }
+        }
+    }
+
+    static func post<Reply: Decodable>(
+        _ http: HTTPClient, _ url: String, _ body: some Encodable, token: String? = nil, as: Reply.Type, results: Results
+    ) async -> Reply? {
+        do {
+            var request = HTTPClientRequest(url: url)
+            request.method = .POST
+            request.headers.add(name: "Content-Type", value: "application/json")
+            if let token { request.headers.add(name: "X-Auth-Token", value: token) }
+            request.body = .bytes(ByteBuffer(bytes: try JSONEncoder().encode(body)))
+            let response = try await http.execute(request, timeout: .seconds(60))
+            let data = Data(try await response.body.collect(upTo: 4 << 20).readableBytesView)
+            guard (200..<300).contains(response.status.code) else {
+                results.refused(Int(response.status.code))
+                return nil
+            }
+            return try JSONDecoder().decode(Reply.self, from: data)
+        } catch {
+            results.refused(0)
+            return nil
+        }
+    }
+}
+
+/// The users and appliances of a benchmark's fresh pool.
+struct Fleet: Sendable {
+    struct Appliance: Sendable {
+        var name: String
+        var token: String
+    }
+    struct User: Sendable {
+        var name: String
+        var token: String
+    }
+    var appliances: [Appliance]
+    var users: [User]
+
+    static func provision(_ store: SQLiteStore, appliances count: Int, users userCount: Int) async throws -> Fleet {
+        _ = try await store.addUser(name: "bench-owner", superuser: true, maxInstances: 1_000_000, tokenDigest: Token.digest(Token.generate()))
+        try await store.addFlavor(Flavor(name: "bench", vcpus: 1, memory: 512, disk: 5))
+        try await store.addImage(Image(name: "bench", url: "http://127.0.0.1:9/bench.qcow2", loginUser: "debian"))
+        try await store.addWisp(
+            Wisp(name: "bench", owner: "bench-owner", image: "bench", sshKeys: [Self.publicKey], isSystemDefault: true))
+        var appliances: [Appliance] = []
+        for index in 0..<count {
+            let token = Token.generate()
+            _ = try await store.addAppliance(name: "bench-\(index)", owner: "bench-owner", tokenDigest: Token.digest(token))
+            appliances.append(Appliance(name: "bench-\(index)", token: token))
+        }
+        var users: [User] = []
+        for index in 0..<userCount {
+            let token = Token.generate()
+            _ = try await store.addUser(name: "bench-user-\(index)", superuser: false, maxInstances: 1_000_000, tokenDigest: Token.digest(token))
+            _ = try await store.addSSHKey(owner: "bench-user-\(index)", name: "bench", key: try SSHPublicKey(publicKey), maxKeys: 1, at: Date())
+            users.append(User(name: "bench-user-\(index)", token: token))
+        }
+        return Fleet(appliances: appliances, users: users)
+    }
+
+    /// An Ed25519 public key nobody holds the private half of (32 bytes of 0x01).
+    static let publicKey: String = {
+        func field(_ bytes: [UInt8]) -> [UInt8] { withUnsafeBytes(of: UInt32(bytes.count).bigEndian, Array.init) + bytes }
+        let blob = field(Array("ssh-ed25519".utf8)) + field([UInt8](repeating: 1, count: 32))
+        return "ssh-ed25519 " + Data(blob).base64EncodedString() + " bench"
+    }()
+}
+
+/// Latencies and refusals, from every task at once.
+final class Results: Sendable {
+    enum Kind: String, CaseIterable, Sendable {
+        case checkIn = "check-ins", report = "reports", placement = "placements"
+    }
+
+    private let latencies = Mutex<[Kind: [Duration]]>([:])
+    private let refusals = Mutex<[Int: Int]>([:])
+
+    func record(_ kind: Kind, _ latency: Duration) { latencies.withLock { $0[kind, default: []].append(latency) } }
+    func refused(_ status: Int) { refusals.withLock { $0[status, default: 0] += 1 } }
+
+    struct Report: Encodable {
+        struct Line: Encodable {
+            var count: Int
+            var perSecond: Double
+            var p50Milliseconds: Double
+            var p99Milliseconds: Double
+        }
+        var seconds: Double
+        var appliances: Int
+        var instancesPerCheckIn: Int
+        var connections: Int
+        var users: Int
+        var lines: [String: Line]
+        /// Failed requests by HTTP status (0: no reply).
+        var failures: [String: Int]
+
+        var text: String {
+            var out = String(
+                format: "%d appliances x %d instances, %d connections, %d users, %.1f s\n", appliances, instancesPerCheckIn, connections, users,
+                seconds)
+            for kind in Kind.allCases {
+                guard let line = lines[kind.rawValue] else { continue }
+                out += String(
+                    format: "%-11@ %8d  %9.1f/s  p50 %8.2f ms  p99 %8.2f ms\n", kind.rawValue, line.count, line.perSecond, line.p50Milliseconds,
+                    line.p99Milliseconds)
+            }
+            out += failures.isEmpty ? "no failed requests" : "failed requests by status: \(failures.sorted { $0.key < $1.key })"
+            return out
+        }
+    }
+
+    func report(elapsed: Duration, appliances: Int, instances: Int, connections: Int, users: Int) -> Report {
+        let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+        var lines: [String: Report.Line] = [:]
+        for (kind, values) in latencies.withLock({ $0 }) where !values.isEmpty {
+            let sorted = values.sorted()
+            func percentile(_ p: Double) -> Double {
+                let value = sorted[min(sorted.count - 1, Int((Double(sorted.count) * p).rounded(.down)))]
+                let milliseconds = Double(value.components.seconds) * 1000 + Double(value.components.attoseconds) / 1e15
+                return (milliseconds * 100).rounded() / 100
+            }
+            lines[kind.rawValue] = Report.Line(
+                count: sorted.count, perSecond: (Double(sorted.count) / seconds * 10).rounded() / 10, p50Milliseconds: percentile(0.5),
+                p99Milliseconds: percentile(0.99))
+        }
+        let failures = Dictionary(uniqueKeysWithValues: refusals.withLock { $0 }.map { ("\($0.key)", $0.value) })
+        return Report(
+            seconds: (seconds * 10).rounded() / 10, appliances: appliances, instancesPerCheckIn: instances, connections: connections, users: users,
+            lines: lines, failures: failures)
+    }
+}
