@@ -34,7 +34,10 @@ struct ApplianceRoutes: Sendable {
                 .conflict,
                 "Appliance '\(appliance.name)' has been disabled by the pool controller; ask the pool's operator to enable it.")
         }
-        return (try await store.recordCheckIn(appliance.name, block: block, at: Date()), block.apitoken)
+        let now = Date()
+        // Most calls change nothing here: the same version and place, seen moments ago.
+        guard appliance.changes(with: block, at: now) else { return (appliance, block.apitoken) }
+        return (try await store.recordCheckIn(appliance.name, block: block, at: now), block.apitoken)
     }
 
     /// `POST /api/v1/authorization/`: 200 with the appliance's name and

@@ -692,7 +692,15 @@ public final class SQLiteStore: PoolStore {
     public func checkIn(_ appliance: String, request: CheckInRequest, maxInstances: Int, at date: Date) async throws
         -> RecordedCheckIn
     {
-        let stats = String(decoding: try JSONEncoder().encode(request.stats), as: UTF8.self)
+        // Sorted keys: the same stats are the same text (the encoder's key order varies).
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = .sortedKeys
+        let stats = String(decoding: try encoder.encode(request.stats), as: UTF8.self)
+        // A check-in that changes nothing (the same stats and states, nothing
+        // newly done, all seen moments ago) is answered from a read.
+        if let unchanged = try await database.read({ db in try Self.unchangedCheckIn(db, appliance, request: request, stats: stats, at: date) }) {
+            return unchanged
+        }
         return try await database.write { db in
             let (applianceID, ownerID) = try Self.applianceIDs(db, named: appliance)
             // The appliance block itself was recorded when the request authenticated.
@@ -717,7 +725,8 @@ public final class SQLiteStore: PoolStore {
                     // report that said so, and must not bring it back.
                     guard existing.state != InstanceState.decommissioned.rawValue else { continue }
                     try db.execute(
-                        sql: "UPDATE instance SET reportedAt = ? WHERE id = ?", arguments: [date, existing.id])
+                        sql: "UPDATE instance SET reportedAt = ? WHERE id = ? AND (reportedAt IS NULL OR reportedAt <= ?)",
+                        arguments: [date, existing.id, date.addingTimeInterval(-Appliance.seenRefreshSeconds)])
                     guard existing.state != summary.state.rawValue else { continue }
                     try db.execute(
                         sql: "UPDATE instance SET state = ?, updatedAt = ? WHERE id = ?",
@@ -736,6 +745,45 @@ public final class SQLiteStore: PoolStore {
             }
             return RecordedCheckIn(actions: try Self.pendingActions(db, applianceID: applianceID), changes: changes)
         }
+    }
+
+    /// The reply to a check-in that would change nothing, or nil when it
+    /// would (the write transaction then does and checks everything again).
+    static func unchangedCheckIn(_ db: Database, _ appliance: String, request: CheckInRequest, stats: String, at date: Date) throws
+        -> RecordedCheckIn?
+    {
+        guard let row = try Row.fetchOne(db, sql: "SELECT id, lastSeen, stats FROM appliance WHERE name = ?", arguments: [appliance]) else {
+            throw PoolError.notFound(what: "appliance", name: appliance)
+        }
+        let applianceID: Int64 = try row.decode(forColumn: "id")
+        guard Appliance.isFresh(try row.decode(forColumn: "lastSeen"), at: date), try row.decode(forColumn: "stats") as String? == stats else { return nil }
+        if !request.done.isEmpty {
+            let undone = try Int.fetchOne(
+                db,
+                sql: "SELECT COUNT(*) FROM action WHERE applianceID = ? AND doneAt IS NULL AND id IN (\(databaseQuestionMarks(count: request.done.count)))",
+                arguments: StatementArguments([applianceID] + request.done)) ?? 0
+            guard undone == 0 else { return nil }
+        }
+        if !request.instances.isEmpty {
+            var known: [String: (applianceID: Int64, state: Int, reportedAt: Date?)] = [:]
+            for names in request.instances.map(\.name).chunked(by: 500).map(Array.init) {
+                for row in try Row.fetchAll(
+                    db, sql: "SELECT name, applianceID, state, reportedAt FROM instance WHERE name IN (\(databaseQuestionMarks(count: names.count)))",
+                    arguments: StatementArguments(names))
+                {
+                    known[try row.decode(forColumn: "name")] = (
+                        try row.decode(forColumn: "applianceID"), try row.decode(forColumn: "state"), try row.decode(forColumn: "reportedAt")
+                    )
+                }
+            }
+            for summary in request.instances {
+                guard let instance = known[summary.name] else { return nil }  // a new record
+                // Another appliance's, or decommissioned: the write would skip it too.
+                guard instance.applianceID == applianceID, instance.state != InstanceState.decommissioned.rawValue else { continue }
+                guard instance.state == summary.state.rawValue, Appliance.isFresh(instance.reportedAt, at: date) else { return nil }
+            }
+        }
+        return RecordedCheckIn(actions: try pendingActions(db, applianceID: applianceID), changes: [])
     }
 
     public func enqueueAction(_ kind: Action.Kind, instance name: String, expires: Date?, at date: Date) async throws -> Action {
@@ -1151,4 +1199,11 @@ final class NewActionObserver: TransactionObserver, @unchecked Sendable {
     }
 
     func databaseDidRollback(_ db: Database) { inserted = [] }
+}
+
+extension Array {
+    /// The elements in runs of at most `size` (the last one shorter).
+    func chunked(by size: Int) -> [ArraySlice<Element>] {
+        stride(from: 0, to: count, by: size).map { self[$0..<Swift.min($0 + size, count)] }
+    }
 }

@@ -67,6 +67,25 @@ public struct Appliance: Sendable, Equatable, Codable {
         guard let lastSeen else { return true }
         return date.timeIntervalSince(lastSeen) > TimeInterval(seconds)
     }
+
+    /// How long a recorded `lastSeen` (or an instance's `reportedAt`)
+    /// stands for "now": a call within it that changes nothing else writes
+    /// nothing.
+    public static let seenRefreshSeconds: TimeInterval = 5
+
+    /// Whether `seen` is recent enough not to be written again.
+    public static func isFresh(_ seen: Date?, at date: Date) -> Bool {
+        guard let seen else { return false }
+        return date.timeIntervalSince(seen) < seenRefreshSeconds
+    }
+
+    /// Whether an authorization with `block` would change this record: a
+    /// new version, place or image setting, or a `lastSeen` no longer fresh.
+    public func changes(with block: ApplianceBlock, at date: Date) -> Bool {
+        !Self.isFresh(lastSeen, at: date) || block.version.map({ $0 != version }) ?? false
+            || block.latitude.map({ $0 != latitude }) ?? false || block.longitude.map({ $0 != longitude }) ?? false
+            || block.dynamicimages.map({ $0 != dynamicImages }) ?? false
+    }
 }
 
 /// A boot image the pool offers.

@@ -6,6 +6,7 @@ import Logging
 import NIOCore
 import PoolAPI
 import PoolController
+import ServiceLifecycle
 import Synchronization
 
 /// `corral bench ...`: load generators that measure Corral's own parts.
@@ -65,7 +66,9 @@ struct PoolBench: AsyncParsableCommand {
         let app = try buildPoolApplication(configuration: configuration, store: store, logger: logger) { _, port in
             listening.continuation.yield(port)
         }
-        let server = Task { try await app.runService() }
+        let services = ServiceGroup(
+            configuration: .init(services: [.init(service: app)], gracefulShutdownSignals: [], logger: logger))
+        let server = Task { try await services.run() }
         var ports = listening.stream.makeAsyncIterator()
         guard let port = await ports.next() else { fail("the pool did not start") }
         let base = "http://127.0.0.1:\(port)"
@@ -91,7 +94,7 @@ struct PoolBench: AsyncParsableCommand {
         }
         let elapsed = ContinuousClock.now - started
         try await http.shutdown()
-        server.cancel()
+        await services.triggerGracefulShutdown()
         _ = await server.result
 
         let report = results.report(elapsed: elapsed, appliances: appliances, instances: instances, connections: connections, users: users)
@@ -274,9 +277,9 @@ final class Results: Sendable {
                 seconds)
             for kind in Kind.allCases {
                 guard let line = lines[kind.rawValue] else { continue }
-                out += String(
-                    format: "%-11@ %8d  %9.1f/s  p50 %8.2f ms  p99 %8.2f ms\n", kind.rawValue, line.count, line.perSecond, line.p50Milliseconds,
-                    line.p99Milliseconds)
+                let name = kind.rawValue.padding(toLength: 11, withPad: " ", startingAt: 0)
+                out += name + String(
+                    format: " %8d  %9.1f/s  p50 %8.2f ms  p99 %8.2f ms\n", line.count, line.perSecond, line.p50Milliseconds, line.p99Milliseconds)
             }
             out += failures.isEmpty ? "no failed requests" : "failed requests by status: \(failures.sorted { $0.key < $1.key })"
             return out

@@ -70,4 +70,45 @@ struct StoreTests {
         #expect(try await store.appliance(tokenDigest: Token.digest("old")) == nil)
         #expect(try await store.appliance(tokenDigest: Token.digest("new"))?.name == "rack-1")
     }
+
+    @Test("a check-in that changes nothing writes nothing; a changed state, new stats, a done action or a 5 s gap is recorded")
+    func quietCheckIns() async throws {
+        let pool = try await TestPool.make()
+        let store = pool.store
+        let start = Date(timeIntervalSince1970: 1_900_000_000)
+        func checkIn(_ seconds: TimeInterval, state: InstanceState = .running, memory: Int = 16000, done: [String] = []) async throws -> [Action] {
+            try await store.checkIn(
+                "rack-1",
+                request: CheckInRequest(
+                    appliance: .init(apitoken: ""), stats: stats(vcpus: 8, memory: memory), instances: [InstanceSummary(name: "web-1", state: state)],
+                    done: done),
+                maxInstances: 1000, at: start.addingTimeInterval(seconds)
+            ).actions
+        }
+        func seen() async throws -> (appliance: Date?, reported: Date?, state: InstanceState?) {
+            let appliance = try await store.appliances().first { $0.name == "rack-1" }
+            let instance = try await store.instances().first { $0.name == "web-1" }
+            return (appliance?.lastSeen, instance?.reportedAt, instance?.state)
+        }
+        _ = try await checkIn(0)
+        #expect(try await seen() == (start, start, .running))
+        // The same a second later: nothing is written.
+        _ = try await checkIn(1)
+        #expect(try await seen() == (start, start, .running))
+        // A new state is recorded at once.
+        _ = try await checkIn(2, state: .suspended)
+        #expect(try await seen().state == .suspended)
+        #expect(try await seen().appliance == start.addingTimeInterval(2))
+        // New stats are recorded at once.
+        _ = try await checkIn(3, state: .suspended, memory: 8000)
+        #expect(try await store.appliances().first { $0.name == "rack-1" }?.stats?.memoryMiB.free == 8000)
+        // An action done is recorded, and no longer offered.
+        let reboot = try await store.enqueueAction(.reboot, instance: "web-1", expires: nil, at: start.addingTimeInterval(3))
+        #expect(try await checkIn(3.5, state: .suspended, memory: 8000).map(\.id) == [reboot.id])
+        #expect(try await checkIn(3.6, state: .suspended, memory: 8000, done: [reboot.id]).isEmpty)
+        #expect(try await store.pendingActions(appliance: "rack-1").isEmpty)
+        // Unchanged, but 5 s after it was last written: seen again.
+        _ = try await checkIn(9, state: .suspended, memory: 8000)
+        #expect(try await seen() == (start.addingTimeInterval(9), start.addingTimeInterval(9), .suspended))
+    }
 }
