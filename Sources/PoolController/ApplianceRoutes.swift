@@ -25,6 +25,11 @@ struct ApplianceRoutes: Sendable {
         } catch let error as RequestBodyError {
             throw Refusal(.unauthorized, "You must submit a valid JSON object with a token: \(error)")
         }
+        return try await authenticate(block)
+    }
+
+    /// ``authenticate(_:)`` for a block already read from the body.
+    private func authenticate(_ block: ApplianceBlock) async throws -> (appliance: Appliance, token: String) {
         try bounds.check(block)
         guard let appliance = try await store.appliance(tokenDigest: Token.digest(block.apitoken)) else {
             throw Refusal(.unauthorized, "Token is not valid.")
@@ -58,8 +63,16 @@ struct ApplianceRoutes: Sendable {
     /// answers with the actions still pending.
     @Sendable func checkIn(_ request: Request, context: BasicRequestContext) async throws -> Response {
         let body = try await collectBody(request, upTo: maximumCheckInBody)
-        let (appliance, token) = try await authenticate(body)
-        let checkIn = try decodeRequest(CheckInRequest.self, from: body)
+        // The body is read once; only one that is no check-in is read again
+        // for its token alone (a 401 without one, else the 400 naming the field).
+        let appliance: Appliance, token: String, checkIn: CheckInRequest
+        if let parsed = try? decodeJSON(CheckInRequest.self, from: body) {
+            (appliance, token) = try await authenticate(parsed.appliance)
+            checkIn = parsed
+        } else {
+            (appliance, token) = try await authenticate(body)
+            checkIn = try decodeRequest(CheckInRequest.self, from: body)
+        }
         try bounds.check(checkIn)
         let hold = checkIn.holdSeconds ?? 0
         guard (0...Self.maxHoldSeconds).contains(hold) else {

@@ -712,25 +712,23 @@ public final class SQLiteStore: PoolStore {
                     arguments: [date, id, applianceID])
             }
             var changes: [InstanceEvent] = []
+            // The summarized instances in one query; their `reportedAt` in one update.
+            var known = try Self.reportedInstances(db, named: request.instances.map(\.name))
+            var seen: [Int64] = []
             for summary in request.instances {
-                let existing: (id: Int64, state: Int)?
-                do {
-                    existing = try Self.ownedInstance(db, named: summary.name, applianceID: applianceID)
-                } catch PoolError.forbidden {
-                    continue  // Another appliance's instance: its report is not this one's to make.
-                }
-                if let existing {
+                if let existing = known[summary.name] {
+                    // Another appliance's instance: its report is not this one's to make.
+                    guard existing.applianceID == applianceID else { continue }
                     // Decommissioned is final: a summary the agent took just
                     // before it decommissioned the VM can arrive after the
                     // report that said so, and must not bring it back.
                     guard existing.state != InstanceState.decommissioned.rawValue else { continue }
-                    try db.execute(
-                        sql: "UPDATE instance SET reportedAt = ? WHERE id = ? AND (reportedAt IS NULL OR reportedAt <= ?)",
-                        arguments: [date, existing.id, date.addingTimeInterval(-Appliance.seenRefreshSeconds)])
+                    if !Appliance.isFresh(existing.reportedAt, at: date) { seen.append(existing.id) }
                     guard existing.state != summary.state.rawValue else { continue }
                     try db.execute(
                         sql: "UPDATE instance SET state = ?, updatedAt = ? WHERE id = ?",
                         arguments: [summary.state.rawValue, date, existing.id])
+                    known[summary.name]?.state = summary.state.rawValue
                 } else {
                     try Self.checkRecordRoom(db, applianceID: applianceID, appliance: appliance, adding: 1, most: maxInstances)
                     try db.execute(
@@ -739,12 +737,37 @@ public final class SQLiteStore: PoolStore {
                             reportedAt, updatedAt) VALUES (?, ?, ?, ?, ?, '[]', '[]', ?, ?, ?)
                             """,
                         arguments: [summary.name, Self.newID(), applianceID, ownerID, summary.state.rawValue, date, date, date])
+                    known[summary.name] = (db.lastInsertedRowID, applianceID, summary.state.rawValue, date)
                 }
                 try Self.claimReservation(db, instance: summary.name, at: date)
                 changes.append(try Self.instance(db, named: summary.name).event)
             }
+            for ids in seen.chunked(by: 500) {
+                try db.execute(
+                    sql: "UPDATE instance SET reportedAt = ? WHERE id IN (\(databaseQuestionMarks(count: ids.count)))",
+                    arguments: StatementArguments([date] + Array(ids)))
+            }
             return RecordedCheckIn(actions: try Self.pendingActions(db, applianceID: applianceID), changes: changes)
         }
+    }
+
+    /// The instances named, by name: what a check-in's summary is compared with.
+    static func reportedInstances(_ db: Database, named names: [String]) throws
+        -> [String: (id: Int64, applianceID: Int64, state: Int, reportedAt: Date?)]
+    {
+        var known: [String: (id: Int64, applianceID: Int64, state: Int, reportedAt: Date?)] = [:]
+        for chunk in names.chunked(by: 500) {
+            for row in try Row.fetchAll(
+                db, sql: "SELECT id, name, applianceID, state, reportedAt FROM instance WHERE name IN (\(databaseQuestionMarks(count: chunk.count)))",
+                arguments: StatementArguments(Array(chunk)))
+            {
+                known[try row.decode(forColumn: "name")] = (
+                    try row.decode(forColumn: "id"), try row.decode(forColumn: "applianceID"), try row.decode(forColumn: "state"),
+                    try row.decode(forColumn: "reportedAt")
+                )
+            }
+        }
+        return known
     }
 
     /// The reply to a check-in that would change nothing, or nil when it
@@ -765,17 +788,7 @@ public final class SQLiteStore: PoolStore {
             guard undone == 0 else { return nil }
         }
         if !request.instances.isEmpty {
-            var known: [String: (applianceID: Int64, state: Int, reportedAt: Date?)] = [:]
-            for names in request.instances.map(\.name).chunked(by: 500).map(Array.init) {
-                for row in try Row.fetchAll(
-                    db, sql: "SELECT name, applianceID, state, reportedAt FROM instance WHERE name IN (\(databaseQuestionMarks(count: names.count)))",
-                    arguments: StatementArguments(names))
-                {
-                    known[try row.decode(forColumn: "name")] = (
-                        try row.decode(forColumn: "applianceID"), try row.decode(forColumn: "state"), try row.decode(forColumn: "reportedAt")
-                    )
-                }
-            }
+            let known = try reportedInstances(db, named: request.instances.map(\.name))
             for summary in request.instances {
                 guard let instance = known[summary.name] else { return nil }  // a new record
                 // Another appliance's, or decommissioned: the write would skip it too.
