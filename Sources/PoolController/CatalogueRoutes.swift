@@ -40,7 +40,7 @@ struct CatalogueRoutes: Sendable {
         }
         let wisp = try BodyField.text(body.wisp, "wisp")
         let flavor = try BodyField.text(body.serverFlavor, "server-flavor")
-        let hotStarts = try BodyField.number(body.hotStarts, "hot-starts", in: 0...100)
+        let hotStarts = try BodyField.number(body.hotStarts, "hot-starts", in: 0...Template.maxHotStarts)
         let template = try await refusingPoolErrors {
             do {
                 return try await store.setTemplate(name, wisp: wisp, flavor: flavor, hotStarts: hotStarts, at: Date())
@@ -91,8 +91,8 @@ struct CatalogueRoutes: Sendable {
         }
         var change = WispChange()
         change.image = try BodyField.text(body.serverImage, "server-image")
-        change.dynamicImageURL = try body.dynamicImageURL.map { try Self.httpURL($0, "dynamic-image-url") }
-        change.callbackURL = try body.callbackURL.map { url in try url.map { try Self.httpURL($0, "callback-url") } }
+        change.dynamicImageURL = try body.dynamicImageURL.map { try BodyField.httpURL($0, "dynamic-image-url") }
+        change.callbackURL = try body.callbackURL.map { url in try url.map { try BodyField.httpURL($0, "callback-url") } }
         if let keys = body.sshKeys {
             guard keys.count <= 100 else { throw Refusal(.badRequest, "field 'ssh-keys': at most 100 keys") }
             change.sshKeys = try keys.enumerated().map { index, text in
@@ -141,14 +141,6 @@ struct CatalogueRoutes: Sendable {
     private func requireSuperuser(_ request: Request, _ what: String) async throws {
         let caller = try await authenticateUser(request, store: store)
         guard caller.superuser else { throw Refusal(.forbidden, "only a superuser may \(what)") }
-    }
-
-    /// An http or https URL of at most 2048 bytes, or a 400 naming `field`.
-    static func httpURL(_ text: String, _ field: String) throws -> String {
-        guard text.utf8.count <= 2048, let url = URL(string: text), ["http", "https"].contains(url.scheme?.lowercased() ?? ""),
-            let host = url.host, !host.isEmpty
-        else { throw Refusal(.badRequest, "field '\(field)' must be an http or https URL of at most 2048 bytes") }
-        return text
     }
 }
 

@@ -131,11 +131,7 @@ private struct ObjectFields: Decodable {
 
     func refuseUnknown(by type: any StrictRequestBody.Type, prefix: String) throws {
         let allowed = type.fieldNames
-        if let unknown = fields.keys.sorted().first(where: { !allowed.contains($0) }) {
-            throw Refusal(
-                .badRequest,
-                "unknown field '\(prefix)\(unknown.prefix(64))'; allowed: \(allowed.map { "'\(prefix)\($0)'" }.joined(separator: ", "))")
-        }
+        try BodyField.only(fields.keys.sorted(), allowed: allowed, required: [], prefix: prefix)
         // Decoding reads a null as a field left out: refused where it means nothing.
         if let null = nulls.first(where: { !type.nullableFields.contains($0) }) {
             throw Refusal(.badRequest, "field '\(prefix)\(null)' must not be null; leave it out instead")
@@ -180,12 +176,21 @@ enum BodyField {
         return value
     }
 
+    /// An http or https URL with a host, of at most 2048 bytes.
+    static func httpURL(_ value: String, _ field: String) throws -> String {
+        guard value.utf8.count <= 2048, let url = URL(string: value), ["http", "https"].contains(url.scheme?.lowercased() ?? ""),
+            let host = url.host, !host.isEmpty
+        else { throw Refusal(.badRequest, "field '\(field)' must be an http or https URL of at most 2048 bytes") }
+        return value
+    }
+
     /// Refuses the fields given (`present`) that `allowed` does not list,
     /// and the `required` ones missing, e.g. a task's fields for its kind.
     static func only(_ present: [String], allowed: [String], required: [String], prefix: String) throws {
         if let unknown = present.first(where: { !allowed.contains($0) }) {
             throw Refusal(
-                .badRequest, "unknown field '\(prefix)\(unknown)'; allowed: \(allowed.map { "'\(prefix)\($0)'" }.joined(separator: ", "))")
+                .badRequest,
+                "unknown field '\(prefix)\(unknown.prefix(64))'; allowed: \(allowed.map { "'\(prefix)\($0)'" }.joined(separator: ", "))")
         }
         if let missing = required.first(where: { !present.contains($0) }) {
             throw Refusal(.badRequest, "missing field '\(prefix)\(missing)'")

@@ -47,11 +47,7 @@ struct ReservationRoutes: Sendable {
         if reservation.wisp != nil, reservation.callbackURL != nil {
             throw Refusal(.badRequest, "fields 'wisp' and 'callback_url' exclude each other: give one")
         }
-        if let callback = reservation.callbackURL {
-            guard callback.utf8.count <= 2048, let url = URL(string: callback), ["http", "https"].contains(url.scheme?.lowercased() ?? ""),
-                url.host != nil
-            else { throw Refusal(.badRequest, "field 'callback_url' must be an http or https URL of at most 2048 bytes") }
-        }
+        if let callback = reservation.callbackURL { _ = try BodyField.httpURL(callback, "callback_url") }
         if reservation.instance != nil, reservation.leaseSeconds != nil {
             throw Refusal(.badRequest, "field 'lease_seconds' applies to a new instance (appliance and flavor), not an offered one")
         }

@@ -212,8 +212,6 @@ public struct Instance: Sendable, Equatable, Codable {
     public var event: InstanceEvent { InstanceEvent(name: name, state: state, appliance: appliance, owner: owner) }
 }
 
-/// A template (the original system's "stream"): a wisp and a flavor, with a warm
-/// pool of `hotStarts` booted instances waiting to be handed out.
 /// A change to a wisp: nil leaves a part as it is. An image replaces a
 /// dynamic image URL and the other way round.
 public struct WispChange: Sendable, Equatable {
@@ -237,7 +235,12 @@ public struct WispChange: Sendable, Equatable {
     public var isEmpty: Bool { self == WispChange() }
 }
 
+/// A template (the original system's "stream"): a wisp and a flavor, with a warm
+/// pool of `hotStarts` booted instances waiting to be handed out.
 public struct Template: Sendable, Equatable, Codable {
+    /// The most warm instances a template may keep.
+    public static let maxHotStarts = 100
+
     public var name: String
     public var wisp: String
     public var flavor: String

@@ -123,9 +123,9 @@ extension Corral.Pool.Wisps {
 
         func run() async throws {
             var change = WispChange(image: image, dynamicImageURL: dynamicImageURL)
-            if !sshKeyFile.isEmpty { change.sshKeys = try sshKeyFile.flatMap { try readKeyLines($0) } }
+            if !sshKeyFile.isEmpty { change.sshKeys = sshKeyFile.flatMap(readKeyLines) }
             if noSSHKeys { change.sshKeys = [] }
-            if let postCreateFile { change.postCreate = try readText(postCreateFile, option: "--post-create-file") }
+            if let postCreateFile { change.postCreate = readText(postCreateFile, option: "--post-create-file") }
             if noPostCreate { change.postCreate = "" }
             if let callbackURL { change.callbackURL = .some(callbackURL) }
             if noCallbackURL { change.callbackURL = .some(nil) }
@@ -153,8 +153,8 @@ extension Corral.Pool.Templates {
             guard wisp != nil || flavor != nil || hotStarts != nil else {
                 throw ValidationError("Give --wisp, --flavor or --hot-starts.")
             }
-            if let hotStarts, !(0...100).contains(hotStarts) {
-                throw ValidationError("--hot-starts must be from 0 to 100 (it was \(hotStarts)).")
+            if let hotStarts, !(0...Template.maxHotStarts).contains(hotStarts) {
+                throw ValidationError("--hot-starts must be from 0 to \(Template.maxHotStarts) (it was \(hotStarts)).")
             }
         }
 

@@ -565,8 +565,8 @@ extension Corral.Pool {
             }
 
             func run() async throws {
-                let keys = try sshKeyFile.flatMap { try readKeyLines($0) }
-                let postCreate = try postCreateFile.map { try readText($0, option: "--post-create-file") } ?? ""
+                let keys = sshKeyFile.flatMap(readKeyLines)
+                let postCreate = postCreateFile.map { readText($0, option: "--post-create-file") } ?? ""
                 let wisp = Wisp(
                     name: name, owner: owner, image: image, dynamicImageURL: dynamicImageURL, sshKeys: keys,
                     postCreate: postCreate, callbackURL: callbackURL, isDefault: self.default, isSystemDefault: systemDefault)
@@ -609,7 +609,9 @@ extension Corral.Pool {
 
             func validate() throws {
                 try validateName(name, field: "NAME")
-                guard (0...100).contains(hotStarts) else { throw ValidationError("--hot-starts must be from 0 to 100 (it was \(hotStarts)).") }
+                guard (0...Template.maxHotStarts).contains(hotStarts) else {
+                    throw ValidationError("--hot-starts must be from 0 to \(Template.maxHotStarts) (it was \(hotStarts)).")
+                }
             }
 
             func run() async throws {
@@ -745,19 +747,19 @@ extension Corral.Pool {
     }
 }
 
-/// URLs the pool hands to appliances: http or https with a host.
 /// The non-blank lines of an `--ssh-key-file`.
-func readKeyLines(_ file: String) throws -> [String] {
-    try readText(file, option: "--ssh-key-file").split(whereSeparator: \.isNewline).map(String.init)
+func readKeyLines(_ file: String) -> [String] {
+    readText(file, option: "--ssh-key-file").split(whereSeparator: \.isNewline).map(String.init)
         .filter { !$0.trimmingCharacters(in: .whitespaces).isEmpty }
 }
 
 /// The text of a file an option names, or a failure naming the option.
-func readText(_ file: String, option: String) throws -> String {
+func readText(_ file: String, option: String) -> String {
     guard let text = try? String(contentsOfFile: file, encoding: .utf8) else { fail("cannot read \(option) \(file)") }
     return text
 }
 
+/// URLs the pool hands to appliances: http or https with a host.
 func validateHTTPURL(_ text: String, option: String) throws {
     guard let url = URL(string: text), ["http", "https"].contains(url.scheme?.lowercased() ?? ""), url.host != nil else {
         throw ValidationError("\(option) must be an http or https URL (it was '\(text)').")

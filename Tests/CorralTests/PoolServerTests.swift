@@ -31,6 +31,13 @@ struct PoolServerTests {
         return (Int(response.status.code), Data(try await response.body.collect(upTo: 1 << 20).readableBytesView))
     }
 
+    /// `corral pool ARGUMENTS --database DATABASE`, expected to succeed; its output's text.
+    static func pool(_ arguments: [String], database: String) async throws -> String {
+        let result = try await runCorral(["pool"] + arguments + ["--database", database])
+        #expect(result.status == 0, "\(arguments): \(result.stderr)")
+        return result.stdout.trimmingCharacters(in: .newlines)
+    }
+
     static func get(_ client: HTTPClient, _ url: String, token: String) async throws -> Data {
         var request = HTTPClientRequest(url: url)
         request.headers.add(name: "X-Auth-Token", value: token)
@@ -74,11 +81,7 @@ struct PoolServerTests {
     func restart() async throws {
         let directory = try Self.scratch()
         let database = directory.appendingPathComponent("pool.sqlite").path
-        func pool(_ arguments: [String]) async throws -> String {
-            let result = try await runCorral(["pool"] + arguments + ["--database", database])
-            #expect(result.status == 0, "\(arguments): \(result.stderr)")
-            return result.stdout.trimmingCharacters(in: .newlines)
-        }
+        func pool(_ arguments: [String]) async throws -> String { try await Self.pool(arguments, database: database) }
         _ = try await pool(["init"])
         let userToken = try await pool(["user", "add", "alice"])
         let applianceToken = try await pool(["appliance", "add", "rack-1", "--owner", "alice"])
@@ -145,11 +148,7 @@ struct PoolServerTests {
     func actionFromAnotherProcess() async throws {
         let directory = try Self.scratch()
         let database = directory.appendingPathComponent("pool.sqlite").path
-        func pool(_ arguments: [String]) async throws -> String {
-            let result = try await runCorral(["pool"] + arguments + ["--database", database])
-            #expect(result.status == 0, "\(arguments): \(result.stderr)")
-            return result.stdout.trimmingCharacters(in: .newlines)
-        }
+        func pool(_ arguments: [String]) async throws -> String { try await Self.pool(arguments, database: database) }
         _ = try await pool(["init"])
         _ = try await pool(["user", "add", "alice"])
         let applianceToken = try await pool(["appliance", "add", "rack-1", "--owner", "alice"])
