@@ -400,7 +400,10 @@ extension SQLiteStore {
     /// appliance (in the region, when given). Ready: reported running with
     /// no error, its SSH server answered its appliance or cloud-init
     /// finished (so the first boot cannot race the hand-out's keys), and its
-    /// image names the login user the keys go to.
+    /// image names the login user the keys go to. Settled ones, whose
+    /// cloud-init finished, go first: a guest still running its first
+    /// boot's last stages (seconds after SSH answers, under emulation)
+    /// re-keys and logs in several times slower.
     static func claimWarm(_ db: Database, templateID: Int64, region: String?) throws -> (id: Int64, applianceID: Int64)? {
         var sql = """
             SELECT instance.id, instance.applianceID FROM instance JOIN appliance ON appliance.id = instance.applianceID
@@ -416,7 +419,12 @@ extension SQLiteStore {
             sql += " AND appliance.region = ?"
             _ = arguments.append(contentsOf: [region])
         }
-        guard let row = try Row.fetchOne(db, sql: sql + " ORDER BY instance.createdAt, instance.id LIMIT 1", arguments: arguments)
+        let settledFirst = """
+             ORDER BY EXISTS (SELECT 1 FROM timelineEntry WHERE timelineEntry.instanceID = instance.id
+                              AND timelineEntry.phase = '\(LaunchPhase.postCreateDone.rawValue)') DESC,
+                      instance.createdAt, instance.id LIMIT 1
+            """
+        guard let row = try Row.fetchOne(db, sql: sql + settledFirst, arguments: arguments)
         else { return nil }
         return (try row.decode(forColumn: "id"), try row.decode(forColumn: "applianceID"))
     }

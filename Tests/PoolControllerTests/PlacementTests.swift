@@ -283,6 +283,33 @@ struct PlacementTests {
         #expect(visible.allSatisfy { !$0.warm })
     }
 
+    @Test("a warm instance whose first boot finished is handed out before an older one whose SSH server merely answers")
+    func settledWarmFirst() async throws {
+        let pool = try await TestPool.make()
+        try await pool.store.addTemplate(Template(name: "web", wisp: "bob-web", flavor: "small", hotStarts: 2))
+        _ = try await pool.checkInRoomy("rack-1", at: Date())
+        let staleAfter = pool.configuration.housekeeping.applianceStaleSeconds
+        let started = try await pool.store.maintainWarmPools(maxAgeSeconds: 14_400, applianceStaleAfter: staleAfter, at: Date()).started
+        #expect(started.count == 2)
+        let sorted = try await pool.store.instances().filter(\.warm).sorted { $0.createdAt < $1.createdAt || ($0.createdAt == $1.createdAt && $0.name < $1.name) }
+        let (older, newer) = (try #require(sorted.first), try #require(sorted.last))
+        #expect(older.name != newer.name)
+        // The older one: SSH answers, cloud-init still running. The newer one: settled.
+        for (instance, phases) in [(older, [LaunchPhase.sshReachable]), (newer, [.sshReachable, .postCreateDone])] {
+            _ = try await pool.store.recordReport(
+                InstanceReport(
+                    name: instance.name, state: .running,
+                    timeline: phases.map { TimelineEntry(phase: $0, at: Date(), detail: $0 == .sshReachable ? "127.0.0.1 port 22001" : "") }),
+                appliance: "rack-1", consoleLimit: 10, maxInstances: 1000, at: Date())
+        }
+        let handed = try await pool.store.createInstance(
+            InstanceRequest(owner: "alice", template: "web"), defaultLeaseSeconds: 3600, applianceStaleAfter: staleAfter, at: Date())
+        #expect(handed.name == newer.name, "the settled one, not the older one still booting")
+        let next = try await pool.store.createInstance(
+            InstanceRequest(owner: "alice", template: "web"), defaultLeaseSeconds: 3600, applianceStaleAfter: staleAfter, at: Date())
+        #expect(next.name == older.name, "a booting warm instance still beats a cold launch")
+    }
+
     @Test("token launch API: 402 without a valid token, 403 non-preemptible for users, 404 unknown template, 409 at the limit, region")
     func tokenLaunch() async throws {
         let pool = try await TestPool.make()
