@@ -28,9 +28,9 @@ extension Agent {
             try Task.checkCancellation()
             try await buildSlots.withPermit { try await self.build(name, parameters: parameters) }
         } catch is CancellationError {
-            logger.notice("build of \(name) interrupted; it starts over when the agent runs again")
+            logger.notice("build of \(name) interrupted; it starts over when the agent runs again", metadata: ["instance": "\(name)"])
         } catch {
-            logger.error("build of \(name) failed: \(error)")
+            logger.error("build of \(name) failed: \(error)", metadata: ["instance": "\(name)"])
             _ = try? await store.update(name) {
                 $0.phase = .errored
                 $0.lastError = "\(error)"
@@ -99,7 +99,7 @@ extension Agent {
             }
             try await self.store.record(.domainStarted, of: name, at: now)
         }
-        logger.info("\(name) started", metadata: ["seconds": "\(ContinuousClock.now - started)"])
+        logger.info("\(name) started", metadata: ["instance": "\(name)", "seconds": "\(ContinuousClock.now - started)"])
         startWatch(name)
         reconcileWakeup.signal()
     }
@@ -140,7 +140,7 @@ extension Agent {
                     throw BuildError("the pool gave no start parameters (\(status)): \(message)")
                 }
                 let delay = backoff.next()
-                logger.warning("cannot get start parameters of \(instance.name): \(error); next try in \(delay)")
+                logger.warning("cannot get start parameters of \(instance.name): \(error); next try in \(delay)", metadata: ["instance": "\(instance.name)"])
                 try await Task.sleep(for: delay)
             }
         }
@@ -202,7 +202,7 @@ extension Agent {
                     try await self.decommission(name)
                 } catch is CancellationError {
                 } catch {
-                    self.logger.error("decommissioning \(name) failed: \(error); retrying at the next start")
+                    self.logger.error("decommissioning \(name) failed: \(error); retrying at the next start", metadata: ["instance": "\(name)"])
                 }
                 _ = self.state.withLock { $0.decommissions.removeValue(forKey: name) }
             }
@@ -218,7 +218,7 @@ extension Agent {
             try await self.store.enqueue(InstanceReport(name: name, state: .decommissioned, flavor: instance.flavor), at: Date())
             try await self.store.remove(name)
             _ = self.state.withLock { $0.reported.removeValue(forKey: name) }
-            self.logger.info("\(name) decommissioned")
+            self.logger.info("\(name) decommissioned", metadata: ["instance": "\(name)"])
         }
         outboxWakeup.signal()
     }

@@ -103,17 +103,17 @@ extension Agent {
                 return
             }
             let known = try await store.instance(named: name)
-            logger.info("action \(action.kind.rawValue) for \(name)", metadata: ["action": "\(action.id)"])
+            logger.info("action \(action.kind.rawValue) for \(name)", metadata: ["instance": "\(name)", "action": "\(action.id)"])
             switch action.kind {
             case .start:
                 guard known == nil else {
                     _ = try await store.apply(action, .none, at: Date())
-                    logger.notice("start of \(name) ignored: this appliance already has it")
+                    logger.notice("start of \(name) ignored: this appliance already has it", metadata: ["instance": "\(name)"])
                     return
                 }
                 guard let flavor = action.flavor else {
                     _ = try await store.apply(action, .none, at: Date())
-                    logger.error("start of \(name) ignored: the action names no flavor")
+                    logger.error("start of \(name) ignored: the action names no flavor", metadata: ["instance": "\(name)"])
                     return
                 }
                 let uuid = UUID()
@@ -147,12 +147,12 @@ extension Agent {
             case .keys:
                 guard known != nil, let keys = action.keys, let user = action.user else {
                     _ = try await store.apply(action, .none, at: Date())
-                    logger.warning("keys for \(name) ignored: \(known == nil ? "this appliance does not have it" : "the action names no keys or user")")
+                    logger.warning("keys for \(name) ignored: \(known == nil ? "this appliance does not have it" : "the action names no keys or user")", metadata: ["instance": "\(name)"])
                     return
                 }
                 if let problem = GuestKeys.problem(keys: keys, user: user, run: action.run) {
                     guard try await store.apply(action, .none, at: Date()) else { return }
-                    logger.error("keys for \(name) refused: \(problem)")
+                    logger.error("keys for \(name) refused: \(problem)", metadata: ["instance": "\(name)"])
                     _ = try await store.update(name) {
                         $0.keysAction = action.id
                         $0.keysApplied = action.id
@@ -165,13 +165,13 @@ extension Agent {
             case .reboot, .powerOn, .powerOff:
                 guard try await store.apply(action, .none, at: Date()) else { return }
                 guard let known else {
-                    logger.warning("\(action.kind.rawValue) of \(name) ignored: this appliance does not have it")
+                    logger.warning("\(action.kind.rawValue) of \(name) ignored: this appliance does not have it", metadata: ["instance": "\(name)"])
                     return
                 }
                 try await power(action.kind, known)
             }
         } catch {
-            logger.error("action \(action.kind.rawValue) for \(name) failed: \(error)", metadata: ["action": "\(action.id)"])
+            logger.error("action \(action.kind.rawValue) for \(name) failed: \(error)", metadata: ["instance": "\(name)", "action": "\(action.id)"])
             _ = try? await store.update(name) { $0.lastError = "\(action.kind.rawValue) failed: \(error)" }
             reconcileWakeup.signal()
         }
@@ -180,7 +180,7 @@ extension Agent {
     /// Carries out a power action on a built instance.
     func power(_ kind: Action.Kind, _ instance: LocalInstance) async throws {
         guard [.active, .booting, .errored].contains(instance.phase) else {
-            logger.notice("\(kind.rawValue) of \(instance.name) ignored while it is \(instance.phase.rawValue)")
+            logger.notice("\(kind.rawValue) of \(instance.name) ignored while it is \(instance.phase.rawValue)", metadata: ["instance": "\(instance.name)"])
             return
         }
         try await locks.withLock(instance.name) {
@@ -190,7 +190,7 @@ extension Agent {
                 try await domain.reboot()
             case .powerOff:
                 let outcome = try await domain.shutdown(timeout: .seconds(60))
-                self.logger.info("\(instance.name) powered off (\(outcome))")
+                self.logger.info("\(instance.name) powered off (\(outcome))", metadata: ["instance": "\(instance.name)"])
             case .powerOn:
                 guard try await !domain.state().isActive else { return }
                 try await domain.start()
@@ -221,7 +221,7 @@ extension Agent {
                     $0.phase = .active
                     $0.expiredAt = nil
                 }
-                self.logger.info("lease of \(name) extended; resumed")
+                self.logger.info("lease of \(name) extended; resumed", metadata: ["instance": "\(name)"])
             }
         }
         reconcileWakeup.signal()

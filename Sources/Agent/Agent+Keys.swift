@@ -79,15 +79,15 @@ extension Agent {
                     try await domain.setAuthorizedSSHKeys(instance.authorizedKeys ?? [], user: user)
                     if let script = instance.runOnce {
                         let pid = try await domain.startInGuest(script: GuestKeys.runScript, input: Data(script.utf8))
-                        self.logger.info("\(name): started its new owner's user-data in the guest (pid \(pid))")
+                        self.logger.info("\(name): started its new owner's user-data in the guest (pid \(pid))", metadata: ["instance": "\(name)"])
                     }
                     try await self.store.keysApplied(name, action: action, error: nil)
                 }
-                logger.info("\(name): \(user) now holds \(instance.authorizedKeys?.count ?? 0) SSH keys", metadata: ["action": "\(action)"])
+                logger.info("\(name): \(user) now holds \(instance.authorizedKeys?.count ?? 0) SSH keys", metadata: ["instance": "\(name)", "action": "\(action)"])
             } catch is CancellationError {
                 return
             } catch {
-                logger.error("\(name): setting the SSH keys of \(user) failed: \(error)", metadata: ["action": "\(action)"])
+                logger.error("\(name): setting the SSH keys of \(user) failed: \(error)", metadata: ["instance": "\(name)", "action": "\(action)"])
                 try? await store.keysApplied(name, action: action, error: "setting the SSH keys of \(user) failed: \(error)")
             }
             waitingSince = nil

@@ -25,7 +25,7 @@ extension Agent {
                 continue
             }
             do {
-                logger.debug("delivering report \(next.sequence): \(next.report.name) state \(next.report.state.rawValue)")
+                logger.debug("delivering report \(next.sequence): \(next.report.name) state \(next.report.state.rawValue)", metadata: ["instance": "\(next.report.name)"])
                 _ = try await client.report(next.report)
                 try await store.delivered(next, at: Date())
                 logger.debug("delivered report \(next.sequence)")
@@ -37,11 +37,11 @@ extension Agent {
                     try? await store.delivered(next, at: Date())
                     backoff.reset()
                 case .refused(let status, let message) where status != 401 && status != 409 && !error.isTransient:
-                    logger.error("the pool refused the report of \(next.report.name) (\(status)): \(message); dropped")
+                    logger.error("the pool refused the report of \(next.report.name) (\(status)): \(message); dropped", metadata: ["instance": "\(next.report.name)"])
                     try? await store.delivered(next, at: Date())
                 default:
                     let delay = backoff.next()
-                    logger.warning("report of \(next.report.name) not delivered: \(error); next try in \(delay)")
+                    logger.warning("report of \(next.report.name) not delivered: \(error); next try in \(delay)", metadata: ["instance": "\(next.report.name)"])
                     try? await Task.sleep(for: delay)
                 }
             } catch {

@@ -17,7 +17,7 @@ extension Agent {
                 } catch is CancellationError {
                     return
                 } catch {
-                    logger.warning("cannot reconcile \(instance.name): \(error)")
+                    logger.warning("cannot reconcile \(instance.name): \(error)", metadata: ["instance": "\(instance.name)"])
                 }
             }
             // A boot is watched closely (its console decides when it is up);
@@ -61,10 +61,10 @@ extension Agent {
                 domainState = try await domain.state()
             }
             if step.phase == .expired, instance.phase != .expired {
-                self.logger.info("lease of \(name) ended; suspended, decommissioned in \(self.configuration.leaseGraceSeconds) s")
+                self.logger.info("lease of \(name) ended; suspended, decommissioned in \(self.configuration.leaseGraceSeconds) s", metadata: ["instance": "\(name)"])
             }
             if step.cameUp {
-                self.logger.info("\(name) is up", metadata: ["seconds": "\(now.timeIntervalSince(instance.bootedAt ?? now))"])
+                self.logger.info("\(name) is up", metadata: ["instance": "\(name)", "seconds": "\(now.timeIntervalSince(instance.bootedAt ?? now))"])
             }
             let view = Reconciliation.poolView(phase: step.phase, domain: domainState, lastError: step.lastError)
             var addresses: [IPAddress] = []
@@ -104,7 +104,7 @@ extension Agent {
                 reason: view.reason, timeline: timeline, ssh: ssh, keysApplied: instance.keysApplied)
             try await self.store.enqueue(report, at: now)
             self.state.withLock { $0.reported[name] = reported }
-            self.logger.info("\(name): \(view.state)\(error.map { " (\($0))" } ?? "")")
+            self.logger.info("\(name): \(view.state)\(error.map { " (\($0))" } ?? "")", metadata: ["instance": "\(name)"])
             self.outboxWakeup.signal()
             return false
         }

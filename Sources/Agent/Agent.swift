@@ -243,7 +243,8 @@ public final class Agent: Service, Sendable {
         for domain in (try? await connection.domains()) ?? [] {
             guard let metadata = try? await domain.instanceMetadata(), !names.contains(metadata.instance) else { continue }
             if metadata.pool == configuration.poolURL {
-                logger.warning("domain \(domain.name) carries Corral metadata for instance \(metadata.instance), which this agent does not know; left alone")
+                logger.warning("domain \(domain.name) carries Corral metadata for instance \(metadata.instance), which this agent does not know; left alone",
+                    metadata: ["instance": "\(metadata.instance)", "domain": "\(domain.name)"])
             }
         }
     }

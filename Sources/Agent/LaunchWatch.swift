@@ -29,14 +29,14 @@ extension Agent {
             if !phases.contains(.postCreateDone), let path = try? paths.console(name), let finished = console.scan(path) {
                 try? await store.record(.postCreateDone, of: name, at: Date(), detail: finished.detail, replacing: false)
                 phases.insert(.postCreateDone)
-                logger.info("\(name): cloud-init finished (\(finished.detail))")
+                logger.info("\(name): cloud-init finished (\(finished.detail))", metadata: ["instance": "\(name)"])
                 reconcileWakeup.signal()
             }
             if let target, await sshGreets(host: target.host, port: target.port, timeout: .seconds(1)) {
                 let endpoint = SSHEndpoint(host: target.host, port: target.port)
                 try? await store.record(.sshReachable, of: name, at: Date(), detail: endpoint.detail, replacing: false)
                 phases.insert(.sshReachable)
-                logger.info("\(name): SSH answers at \(endpoint.detail)")
+                logger.info("\(name): SSH answers at \(endpoint.detail)", metadata: ["instance": "\(name)"])
                 reconcileWakeup.signal()
             }
             if phases.isSuperset(of: [.postCreateDone, .sshReachable]) { return }

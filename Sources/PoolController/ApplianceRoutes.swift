@@ -147,7 +147,7 @@ struct ApplianceRoutes: Sendable {
             do {
                 parameters = try await fetcher.startParameters(from: url)
             } catch {
-                logger.warning("instance \(name): \(error)")
+                logger.warning("instance \(name): \(error)", metadata: ["instance": "\(name)"])
                 try await store.setLastError(error.description, forInstance: name)
                 return try reply(.badGateway, Envelope.error(error.description))
             }

@@ -72,6 +72,7 @@ func buildPoolRouter(
     router.post("api/stream/:template", use: templates.launch)
     let watchers = EventRoutes(store: store, events: events, limits: configuration.limits)
     router.get("api/v1/events", use: watchers.stream)
+    HealthRoutes(store: store).register(in: router)
     let document = openAPIDocument(publicURL: configuration.publicURL)
     router.get("openapi.yaml") { _, _ in
         Response(
@@ -130,6 +131,7 @@ enum RouteTable {
         ("/api/v1/authorization", ["POST"]), ("/api/v1/flavors", ["GET"]), ("/api/v1/signing-key", ["GET"]),
         ("/api/v1/broker", ["POST"]), ("/api/v1/instances/{name}", ["POST"]), ("/api/v1/bids", ["GET", "POST"]),
         ("/api/v1/events", ["GET"]), ("/api/stream/{template}", ["POST"]), ("/openapi.yaml", ["GET"]),
+        ("/healthz", ["GET"]), ("/readyz", ["GET"]),
         ("/v1/server-instance", ["GET", "POST"]), ("/v1/server-instance/{id}", ["DELETE", "GET", "PUT"]),
         ("/v1/server-instance/{id}/timeline", ["GET"]), ("/v1/server-instance/{id}/console", ["GET"]),
         ("/v1/server-flavor", ["GET"]), ("/v1/server-image", ["GET"]), ("/v1/server-flavor/{id}", ["PUT"]),
@@ -278,7 +280,7 @@ struct RedactingLogRequestsMiddleware<Context: RequestContext>: RouterMiddleware
 
     func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
         context.logger.log(
-            level: level, "Request",
+            level: HealthRoutes.probePaths.contains(request.uri.path) ? .debug : level, "Request",
             metadata: ["hb.request.path": .string(Self.redacted(path: request.uri.path, query: request.uri.query)), "hb.request.method": .string(request.method.rawValue)])
         return try await next(request, context)
     }

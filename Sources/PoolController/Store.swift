@@ -345,6 +345,10 @@ public struct HousekeepingResult: Sendable, Equatable {
 /// The pool's storage. One implementation per backend (SQLite now); the
 /// HTTP routes and the admin commands see only this protocol.
 public protocol PoolStore: Sendable {
+    /// Why the pool cannot do its work (its database unreadable, or not at
+    /// the migrations this build knows), or nil when it can.
+    func readinessProblem() async -> String?
+
     /// Adds a key to `owner`'s: 409 for a name or a key they have already,
     /// or beyond `maxKeys`.
     func addSSHKey(owner: String, name: String, key: SSHPublicKey, maxKeys: Int, at date: Date) async throws -> SSHKey

@@ -255,6 +255,19 @@ extension Corral.AgentCommand {
         @Option(help: "Show when this instance reached each phase of its launch, from the request to SSH.")
         var timeline: String?
 
+        @Flag(help: "Check the agent's health instead: exit 1 when libvirt or the pool does not answer, or a report waited too long.")
+        var check = false
+
+        @Option(help: "With --check: the oldest undelivered report may be this many seconds old (1 to 86400).")
+        var maxOutboxAge = 300
+
+        func validate() throws {
+            guard (1...86_400).contains(maxOutboxAge) else {
+                throw ValidationError("--max-outbox-age must be from 1 to 86400 seconds (it was \(maxOutboxAge)).")
+            }
+            if check, timeline != nil { throw ValidationError("--check and --timeline do not go together.") }
+        }
+
         struct Row: Encodable {
             var name: String
             var phase: String
@@ -273,6 +286,11 @@ extension Corral.AgentCommand {
                 fail("no agent state at \(path): the agent has not run with this configuration yet.")
             }
             let store = try AgentStore(path: path)
+            if check {
+                let problems = await AgentHealth.check(configuration: configuration, store: store, maxOutboxAge: maxOutboxAge)
+                if !problems.isEmpty { throw ExitCode(1) }
+                return
+            }
             if let timeline {
                 guard try await store.instance(named: timeline) != nil else {
                     fail("this agent has no instance '\(timeline)'; `corral agent status` lists them.")

@@ -35,15 +35,21 @@ struct LogOptions: ParsableArguments {
     @Option(help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel: String = "info"
 
+    @Option(help: "text (one line per event) or json (one JSON object per line, with instance and action fields).")
+    var logFormat: String = "text"
+
     func validate() throws {
         guard Logger.Level(rawValue: logLevel) != nil else {
             throw ValidationError("--log-level must be trace, debug, info, notice, warning, error or critical (it was '\(logLevel)').")
         }
+        guard ["text", "json"].contains(logFormat) else {
+            throw ValidationError("--log-format must be text or json (it was '\(logFormat)').")
+        }
     }
 
-    /// A logger labelled `label` at the chosen level.
+    /// A logger labelled `label` at the chosen level and format.
     func logger(_ label: String) -> Logger {
-        var logger = Logger(label: label)
+        var logger = logFormat == "json" ? Logger(label: label, factory: { JSONLogHandler(label: $0) }) : Logger(label: label)
         logger.logLevel = Logger.Level(rawValue: logLevel) ?? .info
         return logger
     }

@@ -1,5 +1,6 @@
 import Agent
 import Foundation
+import PoolAPI
 import Support
 import Testing
 import TestSupport
@@ -71,6 +72,67 @@ struct AgentCommandTests {
         let disabled = try await register()
         #expect(disabled.status == 1)
         #expect(disabled.stderr.contains("has disabled this appliance (409)"))
+    }
+
+    @Test("status --check: exit 0 when libvirt and the pool answer and no report waits long; exit 1 naming what failed")
+    func statusCheck() async throws {
+        let harness = try Harness("check")
+        defer { Task { await harness.tearDown() } }
+        try await harness.poolCommand(["init"])
+        try await harness.poolCommand(["user", "add", "alice"])
+        let token = try await harness.poolCommand(["appliance", "add", "rack", "--owner", "alice"])
+        try await harness.startPool()
+        let tokenFile = harness.directory.appendingPathComponent("token").path
+        let config = harness.directory.appendingPathComponent("etc/agent.toml").path
+        FileManager.default.createFile(atPath: tokenFile, contents: Data("\(token)\n".utf8), attributes: [.posixPermissions: 0o600])
+        let registered = try await runCorral([
+            "agent", "register", "--pool", harness.poolURL, "--token-file", tokenFile, "--config", config,
+            "--state-dir", harness.stateDirectory, "--uri", "test:///default", "--virt-type", "qemu",
+        ])
+        #expect(registered.status == 0, "\(registered.stderr)")
+        func check(_ extra: [String] = []) async throws -> CommandResult {
+            try await runCorral(["agent", "status", "--check", "--config", config] + extra)
+        }
+        // The agent has not run: nothing to check yet.
+        let never = try await check()
+        #expect(never.status == 1)
+        #expect(never.stderr.contains("the agent has not run with this configuration yet"), "\(never.stderr)")
+
+        let store = try AgentStore(path: "\(harness.stateDirectory)/agent.sqlite")
+        let healthy = try await check()
+        #expect(healthy.status == 0, "\(healthy.stdout)\(healthy.stderr)")
+        #expect(healthy.stdout.contains("ok libvirt: test:///default answers"), "\(healthy.stdout)")
+        #expect(healthy.stdout.contains("ok pool: \(harness.poolURL) accepts this appliance's token"), "\(healthy.stdout)")
+        #expect(healthy.stdout.contains("ok outbox: empty"), "\(healthy.stdout)")
+
+        // A report the pool has not taken for ten minutes.
+        try await store.enqueue(InstanceReport(name: "i-0123456789ab", state: .running), at: Date().addingTimeInterval(-600))
+        let stuck = try await check()
+        #expect(stuck.status == 1)
+        #expect(stuck.stdout.contains("FAIL outbox: 1 reports undelivered, the oldest 600 s old (more than 300 s)"), "\(stuck.stdout)")
+        #expect(try await check(["--max-outbox-age", "900"]).status == 0)
+        let bad = try await check(["--max-outbox-age", "0"])
+        #expect(bad.status != 0)
+        #expect(bad.stderr.contains("--max-outbox-age must be from 1 to 86400 seconds"), "\(bad.stderr)")
+
+        // The pool refuses the token, then is gone.
+        try await harness.poolCommand(["appliance", "disable", "rack"])
+        let disabled = try await check(["--max-outbox-age", "900"])
+        #expect(disabled.status == 1)
+        #expect(disabled.stdout.contains("FAIL pool: \(harness.poolURL) refused this appliance (409)"), "\(disabled.stdout)")
+        await harness.stopPool()
+        let down = try await check(["--max-outbox-age", "900"])
+        #expect(down.status == 1)
+        #expect(down.stdout.contains("FAIL pool: \(harness.poolURL) does not answer"), "\(down.stdout)")
+        #expect(down.stdout.contains("ok libvirt:"), "\(down.stdout)")
+        // Nor does libvirt at a URI nothing serves.
+        var configuration = try AgentConfiguration.load(path: config)
+        configuration.libvirtURI = "qemu+unix:///system?socket=\(harness.directory.path)/no-libvirt.sock"
+        try configuration.rendered().write(toFile: config, atomically: true, encoding: .utf8)
+        let noLibvirt = try await check(["--max-outbox-age", "900"])
+        #expect(noLibvirt.status == 1)
+        #expect(noLibvirt.stdout.contains("FAIL libvirt: qemu+unix:///system?socket="), "\(noLibvirt.stdout)")
+        #expect(!noLibvirt.stdout.contains(token) && !noLibvirt.stderr.contains(token), "the token is never printed")
     }
 
     @Test("an agent whose token the pool refuses stops with the reason instead of retrying forever")

@@ -237,9 +237,10 @@ final class Harness: @unchecked Sendable {
 
     /// Starts the agent and waits for its first check-in (reservations
     /// need an appliance with fresh stats).
-    func startAgent() async throws {
+    func startAgent(logFormat: String = "text") async throws {
         let started = Date()
-        agent = try BackgroundProcess(Paths.corralBinary, ["agent", "run", "--config", agentConfig.path, "--log-level", "trace"])
+        agent = try BackgroundProcess(
+            Paths.corralBinary, ["agent", "run", "--config", agentConfig.path, "--log-level", "trace", "--log-format", logFormat])
         let deadline = ContinuousClock.now + .seconds(60)
         let formatter = ISO8601DateFormatter()
         while ContinuousClock.now < deadline {

@@ -65,7 +65,8 @@ struct AgentLifecycleTests {
             // SIGTERM stops the agent, not the VM; the next run adopts it as it is.
             #expect(await harness.stopAgent() == 0)
             #expect(try await domain.state().isActive)
-            try await harness.startAgent()
+            // The second run logs JSON, one object per line (--log-format json).
+            try await harness.startAgent(logFormat: "json")
             #expect(try await harness.agentStatus(name)?["phase"] as? String == "active")
             #expect(try await harness.domains(named: name).map(\.uuid) == [domain.uuid])
 
@@ -90,7 +91,25 @@ struct AgentLifecycleTests {
             #expect(harness.instanceFiles().isEmpty)
             #expect(try await harness.agentStatus(name) == nil)
             // The token is a secret: not even the debug log shows it.
-            #expect(!(harness.agent?.stderr.contains(harness.applianceToken) ?? true))
+            let log = try #require(harness.agent?.stderr)
+            #expect(!log.contains(harness.applianceToken))
+            // Every line is a JSON object with the fixed keys; every line about
+            // the instance or one of its actions names it in `instance`.
+            let lines = log.split(separator: "\n")
+            var aboutIt: [[String: Any]] = []
+            for line in lines {
+                let object = try #require(try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any], "\(line)")
+                #expect(object["time"] is String && object["level"] is String && object["message"] is String, "\(line)")
+                #expect(object["label"] as? String == "corral.agent", "\(line)")
+                let message = object["message"] as? String ?? ""
+                if message.contains(name), !message.hasPrefix("libvirt:") {
+                    #expect(object["instance"] as? String == name, "\(line)")
+                    aboutIt.append(object)
+                }
+            }
+            let actions = aboutIt.filter { ($0["message"] as? String)?.hasPrefix("action ") == true }
+            #expect(actions.count >= 4, "power-off, power-on, reboot, delete: \(actions)")
+            #expect(actions.allSatisfy { $0["action"] is String })
         }
     }
 

@@ -45,6 +45,38 @@ struct PoolServerTests {
         return Data(try await response.body.collect(upTo: 1 << 20).readableBytesView)
     }
 
+    @Test("--log-format json: one JSON object per line, the request log redacted, health probes kept out of the info log")
+    func jsonLogs() async throws {
+        let directory = try Self.scratch()
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let database = directory.appendingPathComponent("pool.sqlite").path
+        _ = try await Self.pool(["init"], database: database)
+        let (server, url) = try await Self.start(["--database", database, "--port", "0", "--log-format", "json"])
+        let secret = "0123456789abcdef0123456789abcdef"
+        let client = HTTPClient(eventLoopGroup: HTTPClient.defaultEventLoopGroup)
+        for path in ["/healthz", "/readyz", "/readyz", "/api/stream/web?token=\(secret)&region=eu"] {
+            var request = HTTPClientRequest(url: url + path)
+            if path.hasPrefix("/api") { request.method = .POST }
+            _ = try? await client.execute(request, timeout: .seconds(30)).body.collect(upTo: 1 << 20)
+        }
+        try await client.shutdown()
+        #expect(await server.terminate() == 0)
+        let lines = server.stderr.split(separator: "\n")
+        var paths: [String] = []
+        for line in lines {
+            let object = try #require(try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any], "\(line)")
+            #expect(object["label"] as? String == "corral.pool", "\(line)")
+            #expect(["time", "level", "message"].allSatisfy { object[$0] is String }, "\(line)")
+            if let path = object["hb.request.path"] as? String { paths.append(path) }
+        }
+        #expect(lines.contains { $0.contains(#""message":"pool database at \#(database)""#) }, "\(server.stderr)")
+        #expect(paths == ["/api/stream/web?token=REDACTED&region=eu"], "\(paths)")
+        #expect(!server.stderr.contains(secret))
+        let bad = try await runCorral(["pool", "serve", "--database", database, "--log-format", "xml"])
+        #expect(bad.status != 0)
+        #expect(bad.stderr.contains("--log-format must be text or json (it was 'xml')"), "\(bad.stderr)")
+    }
+
     @Test("the configuration file chooses database and address; flags override it; mistakes are one clear line")
     func configurationFile() async throws {
         let directory = try Self.scratch()

@@ -253,6 +253,10 @@ struct OpenAPIConformanceTests {
             Call(template: launch, uri: "/api/stream/web", headers: user("alice"), status: 409),
             Call(template: launch, uri: "/api/stream/big", headers: user("root"), status: 503),
         ]
+        calls += [
+            Call(template: "/healthz", uri: "/healthz", method: .get, status: 200),
+            Call(template: "/readyz", uri: "/readyz", method: .get, status: 200),
+        ]
         // Last: with rack-2 disabled, its calls are refused with 409.
         calls += [
             Call(template: "/api/v1/authorization/", uri: "/api/v1/authorization/", body: #"{"appliance": \#(block(rack2))}"#, status: 409),
@@ -260,12 +264,18 @@ struct OpenAPIConformanceTests {
             Call(template: instance, uri: "/api/v1/instances/b-1/", body: report(rack2, "b-1"), status: 409),
             Call(template: "/api/v1/events", uri: "/api/v1/events", method: .get, headers: [HTTPField.Name("X-Auth-Token")!: rack2], status: 409),
         ]
+        // Then the database as a newer corral would leave it: not ready.
+        calls.append(Call(template: "/readyz", uri: "/readyz", method: .get, status: 503))
         let allCalls = calls
-        let disableAt = calls.count - 4
+        let disableAt = calls.count - 5
+        let supersedeAt = calls.count - 1
         let (replies, eventStatuses) = try await pool.app.test(.live) { client in
             var replies: [(Call, Int, String, Data)] = []
             for (index, call) in allCalls.enumerated() {
                 if index == disableAt { _ = try await pool.store.setAppliance("rack-2", enabled: false) }
+                if index == supersedeAt {
+                    try await pool.store.database.write { try $0.execute(sql: "INSERT INTO grdb_migrations (identifier) VALUES ('99-from-a-newer-corral')") }
+                }
                 let (status, contentType, body) = try await client.execute(
                     uri: call.uri, method: call.method, headers: call.headers, body: call.body.map { ByteBuffer(string: $0) }
                 ) { response in
