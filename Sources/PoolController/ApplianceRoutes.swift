@@ -12,6 +12,7 @@ struct ApplianceRoutes: Sendable {
     let fetcher: CallbackFetcher
     let signer: ReplySigner
     let logger: Logger
+    var metrics = PoolMetrics()
 
     var bounds: InputBounds { InputBounds(limits: configuration.limits) }
 
@@ -83,6 +84,7 @@ struct ApplianceRoutes: Sendable {
                 appliance.name, request: checkIn, maxInstances: configuration.limits.maxInstancesPerAppliance, at: Date())
         }
         for change in recorded.changes { events.publish(change) }
+        metrics.checkIn()
         var actions = recorded.actions
         if actions.isEmpty, hold > 0 {
             let limit = configuration.limits.maxHeldCheckInsPerAppliance
@@ -91,6 +93,8 @@ struct ApplianceRoutes: Sendable {
                     .tooManyRequests,
                     "appliance '\(appliance.name)' already has \(limit) check-ins held open (limits.max_held_check_ins_per_appliance); send hold_seconds 0 or wait for one to return")
             }
+            metrics.heldCheckIns.increment()
+            defer { metrics.heldCheckIns.decrement() }
             actions = try await heldActions(appliance.name, changes: changes)
         }
         return try await signer.reply(Envelope.success(CheckInResult(actions: actions)), to: request, token: token)
@@ -139,6 +143,9 @@ struct ApplianceRoutes: Sendable {
                 maxInstances: configuration.limits.maxInstancesPerAppliance, at: now)
         }
         if recorded.stateChanged { events.publish(recorded.instance.event) }
+        for entry in report.timeline ?? [] {
+            metrics.phase(entry.phase, since: recorded.instance.createdAt, at: Date(timeIntervalSince1970: entry.at))
+        }
         let parameters: StartParameters
         switch try await refusingPoolErrors({ try await store.bootSource(forInstance: name) }) {
         case .parameters(let fromWisp):

@@ -1,5 +1,7 @@
 import Foundation
+import GRDB
 import Hummingbird
+import PoolAPI
 
 /// What load balancers and supervisors ask: whether the process serves
 /// (`/healthz`) and whether it can do its work (`/readyz`: its database
@@ -28,6 +30,17 @@ struct HealthRoutes: Sendable {
 }
 
 extension SQLiteStore {
+    public func instanceCountsByState() async throws -> [InstanceState: Int] {
+        try await database.read { db in
+            var counts: [InstanceState: Int] = [:]
+            for row in try Row.fetchAll(db, sql: "SELECT state, COUNT(*) AS count FROM instance GROUP BY state") {
+                guard let state = InstanceState(rawValue: try row.decode(forColumn: "state")) else { continue }
+                counts[state] = try row.decode(forColumn: "count")
+            }
+            return counts
+        }
+    }
+
     /// Why the pool cannot do its work, or nil: the database cannot be
     /// read, or its migrations are not the ones this build knows.
     public func readinessProblem() async -> String? {

@@ -16,6 +16,7 @@ import ServiceLifecycle
 ///   in the configuration cannot be read.
 public func buildPoolApplication(
     configuration: PoolConfiguration, store: any PoolStore, logger: Logger, events: InstanceEvents = InstanceEvents(),
+    metrics: PoolMetrics = PoolMetrics(),
     onListening: @escaping @Sendable (_ host: String, _ port: Int) async -> Void = { _, _ in }
 ) throws -> some ApplicationProtocol {
     // An idle connection is closed (a held check-in or an event stream is a
@@ -29,7 +30,8 @@ public func buildPoolApplication(
     let warmPools = WarmPoolService(store: store, configuration: configuration, events: events, logger: logger)
     return Application(
         router: buildPoolRouter(
-            store: store, configuration: configuration, events: events, fetcher: fetcher, warmPools: warmPools, logger: logger),
+            store: store, configuration: configuration, events: events, fetcher: fetcher, warmPools: warmPools, metrics: metrics,
+            logger: logger),
         server: server,
         configuration: .init(
             address: .hostname(configuration.host, port: configuration.port), serverName: "corral-pool",
@@ -50,14 +52,17 @@ public func buildPoolApplication(
 /// The routes of the appliance API, the user-facing API and the token launch API.
 func buildPoolRouter(
     store: any PoolStore, configuration: PoolConfiguration = .init(), events: InstanceEvents = InstanceEvents(),
-    fetcher: CallbackFetcher? = nil, warmPools: WarmPoolService? = nil, logger: Logger = Logger(label: "corral.pool")
+    fetcher: CallbackFetcher? = nil, warmPools: WarmPoolService? = nil, metrics: PoolMetrics = PoolMetrics(),
+    logger: Logger = Logger(label: "corral.pool")
 ) -> Router<BasicRequestContext> {
     let router = Router(context: BasicRequestContext.self)
+    router.add(middleware: MetricsMiddleware(metrics: metrics))
     router.add(middleware: RedactingLogRequestsMiddleware(level: .info))
     router.add(middleware: EnvelopeErrorMiddleware())
     let appliances = ApplianceRoutes(
         store: store, configuration: configuration, events: events,
-        fetcher: fetcher ?? CallbackFetcher(limits: configuration.callbacks), signer: ReplySigner(store: store), logger: logger)
+        fetcher: fetcher ?? CallbackFetcher(limits: configuration.callbacks), signer: ReplySigner(store: store), logger: logger,
+        metrics: metrics)
     router.post("api/v1/authorization", use: appliances.authorize)
     router.get("api/v1/flavors", use: appliances.flavors)
     router.get("api/v1/signing-key", use: appliances.signingKey)
@@ -67,12 +72,14 @@ func buildPoolRouter(
     router.post("api/v1/bids", use: reservations.reserve)
     router.get("api/v1/bids", use: reservations.list)
     let warmPools = warmPools ?? WarmPoolService(store: store, configuration: configuration, events: events, logger: logger)
-    ServerInstanceRoutes(store: store, configuration: configuration, events: events, warmPools: warmPools).register(in: router)
-    let templates = TemplateRoutes(store: store, configuration: configuration, events: events, warmPools: warmPools)
+    ServerInstanceRoutes(store: store, configuration: configuration, events: events, warmPools: warmPools, metrics: metrics)
+        .register(in: router)
+    let templates = TemplateRoutes(store: store, configuration: configuration, events: events, warmPools: warmPools, metrics: metrics)
     router.post("api/stream/:template", use: templates.launch)
     let watchers = EventRoutes(store: store, events: events, limits: configuration.limits)
     router.get("api/v1/events", use: watchers.stream)
     HealthRoutes(store: store).register(in: router)
+    router.get("metrics", use: metrics.route(store: store, events: events, configuration: configuration))
     let document = openAPIDocument(publicURL: configuration.publicURL)
     router.get("openapi.yaml") { _, _ in
         Response(
@@ -131,7 +138,7 @@ enum RouteTable {
         ("/api/v1/authorization", ["POST"]), ("/api/v1/flavors", ["GET"]), ("/api/v1/signing-key", ["GET"]),
         ("/api/v1/broker", ["POST"]), ("/api/v1/instances/{name}", ["POST"]), ("/api/v1/bids", ["GET", "POST"]),
         ("/api/v1/events", ["GET"]), ("/api/stream/{template}", ["POST"]), ("/openapi.yaml", ["GET"]),
-        ("/healthz", ["GET"]), ("/readyz", ["GET"]),
+        ("/healthz", ["GET"]), ("/readyz", ["GET"]), ("/metrics", ["GET"]),
         ("/v1/server-instance", ["GET", "POST"]), ("/v1/server-instance/{id}", ["DELETE", "GET", "PUT"]),
         ("/v1/server-instance/{id}/timeline", ["GET"]), ("/v1/server-instance/{id}/console", ["GET"]),
         ("/v1/server-flavor", ["GET"]), ("/v1/server-image", ["GET"]), ("/v1/server-flavor/{id}", ["PUT"]),

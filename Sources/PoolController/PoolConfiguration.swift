@@ -32,6 +32,9 @@ public struct PoolConfiguration: Sendable, Equatable {
     public var idleTimeoutSeconds: Int
     /// Connections served at once; more wait in the listen backlog.
     public var maxConnections: Int
+    /// Whether `GET /metrics` needs a superuser's token (`[metrics]
+    /// require_token`): appliance names and capacity are not for strangers.
+    public var metricsRequireToken = true
 
     /// The bounds on what users and appliances may ask for and report.
     /// Each is checked where a request arrives; a request outside them is a
@@ -142,6 +145,7 @@ public struct PoolConfiguration: Sendable, Equatable {
         "housekeeping": ["interval_seconds", "appliance_stale_seconds", "offer_stale_seconds", "purge_after_seconds"],
         "leases": ["default_seconds"],
         "warm_pools": ["interval_seconds", "max_age_seconds"],
+        "metrics": ["require_token"],
         "limits": [
             "max_lease_seconds", "max_flavor_vcpus", "max_flavor_memory_mib", "max_flavor_disk_gib", "max_instances_per_appliance",
             "max_held_check_ins_per_appliance", "max_event_streams_per_token", "max_page_size", "default_page_size",
@@ -222,6 +226,7 @@ public struct PoolConfiguration: Sendable, Equatable {
             try reader.int("warm_pools", "interval_seconds", in: 1...86_400) ?? configuration.warmPools.intervalSeconds
         configuration.warmPools.maxAgeSeconds =
             try reader.int("warm_pools", "max_age_seconds", in: 60...31_536_000) ?? configuration.warmPools.maxAgeSeconds
+        configuration.metricsRequireToken = try reader.bool("metrics", "require_token") ?? configuration.metricsRequireToken
         var limits = configuration.limits
         limits.maxLeaseSeconds = try reader.int("limits", "max_lease_seconds", in: 60...(10 * 31_536_000)) ?? limits.maxLeaseSeconds
         limits.maxVCPUs = try reader.int("limits", "max_flavor_vcpus", in: 1...65_536) ?? limits.maxVCPUs

@@ -14,6 +14,7 @@ struct ServerInstanceRoutes: Sendable {
     let configuration: PoolConfiguration
     let events: InstanceEvents
     let warmPools: WarmPoolService
+    var metrics = PoolMetrics()
 
     func register(in router: Router<BasicRequestContext>) {
         // Refusals under /v1 take the API document's envelope (EnvelopeErrorMiddleware).
@@ -112,9 +113,14 @@ struct ServerInstanceRoutes: Sendable {
                     creation, defaultLeaseSeconds: configuration.leases.defaultSeconds,
                     applianceStaleAfter: configuration.housekeeping.applianceStaleSeconds, at: received)
             } catch PoolError.notFound(what: "template", let name) {
+                metrics.refusal(.invalid(field: "server-template", reason: ""))
                 throw PoolError.invalid(field: "server-template", reason: "there is no template '\(name)'")
+            } catch let error as PoolError {
+                metrics.refusal(error)
+                throw error
             }
         }
+        metrics.placement(warm: instance.rekeying)
         events.publish(instance.event)
         if instance.template != nil { warmPools.wake() }  // a claimed warm instance needs a replacement
         return try reply(.created, ServerEnvelope(data: [ServerInstance(instance)]))

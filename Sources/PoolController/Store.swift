@@ -348,6 +348,8 @@ public protocol PoolStore: Sendable {
     /// Why the pool cannot do its work (its database unreadable, or not at
     /// the migrations this build knows), or nil when it can.
     func readinessProblem() async -> String?
+    /// How many instance records are in each state (for `/metrics`).
+    func instanceCountsByState() async throws -> [InstanceState: Int]
 
     /// Adds a key to `owner`'s: 409 for a name or a key they have already,
     /// or beyond `maxKeys`.

@@ -9,6 +9,7 @@ struct TemplateRoutes: Sendable {
     let configuration: PoolConfiguration
     let events: InstanceEvents
     let warmPools: WarmPoolService
+    var metrics = PoolMetrics()
 
     /// `POST /api/stream/TEMPLATE?token=T[&region=R&topic=T&preemptible=0|1]`:
     /// 201 with the server-instance; 402 without a valid token (in the
@@ -46,12 +47,16 @@ struct TemplateRoutes: Sendable {
                 launch, defaultLeaseSeconds: configuration.leases.defaultSeconds,
                 applianceStaleAfter: configuration.housekeeping.applianceStaleSeconds, at: received)
         } catch PoolError.notFound(what: "template", let name) {
+            metrics.refusal(.notFound(what: "template", name: name))
             throw Refusal(.notFound, "template '\(name)' does not exist on this pool")
         } catch PoolError.conflict(let message) {
+            metrics.refusal(.conflict(message))
             throw Refusal(.conflict, "max instances reached for provided token: \(message)")
         } catch let error as PoolError {
+            metrics.refusal(error)
             throw Refusal(error)
         }
+        metrics.placement(warm: instance.rekeying)
         events.publish(instance.event)
         if instance.template != nil { warmPools.wake() }  // a claimed warm instance needs a replacement
         return try reply(.created, Envelope.success(ServerInstance(instance)))

@@ -21,14 +21,14 @@ struct JSONLogHandler: LogHandler {
 
     static let fixedKeys: Set<String> = ["time", "level", "label", "message"]
 
-    func log(event: JSONLogEvent) {
+    func log(event: LogEvent) {
         FileHandle.standardError.write(Self.line(event: event, label: label, metadata: metadata.merging(metadataProvider?.get() ?? [:]) { $1 }))
     }
 
     /// The JSON line (ending in a newline) for one event.
-    static func line(event: JSONLogEvent, label: String, metadata: Logger.Metadata) -> Data {
+    static func line(event: LogEvent, label: String, metadata: Logger.Metadata, at date: Date = Date()) -> Data {
         var object: [String: Any] = [
-            "time": Date.ISO8601FormatStyle(includingFractionalSeconds: true).format(event.date),
+            "time": Date.ISO8601FormatStyle(includingFractionalSeconds: true).format(date),
             "level": event.level.rawValue, "label": label, "message": "\(event.message)",
         ]
         for (key, value) in metadata.merging(event.metadata ?? [:], uniquingKeysWith: { $1 }) {
@@ -48,21 +48,5 @@ struct JSONLogHandler: LogHandler {
         case .array(let values): values.map(json)
         case .dictionary(let values): values.mapValues(json)
         }
-    }
-}
-
-/// The JSONLogEvent fields the handler uses (swift-log hands them separately).
-struct JSONLogEvent {
-    var date: Date
-    var level: Logger.Level
-    var message: Logger.Message
-    var metadata: Logger.Metadata?
-}
-
-extension JSONLogHandler {
-    func log(
-        level: Logger.Level, message: Logger.Message, metadata: Logger.Metadata?, source: String, file: String, function: String, line: UInt
-    ) {
-        log(event: JSONLogEvent(date: Date(), level: level, message: message, metadata: metadata))
     }
 }

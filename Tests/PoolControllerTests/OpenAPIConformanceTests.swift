@@ -255,6 +255,9 @@ struct OpenAPIConformanceTests {
         ]
         calls += [
             Call(template: "/healthz", uri: "/healthz", method: .get, status: 200),
+            Call(template: "/metrics", uri: "/metrics", method: .get, headers: pool.userHeaders("root"), status: 200),
+            Call(template: "/metrics", uri: "/metrics", method: .get, status: 401),
+            Call(template: "/metrics", uri: "/metrics", method: .get, headers: alice, status: 403),
             Call(template: "/readyz", uri: "/readyz", method: .get, status: 200),
         ]
         // Last: with rack-2 disabled, its calls are refused with 409.
@@ -313,6 +316,9 @@ struct OpenAPIConformanceTests {
             if mediaType == "application/json" {
                 let value = try JSONDecoder().decode(JSONValue.self, from: body)
                 problems += spec.problems(value, schema).map { "\(name): \($0)" }
+            } else if mediaType == "text/plain" {
+                // The metrics: Prometheus' text format (parsed for real in MetricsTests).
+                #expect(String(decoding: body, as: UTF8.self).contains("# TYPE corral_pool_http_requests_total counter"))
             } else {
                 // The document itself: YAML, a mapping.
                 #expect(mediaType == "application/yaml")
