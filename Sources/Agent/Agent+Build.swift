@@ -26,7 +26,11 @@ extension Agent {
             guard let instance = try await store.instance(named: name), instance.phase == .building else { return }
             let parameters = try await startParameters(for: instance)
             try Task.checkCancellation()
-            try await buildSlots.withPermit { try await self.build(name, parameters: parameters) }
+            try await buildSlots.withPermit {
+                metrics.buildsInFlight.increment()
+                defer { metrics.buildsInFlight.decrement() }
+                try await self.build(name, parameters: parameters)
+            }
         } catch is CancellationError {
             logger.notice("build of \(name) interrupted; it starts over when the agent runs again", metadata: ["instance": "\(name)"])
         } catch {
@@ -59,9 +63,16 @@ extension Agent {
             }
             kernel = (kernelPath, initrdPath, boot.cmdline)
         }
+        var stepStarted = ContinuousClock.now
+        func stepDone(_ step: String) {
+            metrics.buildStep(step, ContinuousClock.now - stepStarted)
+            stepStarted = .now
+        }
+        stepDone("image")
         try await store.record(.imageReady, of: name, at: Date())
         try Task.checkCancellation()
         try await makeOverlay(for: instance, base: base, format: parameters.image.diskFormat, virtualSize: virtualSize)
+        stepDone("disk")
         let seed = Seed(
             instanceID: instance.uuid, hostname: name, instanceName: name, poolURL: configuration.poolURL,
             sshKeys: parameters.sshKeys, postCreate: parameters.postCreate.joined(separator: "\n"),
@@ -73,6 +84,7 @@ extension Agent {
         } catch {
             throw BuildError("cannot write the cloud-init seed: \(error)")
         }
+        stepDone("seed")
         try await store.record(.seedWritten, of: name, at: Date())
         try Task.checkCancellation()
         let template = DomainTemplate(
@@ -85,6 +97,7 @@ extension Agent {
         } catch let error as LibvirtError {
             throw BuildError("libvirt refused the domain definition: \(error.message)")
         }
+        stepDone("define")
         try await store.record(.domainDefined, of: name, at: Date())
         try await locks.withLock(name) {
             do {
@@ -99,6 +112,7 @@ extension Agent {
             }
             try await self.store.record(.domainStarted, of: name, at: now)
         }
+        stepDone("start")
         logger.info("\(name) started", metadata: ["instance": "\(name)", "seconds": "\(ContinuousClock.now - started)"])
         startWatch(name)
         reconcileWakeup.signal()

@@ -25,9 +25,16 @@ extension Agent {
                 let sent = ContinuousClock.now
                 // The pool holds the check-in up to a period and answers as
                 // soon as it has an action: work arrives at once.
-                let actions = try await client.checkIn(
-                    stats: try await stats(), instances: try await store.instances().map { InstanceSummary(name: $0.name, state: $0.state) },
-                    done: done, holdSeconds: configuration.checkInSeconds)
+                let actions: [Action]
+                do {
+                    actions = try await client.checkIn(
+                        stats: try await stats(), instances: try await store.instances().map { InstanceSummary(name: $0.name, state: $0.state) },
+                        done: done, holdSeconds: configuration.checkInSeconds)
+                    metrics.checkIn(ContinuousClock.now - sent, ok: true)
+                } catch {
+                    metrics.checkIn(ContinuousClock.now - sent, ok: false)
+                    throw error
+                }
                 try await store.acknowledge(done, at: Date())
                 for action in actions { await apply(action) }
                 backoff.reset()

@@ -95,6 +95,7 @@ public final class Agent: Service, Sendable {
     let reconcileWakeup = Wakeup()
     /// QEMU's group: the files QEMU reads are 0640 to it.
     let qemuGroup: gid_t
+    let metrics: AgentMetrics
 
     /// Opens the agent's store, image cache and libvirt connection, and
     /// settles the virtualization type.
@@ -123,9 +124,10 @@ public final class Agent: Service, Sendable {
             logger.info("guests are kept from the host's loopback (nftables table inet \(GuestIsolation.table))")
         }
         let store = try AgentStore(path: "\(state)/agent.sqlite")
+        let metrics = AgentMetrics()
         let images = try ImageCache(
             directory: configuration.imageDirectory, store: store, limits: configuration.images, qemuUser: configuration.qemuUser,
-            qemuGroup: qemuGroup, logger: logger)
+            qemuGroup: qemuGroup, logger: logger, metrics: metrics)
         let connection: Connection
         do {
             connection = try await Connection.open(configuration.libvirtURI)
@@ -150,14 +152,15 @@ public final class Agent: Service, Sendable {
         let client = PoolClient(baseURL: configuration.poolURL, token: token, version: version, signingKey: signingKey, tls: tls)
         return Agent(
             configuration: configuration, logger: logger, client: client, store: store, images: images,
-            connection: connection, virtType: resolved.type, paths: paths, qemuGroup: qemuGroup)
+            connection: connection, virtType: resolved.type, paths: paths, qemuGroup: qemuGroup, metrics: metrics)
     }
 
     init(
         configuration: AgentConfiguration, logger: Logger, client: PoolClient, store: AgentStore, images: ImageCache,
-        connection: Connection, virtType: VirtualizationType, paths: Paths, qemuGroup: gid_t
+        connection: Connection, virtType: VirtualizationType, paths: Paths, qemuGroup: gid_t, metrics: AgentMetrics = AgentMetrics()
     ) {
         self.qemuGroup = qemuGroup
+        self.metrics = metrics
         self.configuration = configuration
         self.logger = logger
         self.client = client
@@ -186,6 +189,16 @@ public final class Agent: Service, Sendable {
                 group.addTask { try await self.checkInLoop() }
                 group.addTask { await self.outboxLoop() }
                 group.addTask { await self.reconcileLoop() }
+                if let listen = self.configuration.metricsListen {
+                    group.addTask {
+                        try await self.metrics.serve(
+                            host: listen.host, port: listen.port, store: self.store, connection: self.connection, logger: self.logger
+                        ) { port in
+                            let host = listen.host.contains(":") ? "[\(listen.host)]" : listen.host
+                            self.logger.info("metrics listening on http://\(host):\(port)/metrics")
+                        }
+                    }
+                }
                 group.addTask {
                     for await event in events {
                         switch event {

@@ -62,6 +62,17 @@ public struct AgentConfiguration: Sendable, Equatable {
     /// QEMU's group (qemu.conf `group`): the agent's directories and the
     /// files QEMU reads belong to it, closed to everyone else.
     public var qemuGroup = "libvirt-qemu"
+    /// Where the agent serves its Prometheus metrics (`[metrics] listen`,
+    /// HOST:PORT; port 0 picks one and logs it); nil: not served.
+    public var metricsListen: (host: String, port: Int)? {
+        get { metricsHost.map { ($0, metricsPort) } }
+        set {
+            metricsHost = newValue?.host
+            metricsPort = newValue?.port ?? 0
+        }
+    }
+    var metricsHost: String?
+    var metricsPort = 0
 
     /// The image downloads' guard and bounds (`[images]`).
     public struct Images: Sendable, Equatable {
@@ -129,6 +140,7 @@ public struct AgentConfiguration: Sendable, Equatable {
         "console": ["tail_lines"],
         "leases": ["grace_seconds"],
         "capacity": ["cpu_overcommit"],
+        "metrics": ["listen"],
     ]
 
     static let example = "etc/corral/agent.toml"
@@ -244,6 +256,12 @@ public struct AgentConfiguration: Sendable, Equatable {
         configuration.consoleTailLines = try reader.int("console", "tail_lines", in: 0...1000) ?? configuration.consoleTailLines
         configuration.leaseGraceSeconds = try reader.int("leases", "grace_seconds", in: 0...2_592_000) ?? configuration.leaseGraceSeconds
         configuration.cpuOvercommit = try reader.int("capacity", "cpu_overcommit", in: 1...64) ?? configuration.cpuOvercommit
+        if let listen = try reader.string("metrics", "listen"), !listen.isEmpty {
+            guard let address = Self.hostPort(listen) else {
+                throw reader.invalid("metrics", "listen", "must be HOST:PORT such as \"127.0.0.1:9464\" or \"[::1]:9464\", port 0 to 65535 (it is \"\(listen.prefix(100))\")")
+            }
+            configuration.metricsListen = address
+        }
         return configuration
     }
 
@@ -319,11 +337,24 @@ public struct AgentConfiguration: Sendable, Equatable {
             [capacity]
             cpu_overcommit = \(cpuOvercommit)
 
+            [metrics]
+            listen = \(quoted(metricsListen.map { $0.host.contains(":") ? "[\($0.host)]:\($0.port)" : "\($0.host):\($0.port)" } ?? ""))
+
             """
     }
 
     /// Reads the API token: the file must exist, hold one non-empty line,
     /// and be readable by its owner only.
+    /// `HOST:PORT` (an IPv6 host in brackets) split, or nil.
+    static func hostPort(_ text: String) -> (host: String, port: Int)? {
+        guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]), (0...65_535).contains(port)
+        else { return nil }
+        var host = String(text[..<colon])
+        if host.hasPrefix("["), host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        guard !host.isEmpty, host.utf8.count <= 255, host.allSatisfy({ $0.isLetter || $0.isNumber || ".-:".contains($0) }) else { return nil }
+        return (host, port)
+    }
+
     /// Whether `host` names this machine's loopback.
     public static func isLoopback(_ host: String) -> Bool {
         let bare = host.trimmingCharacters(in: CharacterSet(charactersIn: "[]"))

@@ -98,7 +98,7 @@ struct CachedFile: Sendable, Equatable, Codable, FetchableRecord, PersistableRec
 /// The agent's durable state: its instances, the action ids it applied
 /// (so each is applied once), and the reports not yet delivered.
 public final class AgentStore: Sendable {
-    private let database: DatabaseQueue
+    let database: DatabaseQueue
 
     public init(path: String) throws {
         let directory = URL(fileURLWithPath: path).deletingLastPathComponent()

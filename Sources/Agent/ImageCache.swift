@@ -28,6 +28,7 @@ public struct ImageError: Error, CustomStringConvertible, Equatable {
 public actor ImageCache {
     public let directory: String
     private let store: AgentStore
+    private let metrics: AgentMetrics?
     private let client: HTTPClient
     private let logger: Logger
     private let limits: AgentConfiguration.Images
@@ -41,8 +42,9 @@ public actor ImageCache {
 
     public init(
         directory: String, store: AgentStore, limits: AgentConfiguration.Images = .init(), qemuUser: String = "libvirt-qemu",
-        qemuGroup: gid_t? = nil, logger: Logger
+        qemuGroup: gid_t? = nil, logger: Logger, metrics: AgentMetrics? = nil
     ) throws {
+        self.metrics = metrics
         self.directory = directory
         self.qemuGroup = qemuGroup
         self.store = store
@@ -109,13 +111,18 @@ public actor ImageCache {
                 throw ImageError("\(what): sha256 must be 64 hex digits (it is '\(wanted)')")
             }
             let path = cachedPath(wanted)
-            if FileManager.default.fileExists(atPath: path) { return path }
+            if FileManager.default.fileExists(atPath: path) {
+                metrics?.cacheHits.increment()
+                return path
+            }
         } else if limits.requireSHA256 {
             throw ImageError(
                 "\(what) has no sha256: this appliance only downloads files with a checksum (give the image one, or set images.require_sha256 = false in agent.toml)")
         } else if let known = try await store.cachedFile(url: remote.url), FileManager.default.fileExists(atPath: cachedPath(known.sha256)) {
+            metrics?.cacheHits.increment()
             return cachedPath(known.sha256)
         }
+        metrics?.cacheMisses.increment()
         // One download per URL, digest and declared format: a download is
         // checked as the format its requester declared.
         let key = "\(remote.url) \(wanted ?? "") \(format ?? "file")"

@@ -1,3 +1,4 @@
+import Agent
 import Foundation
 import Libvirt
 import Support
@@ -11,7 +12,13 @@ struct AgentLifecycleTests {
     @Test("a start becomes a running domain and a state-4 report; power actions and delete reach libvirt and the pool")
     func lifecycle() async throws {
         try await withHarness("lifecycle") { harness, _ in
+            // Metrics on a port of the system's choosing, which the log names.
+            var configuration = try AgentConfiguration.load(path: harness.agentConfig.path)
+            configuration.metricsListen = ("127.0.0.1", 0)
+            try configuration.rendered().write(to: harness.agentConfig, atomically: true, encoding: .utf8)
             try await harness.startAgent()
+            let listening = try await #require(harness.agent).line(inStderrContaining: "metrics listening on ", timeout: .seconds(30))
+            let metricsURL = try #require(listening.components(separatedBy: "metrics listening on ").last)
             let name = try await harness.reserve()
             let running = try await harness.waitForPoolState(name, 4) { ($0["console_tail"] as? [String])?.isEmpty == false }
             #expect(running["last_error"] == nil)
@@ -40,11 +47,29 @@ struct AgentLifecycleTests {
             let domainsList = try await runCorral(["domains", "list"])
             #expect(domainsList.stdout.contains(name))
 
+            // The agent's metrics, as Prometheus' own parser reads them.
+            let scraped = try await runProgram("/usr/bin/python3", ["-c", "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=30).read().decode(), end='')", metricsURL])
+            #expect(scraped.status == 0, "\(scraped.stderr)")
+            let samples = try await parsePrometheusText(scraped.stdout)
+            #expect(samples.value("corral_agent_builds_in_flight") == 0)
+            for step in ["image", "disk", "seed", "define", "start"] {
+                #expect(samples.value("corral_agent_build_step_duration_seconds_count", ["step": step]) == 1, "\(step): \(scraped.stdout)")
+            }
+            #expect(samples.value("corral_agent_image_cache_misses_total") == 3, "the disk, the kernel and the initrd were fetched")
+            #expect(samples.value("corral_agent_image_cache_hits_total") == 0)
+            #expect(samples.value("corral_agent_domains", ["state": "running"]) == 1)
+            #expect(samples.value("corral_agent_domains", ["state": "shut off"]) == 0)
+            #expect((samples.value("corral_agent_check_in_duration_seconds_count", ["result": "ok"]) ?? 0) >= 1)
+            let outboxAge = try #require(samples.value("corral_agent_outbox_oldest_age_seconds"))
+            #expect(outboxAge >= 0 && outboxAge < 120)
+
             // Private files: the state is root's; what QEMU reads is its group's; nothing is anyone else's.
             let state = harness.stateDirectory
             let images = harness.directory.appendingPathComponent("images").path
             let cached = try FileManager.default.contentsOfDirectory(atPath: images + "/sha256").map { "\(images)/sha256/\($0)" }
             #expect(cached.count == 3, "the disk, kernel and initrd: \(cached)")
+            let cachedBytes = try cached.reduce(0) { $0 + ((try FileManager.default.attributesOfItem(atPath: $1)[.size] as? Int) ?? 0) }
+            #expect(samples.value("corral_agent_image_cache_bytes") == Double(cachedBytes))
             var expected: [(String, mode_t)] = [
                 (state, 0o710), ("\(state)/disks", 0o710), ("\(state)/consoles", 0o710), ("\(state)/agent.sqlite", 0o600),
                 ("\(state)/disks/\(name).seed.iso", 0o640), (images, 0o710), (images + "/sha256", 0o710), (images + "/tmp", 0o710),

@@ -30,7 +30,9 @@ struct AgentConfigurationTests {
         configuration.qemuGroup = "kvm"
         configuration.caFile = "/etc/corral/pool-ca.pem"
         configuration.publicAddress = "rack-1.example.org"
+        configuration.metricsListen = ("::1", 9464)
         #expect(try AgentConfiguration.parse(configuration.rendered()) == configuration)
+        #expect(try AgentConfiguration.parse(configuration.rendered()).metricsListen! == ("::1", 9464))
         configuration.network = .bridge("br0")
         #expect(try AgentConfiguration.parse(configuration.rendered()) == configuration)
     }
@@ -43,6 +45,8 @@ struct AgentConfigurationTests {
         ("[builds]\nmax_concurrent = 0", "agent.toml: builds.max_concurrent: must be between 1 and 64 (it is 0)"),
         ("[paths]\nstate_dir = \"state\"", "agent.toml: paths.state_dir: must be an absolute path (it is \"state\")"),
         ("[check_in]\nperiod = 5", "agent.toml: check_in.period: unknown key; [check_in] takes jitter_seconds, period_seconds"),
+        ("[metrics]\nlisten = \"127.0.0.1:99999\"", "agent.toml: metrics.listen: must be HOST:PORT such as \"127.0.0.1:9464\" or \"[::1]:9464\", port 0 to 65535 (it is \"127.0.0.1:99999\")"),
+        ("[metrics]\nlisten = \"9464\"", "agent.toml: metrics.listen: must be HOST:PORT such as \"127.0.0.1:9464\" or \"[::1]:9464\", port 0 to 65535 (it is \"9464\")"),
     ])
     func mistakes(text: String, message: String) {
         #expect(throws: ConfigurationError.self) { try AgentConfiguration.parse(text) }
