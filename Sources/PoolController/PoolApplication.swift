@@ -80,6 +80,7 @@ func buildPoolRouter(
     router.get("api/v1/events", use: watchers.stream)
     HealthRoutes(store: store).register(in: router)
     router.get("metrics", use: metrics.route(store: store, events: events, configuration: configuration))
+    DashboardRoutes(store: store, configuration: configuration, events: events).register(in: router)
     let document = openAPIDocument(publicURL: configuration.publicURL)
     router.get("openapi.yaml") { _, _ in
         Response(
