@@ -125,26 +125,7 @@ struct DashboardRoutes: Sendable {
         let sessions = self.sessions
         return Response(
             status: .ok, headers: [.contentType: "text/event-stream", .cacheControl: "no-cache"],
-            body: ResponseBody { writer in
-                try await writer.write(ByteBuffer(string: ": watching\n\n"))
-                let encoder = JSONEncoder()
-                encoder.outputFormatting = [.sortedKeys]
-                for await item in stream.cancelOnGracefulShutdown() {
-                    switch item {
-                    case .event(let event):
-                        let data = String(decoding: try encoder.encode(event), as: UTF8.self)
-                        try await writer.write(ByteBuffer(string: "event: instance\ndata: \(data)\n\n"))
-                    case .heartbeat:
-                        guard sessions.user(id, at: Date()) != nil else {
-                            try await writer.write(ByteBuffer(string: "event: revoked\ndata: {}\n\n"))
-                            try await writer.finish(nil)
-                            return
-                        }
-                        try await writer.write(ByteBuffer(string: ": keep-alive\n\n"))
-                    }
-                }
-                try await writer.finish(nil)
-            })
+            body: eventStreamBody(stream) { sessions.user(id, at: Date()) != nil })
     }
 
     // MARK: Views

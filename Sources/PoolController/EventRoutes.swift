@@ -55,28 +55,35 @@ struct EventRoutes: Sendable {
         }
         let store = self.store
         return Response(
-            status: .ok,
-            headers: [.contentType: "text/event-stream", .cacheControl: "no-cache"],
-            body: ResponseBody { writer in
-                // A first comment tells the watcher it is subscribed.
-                try await writer.write(ByteBuffer(string: ": watching\n\n"))
-                let encoder = JSONEncoder()
-                encoder.outputFormatting = [.sortedKeys]
-                for await item in stream.cancelOnGracefulShutdown() {
-                    switch item {
-                    case .event(let event):
-                        let data = String(decoding: try encoder.encode(event), as: UTF8.self)
-                        try await writer.write(ByteBuffer(string: "event: instance\ndata: \(data)\n\n"))
-                    case .heartbeat:
-                        guard (try? await Self.stillValid(digest, store: store)) == true else {
-                            try await writer.write(ByteBuffer(string: "event: revoked\ndata: {}\n\n"))
-                            try await writer.finish(nil)
-                            return
-                        }
-                        try await writer.write(ByteBuffer(string: ": keep-alive\n\n"))
-                    }
+            status: .ok, headers: [.contentType: "text/event-stream", .cacheControl: "no-cache"],
+            body: eventStreamBody(stream) { (try? await Self.stillValid(digest, store: store)) == true })
+    }
+}
+
+/// An event stream's body: a first comment (the watcher is subscribed),
+/// each event as `event: instance`, and at each heartbeat a keep-alive
+/// comment while `stillValid()`, else `event: revoked` and the end.
+func eventStreamBody(
+    _ stream: AsyncStream<InstanceEvents.Item>, stillValid: @escaping @Sendable () async -> Bool
+) -> ResponseBody {
+    ResponseBody { writer in
+        try await writer.write(ByteBuffer(string: ": watching\n\n"))
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        for await item in stream.cancelOnGracefulShutdown() {
+            switch item {
+            case .event(let event):
+                let data = String(decoding: try encoder.encode(event), as: UTF8.self)
+                try await writer.write(ByteBuffer(string: "event: instance\ndata: \(data)\n\n"))
+            case .heartbeat:
+                guard await stillValid() else {
+                    try await writer.write(ByteBuffer(string: "event: revoked\ndata: {}\n\n"))
+                    try await writer.finish(nil)
+                    return
                 }
-                try await writer.finish(nil)
-            })
+                try await writer.write(ByteBuffer(string: ": keep-alive\n\n"))
+            }
+        }
+        try await writer.finish(nil)
     }
 }

@@ -8,16 +8,30 @@ import TestSupport
 /// `corral agent register` and the agent's refusals, against a real pool.
 @Suite("corral agent register")
 struct AgentCommandTests {
+    /// A harness whose running pool knows alice's appliance `rack`: its
+    /// token, where the token file and the agent's configuration go.
+    static func poolWithAppliance(_ label: String) async throws -> (Harness, token: String, tokenFile: String, config: String) {
+        let harness = try Harness(label)
+        let token: String
+        do {
+            try await harness.poolCommand(["init"])
+            try await harness.poolCommand(["user", "add", "alice"])
+            token = try await harness.poolCommand(["appliance", "add", "rack", "--owner", "alice"])
+            try await harness.startPool()
+        } catch {
+            await harness.tearDown()
+            throw error
+        }
+        return (
+            harness, token, harness.directory.appendingPathComponent("token").path,
+            harness.directory.appendingPathComponent("etc/agent.toml").path
+        )
+    }
+
     @Test("register checks the token with the pool: 401 and 409 are clear, success writes the configuration")
     func register() async throws {
-        let harness = try Harness("register")
+        let (harness, token, tokenFile, config) = try await Self.poolWithAppliance("register")
         defer { Task { await harness.tearDown() } }
-        try await harness.poolCommand(["init"])
-        try await harness.poolCommand(["user", "add", "alice"])
-        let token = try await harness.poolCommand(["appliance", "add", "rack", "--owner", "alice"])
-        try await harness.startPool()
-        let tokenFile = harness.directory.appendingPathComponent("token").path
-        let config = harness.directory.appendingPathComponent("etc/agent.toml").path
         func register(_ extra: [String] = []) async throws -> CommandResult {
             try await runCorral([
                 "agent", "register", "--pool", harness.poolURL, "--token-file", tokenFile, "--config", config,
@@ -76,14 +90,8 @@ struct AgentCommandTests {
 
     @Test("status --check: exit 0 when libvirt and the pool answer and no report waits long; exit 1 naming what failed")
     func statusCheck() async throws {
-        let harness = try Harness("check")
+        let (harness, token, tokenFile, config) = try await Self.poolWithAppliance("check")
         defer { Task { await harness.tearDown() } }
-        try await harness.poolCommand(["init"])
-        try await harness.poolCommand(["user", "add", "alice"])
-        let token = try await harness.poolCommand(["appliance", "add", "rack", "--owner", "alice"])
-        try await harness.startPool()
-        let tokenFile = harness.directory.appendingPathComponent("token").path
-        let config = harness.directory.appendingPathComponent("etc/agent.toml").path
         FileManager.default.createFile(atPath: tokenFile, contents: Data("\(token)\n".utf8), attributes: [.posixPermissions: 0o600])
         let registered = try await runCorral([
             "agent", "register", "--pool", harness.poolURL, "--token-file", tokenFile, "--config", config,
