@@ -60,3 +60,9 @@ extension SQLiteStore {
         }
     }
 }
+
+extension SQLiteStore {
+    public func appliedMigrations() async throws -> [String] {
+        try await database.read { db in try Self.migrator.appliedIdentifiers(db).sorted() }
+    }
+}

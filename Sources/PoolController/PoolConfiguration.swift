@@ -16,8 +16,11 @@ public struct PoolConfiguration: Sendable, Equatable {
     /// with; both or neither (plain HTTP).
     public var tlsCertificate: String?
     public var tlsKey: String?
-    /// The SQLite database file.
+    /// Where the pool's database is: a SQLite file's path (the embedded
+    /// default), or a `postgres://` URL (see ``PostgresLocation``).
     public var database: String
+    /// How many connections the pool keeps to a PostgreSQL database, at most.
+    public var databaseConnections: Int = 20
     /// How many console lines the pool keeps per instance.
     public var consoleTailLines: Int
     public var callbacks: CallbackLimits
@@ -138,7 +141,7 @@ public struct PoolConfiguration: Sendable, Equatable {
     /// Every key a pool configuration file may hold, by section.
     static let keys: [String: Set<String>] = [
         "server": ["host", "port", "public_url", "idle_timeout_seconds", "max_connections", "tls_certificate", "tls_key"],
-        "database": ["path"],
+        "database": ["path", "url", "max_connections"],
         "instances": ["console_tail_lines"],
         "callbacks": ["timeout_seconds", "max_bytes", "max_hops", "allow", "ports"],
         "reservations": ["expire_seconds"],
@@ -190,7 +193,20 @@ public struct PoolConfiguration: Sendable, Equatable {
         configuration.idleTimeoutSeconds =
             try reader.int("server", "idle_timeout_seconds", in: 1...3600) ?? configuration.idleTimeoutSeconds
         configuration.maxConnections = try reader.int("server", "max_connections", in: 1...1_000_000) ?? configuration.maxConnections
-        configuration.database = try reader.string("database", "path") ?? configuration.database
+        switch (try reader.string("database", "path"), try reader.string("database", "url")) {
+        case (let path?, nil): configuration.database = path
+        case (nil, let url?):
+            do {
+                _ = try PostgresLocation(url: url)
+            } catch PoolError.invalid(_, let reason) {
+                throw reader.invalid("database", "url", reason)
+            }
+            configuration.database = url
+        case (_?, _?): throw reader.invalid("database", "url", "give database.path (SQLite) or database.url (PostgreSQL), not both")
+        case (nil, nil): break
+        }
+        configuration.databaseConnections =
+            try reader.int("database", "max_connections", in: 1...1000) ?? configuration.databaseConnections
         configuration.consoleTailLines =
             try reader.int("instances", "console_tail_lines", in: 0...100_000) ?? configuration.consoleTailLines
         configuration.callbacks.timeoutSeconds =

@@ -58,7 +58,7 @@ extension SQLiteStore {
         }
         let wisp = try bootWisp(db, wispID: try row.decode(forColumn: "wispID"), ownerID: try row.decode(forColumn: "ownerID"))
         add(try wispKeys(db, wisp, instanceID: instanceID))
-        add(scriptLines(try row.decode(forColumn: "sshKeys") as String? ?? ""))
+        add(StoreRules.scriptLines(try row.decode(forColumn: "sshKeys") as String? ?? ""))
         add(try grantedKeys(db, instanceID: instanceID))
         return keys
     }

@@ -2,13 +2,6 @@ import Foundation
 import GRDB
 import PoolAPI
 
-extension InstanceFlavor {
-    /// Whether an instance of this size fits in `free`.
-    func fits(in free: InstanceFlavor) -> Bool {
-        vcpus <= free.vcpus && memory <= free.memory && disk <= free.disk
-    }
-}
-
 /// The user-facing side of the store: creating instances (placement,
 /// limits, leases, warm instances), their users, and the warm pools.
 extension SQLiteStore {
@@ -40,7 +33,7 @@ extension SQLiteStore {
                 // starts once. A `#cloud-config` needs a first boot, and an
                 // image with no login user cannot be re-keyed: both launch cold.
                 let keys = try Self.chosenKeys(db, ownerID: ownerID, request.sshKeys)
-                if request.requireSSHKey, keys.isEmpty { throw Self.noKeyRefusal(request) }
+                if request.requireSSHKey, keys.isEmpty { throw StoreRules.noKeyRefusal(request) }
                 if request.userData.map(UserData.isScript) ?? true,
                     let warm = try Self.claimWarm(db, templateID: try template.decode(forColumn: "id"), region: request.region)
                 {
@@ -76,8 +69,7 @@ extension SQLiteStore {
             var imageID: Int64?
             if let image = request.image {
                 guard let id = try Int64.fetchOne(db, sql: "SELECT id FROM image WHERE name = ? AND active", arguments: [image]) else {
-                    throw PoolError.invalid(
-                        field: "server-image", reason: "there is no image '\(image)'; GET /v1/server-image lists them")
+                    throw StoreRules.unknownImage(image)
                 }
                 imageID = id
             }
@@ -86,9 +78,8 @@ extension SQLiteStore {
                 // The wisp it boots from gives keys only when it has no callback.
                 // (A template's wisp gives keys only to its own owner's instances.)
                 let wisp = try Self.bootWisp(db, wispID: wispID, ownerID: ownerID)
-                let wispKeys =
-                    (wisp?.callbackURL ?? "").isEmpty && (templateID == nil || wisp?.owner == request.owner) ? wisp?.sshKeys ?? [] : []
-                guard !wispKeys.isEmpty else { throw Self.noKeyRefusal(request) }
+                let wispKeys = StoreRules.wispKeysForCreate(wisp, fromTemplate: templateID != nil, owner: request.owner)
+                guard !wispKeys.isEmpty else { throw StoreRules.noKeyRefusal(request) }
             }
             let id = try Self.place(
                 db,
@@ -107,15 +98,6 @@ extension SQLiteStore {
             try Self.grant(db, instanceID: id, users: granted, ownerID: ownerID, at: date)
             return try Self.instance(db, id: id)
         }
-    }
-
-    /// The refusal of a create that would give no key a way in.
-    static func noKeyRefusal(_ request: InstanceRequest) -> PoolError {
-        .invalid(
-            field: "ssh-keys",
-            reason: request.sshKeys == nil
-                ? "you have no SSH key, so you could not log in: add one with POST /v1/ssh-key (`corral keys add NAME --file ~/.ssh/id_ed25519.pub`)"
-                : "name at least one of your SSH keys (GET /v1/ssh-key lists them), or leave ssh-keys out to use all of them")
     }
 
     public func instance(id: String) async throws -> Instance? {
@@ -168,11 +150,7 @@ extension SQLiteStore {
             }
             let current: Date? = try row.decode(forColumn: "expires")
             let expires = max(current ?? date, date).addingTimeInterval(TimeInterval(seconds))
-            guard expires.timeIntervalSince(date) <= TimeInterval(most) else {
-                throw PoolError.invalid(
-                    field: "task.seconds",
-                    reason: "the lease would end \(Int(expires.timeIntervalSince(date))) s from now; it may end at most \(most) s from now (limits.max_lease_seconds)")
-            }
+            try StoreRules.checkLeaseEnd(expires, atMost: most, at: date)
             try db.execute(
                 sql: "UPDATE instance SET expires = ?, updatedAt = ? WHERE id = ?", arguments: [expires, date, instanceID])
             _ = try Self.insertAction(
@@ -296,9 +274,7 @@ extension SQLiteStore {
                        WHERE reservation.userID = ?1 AND instance.state = 1 AND reservation.expiresAt > ?2)
                     """,
                 arguments: [userID, date]) ?? 0
-        guard held < limit else {
-            throw PoolError.conflict("user '\(name)' holds \(held) of their \(limit) instances; delete one first")
-        }
+        try StoreRules.checkLimit(name: name, held: held, limit: limit)
     }
 
     struct PlacementRequest {
@@ -321,10 +297,7 @@ extension SQLiteStore {
     /// their room. Queues its start and returns the new row's id.
     static func place(_ db: Database, _ request: PlacementRequest, staleAfter: Int, at date: Date) throws -> Int64 {
         guard let flavor = try Row.fetchOne(db, sql: "SELECT * FROM flavor WHERE name = ? AND active", arguments: [request.flavor])
-        else {
-            throw PoolError.invalid(
-                field: "server-flavor", reason: "there is no flavor '\(request.flavor)'; GET /v1/server-flavor lists them")
-        }
+        else { throw StoreRules.unknownFlavor(request.flavor) }
         let size = InstanceFlavor(name: request.flavor, vcpus: try flavor.decode(forColumn: "vcpus"), memory: try flavor.decode(forColumn: "memory"), disk: try flavor.decode(forColumn: "disk"))
         var sql = "SELECT id, name, stats FROM appliance WHERE enabled AND lastSeen >= ?"
         var arguments: StatementArguments = [date.addingTimeInterval(-TimeInterval(staleAfter))]
@@ -334,25 +307,15 @@ extension SQLiteStore {
         }
         var best: (id: Int64, score: (Int, Int))?
         for row in try Row.fetchAll(db, sql: sql + " ORDER BY name", arguments: arguments) {
-            guard let free = try freeRoom(db, applianceID: try row.decode(forColumn: "id"), stats: try row.decode(forColumn: "stats")), size.fits(in: free) else { continue }
-            let left = InstanceFlavor(vcpus: free.vcpus - size.vcpus, memory: free.memory - size.memory, disk: free.disk - size.disk)
-            let more = [
-                size.vcpus > 0 ? left.vcpus / size.vcpus : Int.max, size.memory > 0 ? left.memory / size.memory : Int.max,
-                size.disk > 0 ? left.disk / size.disk : Int.max,
-            ].min()!
-            let score = (more, left.memory)
+            guard let free = try freeRoom(db, applianceID: try row.decode(forColumn: "id"), stats: try row.decode(forColumn: "stats")),
+                let score = StoreRules.placementScore(of: size, in: free)
+            else { continue }
             if let current = best, current.score >= score { continue }
             best = (try row.decode(forColumn: "id"), score)
         }
         guard let best else {
-            let scope = request.region.map { " in region '\($0)'" } ?? ""
-            let wanted =
-                "no appliance\(scope) has room for flavor '\(request.flavor)' (\(size.vcpus) vCPUs, \(size.memory) MiB, \(size.disk) GiB)"
             let waiting = try unseenAppliances(db, region: request.region, staleAfter: staleAfter, at: date)
-            guard waiting.isEmpty else {
-                throw PoolError.unavailable("\(wanted): \(waiting.joined(separator: "; ")); try again once it has checked in")
-            }
-            throw PoolError.unavailable("\(wanted); try again later or a smaller flavor")
+            throw StoreRules.noRoom(flavor: request.flavor, size: size, region: request.region, waiting: waiting)
         }
         let flavorJSON = String(decoding: try JSONEncoder().encode(size), as: UTF8.self)
         try db.execute(
@@ -362,7 +325,7 @@ extension SQLiteStore {
                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '[]', '[]', ?, ?)
                 """,
             arguments: [
-                newInstanceName(), newID(), best.id, request.ownerID, request.wispID, request.imageID,
+                StoreRules.newInstanceName(), StoreRules.newID(), best.id, request.ownerID, request.wispID, request.imageID,
                 request.templateID, request.warm, request.preemptible, request.topic, InstanceState.leased.rawValue, flavorJSON,
                 request.expires, date, date,
             ])
@@ -385,14 +348,9 @@ extension SQLiteStore {
             _ = arguments.append(contentsOf: [region])
         }
         return try Row.fetchAll(db, sql: sql + " ORDER BY name", arguments: arguments).compactMap { row in
-            let name: String = try row.decode(forColumn: "name")
-            let stats: String? = try row.decode(forColumn: "stats")
-            guard let lastSeen = try row.decode(forColumn: "lastSeen") as Date?, stats != nil else {
-                return "appliance '\(name)' has not checked in yet"
-            }
-            let seconds = Int(date.timeIntervalSince(lastSeen).rounded())
-            guard seconds > staleAfter else { return nil }
-            return "appliance '\(name)' was last seen \(seconds) s ago (stale after \(staleAfter) s)"
+            StoreRules.unseenReason(
+                name: try row.decode(forColumn: "name"), lastSeen: try row.decode(forColumn: "lastSeen"),
+                hasStats: try row.decode(forColumn: "stats") as String? != nil, staleAfter: staleAfter, at: date)
         }
     }
 

@@ -7,18 +7,13 @@ extension SQLiteStore {
         try await database.write { db in
             let userID = try Self.userID(db, owner)
             let count = try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM sshKey WHERE userID = ?", arguments: [userID]) ?? 0
-            guard count < maxKeys else {
-                throw PoolError.conflict("you have \(count) SSH keys, the most a user may keep (limits.max_ssh_keys_per_user); delete one first")
-            }
-            if let clash = try String.fetchOne(
+            let clash = try String.fetchOne(
                 db, sql: "SELECT name FROM sshKey WHERE userID = ? AND fingerprint = ?", arguments: [userID, key.fingerprint])
-            {
-                throw PoolError.conflict("you added this key already, as '\(clash)' (\(key.fingerprint))")
-            }
+            try StoreRules.checkNewKey(count: count, maxKeys: maxKeys, clash: clash, fingerprint: key.fingerprint)
             guard try Int.fetchOne(db, sql: "SELECT 1 FROM sshKey WHERE userID = ? AND name = ?", arguments: [userID, name]) == nil else {
                 throw PoolError.alreadyExists(what: "SSH key", name: name)
             }
-            let stored = SSHKey(id: Self.newID(), name: name, publicKey: key.line, fingerprint: key.fingerprint, createdAt: date)
+            let stored = SSHKey(id: StoreRules.newID(), name: name, publicKey: key.line, fingerprint: key.fingerprint, createdAt: date)
             try db.execute(
                 sql: "INSERT INTO sshKey (uuid, userID, name, publicKey, fingerprint, createdAt) VALUES (?, ?, ?, ?, ?, ?)",
                 arguments: [stored.id, userID, name, stored.publicKey, stored.fingerprint, date])
@@ -65,13 +60,6 @@ extension SQLiteStore {
     /// The public key lines a create installs: the named keys of the owner
     /// (ids or names), or all of them when `chosen` is nil.
     static func chosenKeys(_ db: Database, ownerID: Int64, _ chosen: [String]?) throws -> [String] {
-        let keys = try sshKeys(db, userID: ownerID)
-        guard let chosen else { return keys.map(\.publicKey) }
-        return try chosen.map { wanted in
-            guard let key = keys.first(where: { $0.id == wanted || $0.name == wanted }) else {
-                throw PoolError.invalid(field: "ssh-keys", reason: "you have no SSH key '\(wanted.prefix(64))'; GET /v1/ssh-key lists yours")
-            }
-            return key.publicKey
-        }
+        try StoreRules.chosenKeys(try sshKeys(db, userID: ownerID), chosen)
     }
 }

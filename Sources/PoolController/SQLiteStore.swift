@@ -264,14 +264,6 @@ public final class SQLiteStore: PoolStore {
         return migrator
     }
 
-    /// A new instance's name (and hostname): `i-` and 12 hex digits.
-    static func newInstanceName() -> String { "i-" + Token.generate().prefix(12) }
-
-    /// A new id for the user-facing API: 32 hex digits, like the API document's.
-    static func newID() -> String {
-        UUID().uuidString.lowercased().replacingOccurrences(of: "-", with: "")
-    }
-
     // MARK: Users
 
     public func addUser(
@@ -284,7 +276,7 @@ public final class SQLiteStore: PoolStore {
                     INSERT INTO user (name, uuid, superuser, maxInstances, tokenDigest, managerID, leaseSeconds, createdAt)
                     VALUES (?, ?, ?, ?, ?, ?, ?, ?)
                     """,
-                arguments: [name, Self.newID(), superuser, maxInstances, tokenDigest, managerID, leaseSeconds, Date()])
+                arguments: [name, StoreRules.newID(), superuser, maxInstances, tokenDigest, managerID, leaseSeconds, Date()])
             guard let row = try Row.fetchOne(db, sql: Self.userQuery + " WHERE user.name = ?", arguments: [name]) else {
                 throw PoolError.storage("user \(name) vanished")
             }
@@ -510,7 +502,7 @@ public final class SQLiteStore: PoolStore {
                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                         """,
                     arguments: [
-                        report.name, Self.newID(), applianceID, ownerID, report.state.rawValue, flavor, report.ask, expires,
+                        report.name, StoreRules.newID(), applianceID, ownerID, report.state.rawValue, flavor, report.ask, expires,
                         report.address, addresses, tail, report.error, report.reason, date, date, date, ssh,
                     ])
             }
@@ -537,62 +529,26 @@ public final class SQLiteStore: PoolStore {
             // The keys and user-data its create asked for come after the
             // wisp's, then the keys of the users it was shared with.
             let id: Int64 = try instance.decode(forColumn: "id")
-            let ownKeys = Self.scriptLines(try instance.decode(forColumn: "sshKeys") as String? ?? "")
-                + (try Self.grantedKeys(db, instanceID: id))
-            let userData: String? = try instance.decode(forColumn: "userData")
-            func withOwn(_ parameters: StartParameters) -> StartParameters {
-                var parameters = parameters
-                for key in ownKeys where !parameters.sshKeys.contains(key) { parameters.sshKeys.append(key) }
-                parameters.userData = userData
-                return parameters
-            }
-            if let callback: String = try instance.decode(forColumn: "callbackURL"), !callback.isEmpty { return .callback(callback) }
+            let callbackURL: String? = try instance.decode(forColumn: "callbackURL")
+            if let callbackURL, !callbackURL.isEmpty { return .callback(callbackURL) }
             let wisp = try Self.bootWisp(db, wispID: try instance.decode(forColumn: "wispID"), ownerID: try instance.decode(forColumn: "ownerID"))
-            // An instance created with its own image (the user-facing API)
-            // boots that image with the SSH keys and script of the wisp
-            // found above, if any.
+            var ownImage: Image?
             if let imageID: Int64 = try instance.decode(forColumn: "imageID") {
                 guard let imageRow = try Row.fetchOne(db, sql: "SELECT * FROM image WHERE id = ?", arguments: [imageID]) else {
                     throw PoolError.storage("image \(imageID) of instance '\(name)' vanished")
                 }
-                let usable = wisp.map { $0.callbackURL?.isEmpty ?? true } ?? false
-                return .parameters(
-                    withOwn(
-                        StartParameters(
-                            image: Self.imageReference(try Self.image(imageRow)), sshKeys: try Self.wispKeys(db, wisp, instanceID: id),
-                            postCreate: usable ? Self.scriptLines(wisp?.postCreate ?? "") : [])))
+                ownImage = try Self.image(imageRow)
             }
-            guard let wisp else {
-                throw PoolError.unavailable(
-                    "instance '\(name)' has no wisp to boot from: neither its own, nor its owner's default, nor a system default (add one with `corral pool wisp add NAME --owner USER --image IMAGE --system-default`)")
+            let wispImage = try wisp?.image.flatMap {
+                try Row.fetchOne(db, sql: "SELECT * FROM image WHERE name = ?", arguments: [$0]).map(Self.image)
             }
-            if let callback = wisp.callbackURL, !callback.isEmpty { return .callback(callback) }
-            let image: ImageReference
-            if let imageName = wisp.image,
-                let imageRow = try Row.fetchOne(db, sql: "SELECT * FROM image WHERE name = ?", arguments: [imageName])
-            {
-                image = Self.imageReference(try Self.image(imageRow))
-            } else if let url = wisp.dynamicImageURL {
-                // The appliance checks the real format with qemu-img before use.
-                image = ImageReference(name: "dynamic", url: url, diskFormat: url.hasSuffix(".raw") ? "raw" : "qcow2")
-            } else {
-                throw PoolError.unavailable(
-                    "wisp '\(wisp.name)' names image '\(wisp.image ?? "")', which is not in the catalogue; add it with `corral pool image add`")
-            }
-            return .parameters(
-                withOwn(
-                    StartParameters(
-                        image: image, sshKeys: try Self.wispKeys(db, wisp, instanceID: id), postCreate: Self.scriptLines(wisp.postCreate))))
+            return try StoreRules.bootSource(
+                instance: name, callbackURL: callbackURL, ownImage: ownImage, wisp: wisp, wispImage: wispImage,
+                wispKeys: try Self.wispKeys(db, wisp, instanceID: id),
+                ownKeys: StoreRules.scriptLines(try instance.decode(forColumn: "sshKeys") as String? ?? "")
+                    + (try Self.grantedKeys(db, instanceID: id)),
+                userData: try instance.decode(forColumn: "userData"))
         }
-    }
-
-    static func imageReference(_ image: Image) -> ImageReference {
-        ImageReference(
-            name: image.name, url: image.url, sha256: image.sha256, diskFormat: image.diskFormat, kernelBoot: image.kernelBoot)
-    }
-
-    static func scriptLines(_ script: String) -> [String] {
-        script.isEmpty ? [] : script.components(separatedBy: "\n")
     }
 
     public func setLastError(_ message: String?, forInstance name: String) async throws {
@@ -736,7 +692,7 @@ public final class SQLiteStore: PoolStore {
                             INSERT INTO instance (name, uuid, applianceID, ownerID, state, ipAddresses, consoleTail, createdAt,
                             reportedAt, updatedAt) VALUES (?, ?, ?, ?, ?, '[]', '[]', ?, ?, ?)
                             """,
-                        arguments: [summary.name, Self.newID(), applianceID, ownerID, summary.state.rawValue, date, date, date])
+                        arguments: [summary.name, StoreRules.newID(), applianceID, ownerID, summary.state.rawValue, date, date, date])
                     known[summary.name] = (db.lastInsertedRowID, applianceID, summary.state.rawValue, date)
                 }
                 try Self.claimReservation(db, instance: summary.name, at: date)
@@ -871,7 +827,7 @@ public final class SQLiteStore: PoolStore {
                 let size = InstanceFlavor(name: flavorName, vcpus: try flavor.decode(forColumn: "vcpus"), memory: try flavor.decode(forColumn: "memory"), disk: try flavor.decode(forColumn: "disk"))
                 try Self.checkRoom(db, applianceID: try row.decode(forColumn: "id"), stats: try row.decode(forColumn: "stats"), for: size, appliance: appliance)
                 try checkLimit()
-                let instanceName = Self.newInstanceName()
+                let instanceName = StoreRules.newInstanceName()
                 let flavorJSON = String(decoding: try JSONEncoder().encode(size), as: UTF8.self)
                 try db.execute(
                     sql: """
@@ -879,7 +835,7 @@ public final class SQLiteStore: PoolStore {
                         callbackURL, createdAt, updatedAt) VALUES (?, ?, ?, ?, ?, ?, ?, '[]', '[]', ?, ?, ?)
                         """,
                     arguments: [
-                        instanceName, Self.newID(), try row.decode(forColumn: "id") as Int64, userID, wispID, InstanceState.leased.rawValue, flavorJSON,
+                        instanceName, StoreRules.newID(), try row.decode(forColumn: "id") as Int64, userID, wispID, InstanceState.leased.rawValue, flavorJSON,
                         request.callbackURL, date, date,
                     ])
                 instanceID = db.lastInsertedRowID
@@ -1002,61 +958,35 @@ public final class SQLiteStore: PoolStore {
 
     /// Refuses an appliance that is disabled or stale.
     static func checkPlaceable(_ row: Row, name: String, staleAfter: Int, at date: Date) throws {
-        guard try row.decode(forColumn: "enabled") as Bool else { throw PoolError.conflict("appliance '\(name)' is disabled") }
-        let lastSeen: Date? = try row.decode(forColumn: "lastSeen")
-        guard let lastSeen, date.timeIntervalSince(lastSeen) <= TimeInterval(staleAfter) else {
-            throw PoolError.conflict("appliance '\(name)' has not checked in for over \(staleAfter) s and takes no new instances")
-        }
+        try StoreRules.checkPlaceable(
+            name: name, enabled: try row.decode(forColumn: "enabled"), lastSeen: try row.decode(forColumn: "lastSeen"),
+            staleAfter: staleAfter, at: date)
     }
 
-    /// What an appliance has free: its free resources at its last
-    /// check-in, less the instances placed on it whose start it has not
-    /// acknowledged yet (its stats count an instance from the check-in
-    /// that acknowledges the start). Nil before its first check-in.
+    /// What an appliance has free (see ``StoreRules/freeRoom(stats:pending:)``).
     static func freeRoom(_ db: Database, applianceID: Int64, stats: String?) throws -> InstanceFlavor? {
-        guard let stats, let free = try? JSONDecoder().decode(HypervisorStats.self, from: Data(stats.utf8)) else { return nil }
+        guard stats != nil else { return nil }
         let pending = try String.fetchAll(
             db,
             sql: """
                 SELECT instance.flavor FROM action JOIN instance ON instance.id = action.instanceID
                 WHERE action.applianceID = ? AND action.kind = 'start' AND action.doneAt IS NULL AND instance.flavor IS NOT NULL
                 """,
-            arguments: [applianceID]
-        ).compactMap { try? JSONDecoder().decode(InstanceFlavor.self, from: Data($0.utf8)) }
-        // Reported numbers are bounded where they arrive; records from
-        // before those bounds are still summed without overflowing.
-        func left(_ free: Int, _ used: KeyPath<InstanceFlavor, Int>) -> Int {
-            let total = pending.reduce(0) { sum, flavor in
-                let (next, overflow) = sum.addingReportingOverflow(max(0, flavor[keyPath: used]))
-                return overflow ? Int.max : next
-            }
-            return max(0, free) - min(total, max(0, free) + 1)
-        }
-        return InstanceFlavor(
-            vcpus: left(free.vcpus.free, \.vcpus), memory: left(free.memoryMiB.free, \.memory), disk: left(free.diskGiB.free, \.disk))
+            arguments: [applianceID])
+        return StoreRules.freeRoom(stats: stats, pending: pending)
     }
 
     /// Refuses a new instance record of an appliance that holds `most` already.
     static func checkRecordRoom(_ db: Database, applianceID: Int64, appliance: String, adding: Int, most: Int) throws {
         let held = try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM instance WHERE applianceID = ?", arguments: [applianceID]) ?? 0
-        guard held + adding <= most else {
-            throw PoolError.tooMany(
-                "appliance '\(appliance)' holds \(held) instance records, the most it may (limits.max_instances_per_appliance = \(most)); decommission some (records are purged after housekeeping.purge_after_seconds)")
-        }
+        try StoreRules.checkRecordRoom(appliance: appliance, held: held, adding: adding, most: most)
     }
 
     /// Refuses a placement the appliance has no room for (see ``freeRoom(_:applianceID:stats:)``).
     static func checkRoom(_ db: Database, applianceID: Int64, stats: String?, for size: InstanceFlavor, appliance: String)
         throws
     {
-        guard let free = try freeRoom(db, applianceID: applianceID, stats: stats) else {
-            throw PoolError.conflict("appliance '\(appliance)' has not reported its capacity yet")
-        }
-        guard size.fits(in: free) else {
-            throw PoolError.conflict(
-                "appliance '\(appliance)' has no room for \(size.vcpus) vCPUs, \(size.memory) MiB and \(size.disk) GiB (free: \(free.vcpus) vCPUs, \(free.memory) MiB, \(free.disk) GiB)"
-            )
-        }
+        try StoreRules.checkRoom(try freeRoom(db, applianceID: applianceID, stats: stats), for: size, appliance: appliance)
     }
 
     static func insertAction(

@@ -342,12 +342,15 @@ public struct HousekeepingResult: Sendable, Equatable {
     public init() {}
 }
 
-/// The pool's storage. One implementation per backend (SQLite now); the
+/// The pool's storage: ``SQLiteStore`` (the embedded default) or
+/// ``PostgresStore`` (several replicas on one database). The
 /// HTTP routes and the admin commands see only this protocol.
 public protocol PoolStore: Sendable {
     /// Why the pool cannot do its work (its database unreadable, or not at
     /// the migrations this build knows), or nil when it can.
     func readinessProblem() async -> String?
+    /// The migrations applied to the database, oldest first.
+    func appliedMigrations() async throws -> [String]
     /// How many instance records are in each state (for `/metrics`).
     func instanceCountsByState() async throws -> [InstanceState: Int]
 
@@ -488,6 +491,16 @@ public protocol PoolStore: Sendable {
 
     /// Lapses unclaimed reservations, withdraws silent offers, purges dead records.
     func housekeep(at date: Date, offerStaleAfter: Int, purgeAfter: Int) async throws -> HousekeepingResult
+
+    /// Whether this process runs the pool-wide passes (housekeeping, warm
+    /// pools) now: always on SQLite; on PostgreSQL, the one replica that
+    /// holds the leader lock.
+    func leads() async -> Bool
+}
+
+extension SQLiteStore {
+    /// One process serves a SQLite file: it always leads.
+    public func leads() async -> Bool { true }
 }
 
 extension PoolStore {

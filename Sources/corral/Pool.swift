@@ -11,7 +11,7 @@ extension Corral {
         static let configuration = CommandConfiguration(
             abstract: "Run and administer the pool controller.",
             subcommands: [
-                Serve.self, Init.self, SigningKey.self, Users.self, Appliances.self, Flavors.self, Images.self, Wisps.self,
+                Serve.self, Init.self, Migrate.self, SigningKey.self, Users.self, Appliances.self, Flavors.self, Images.self, Wisps.self,
                 Templates.self, Instances.self, Reservations.self,
             ]
         )
@@ -23,12 +23,12 @@ extension Corral {
 /// The file is `--config`, else `CORRAL_POOL_CONFIG`, else
 /// `/etc/corral/pool.toml` when it exists (else the built-in defaults). The
 /// database is `--database`, else `CORRAL_POOL_DATABASE`, else the file's
-/// `database.path`, else `/var/lib/corral/pool.sqlite`.
+/// `database.path` or `database.url`, else `/var/lib/corral/pool.sqlite`.
 struct PoolDatabaseOptions: ParsableArguments {
     @Option(help: "The pool's configuration file (TOML; see etc/corral/pool.toml).")
     var config: String?
 
-    @Option(help: "The pool's SQLite database file (overrides the configuration file).")
+    @Option(help: "The pool's database: a SQLite file, or a postgres://USER:PASSWORD@HOST:PORT/DATABASE URL (overrides the configuration file).")
     var database: String?
 
     /// The configuration with the database option applied; exits with a
@@ -51,27 +51,46 @@ struct PoolDatabaseOptions: ParsableArguments {
         } catch {
             fail("cannot read the pool configuration: \(error)")
         }
-        if let database = database ?? environment["CORRAL_POOL_DATABASE"] { configuration.database = database }
+        if let database = database ?? environment["CORRAL_POOL_DATABASE"] {
+            if PostgresLocation.isURL(database) {
+                do { _ = try PostgresLocation(url: database, field: "--database") } catch { fail("\(error)") }
+            }
+            configuration.database = database
+        }
         return configuration
     }
 
     /// Opens the database, which must exist (admin commands never create
-    /// one by accident, for example under a mistyped path).
-    func openExisting() throws -> SQLiteStore {
-        let path = configuration().database
-        guard FileManager.default.fileExists(atPath: path) else {
+    /// a SQLite file by accident, for example under a mistyped path).
+    func openExisting() async throws -> any PoolStore {
+        let configuration = configuration()
+        let path = configuration.database
+        guard PostgresLocation.isURL(path) || FileManager.default.fileExists(atPath: path) else {
             fail("no pool database at \(path): create it with `corral pool init --database \(path)`, or pass --database.")
         }
-        return try open(path)
+        return try await open(configuration)
     }
 
-    /// Opens the database, creating it when missing.
-    func open(_ path: String) throws -> SQLiteStore {
+    /// Opens the database (creating a SQLite file when missing), migrated
+    /// to this build's schema.
+    func open(_ configuration: PoolConfiguration, logger: Logger = PoolDatabaseOptions.quietLogger) async throws -> any PoolStore {
         do {
-            return try SQLiteStore(path: path)
+            return try await openPoolStore(configuration, logger: logger)
         } catch let error as PoolError {
             fail("\(error)")
         }
+    }
+
+    /// Admin commands print only the database's errors.
+    static let quietLogger: Logger = {
+        var logger = Logger(label: "corral.pool")
+        logger.logLevel = .error
+        return logger
+    }()
+
+    /// Where the database is, without a password.
+    static func describe(_ database: String) -> String {
+        (try? PostgresLocation(url: database).redacted) ?? database
     }
 }
 
@@ -112,12 +131,13 @@ extension Corral.Pool {
             if let port { configuration.port = port }
             if let publicURL { configuration.publicURL = publicURL }
             let logger = log.logger("corral.pool")
-            logger.info("pool database at \(configuration.database)")
+            logger.info("pool database at \(PoolDatabaseOptions.describe(configuration.database))")
+            let database = try await store.open(configuration, logger: logger)
             let scheme = configuration.tlsCertificate == nil ? "http" : "https"
             let app: any ApplicationProtocol
             do {
                 app = try buildPoolApplication(
-                    configuration: configuration, store: try store.open(configuration.database), logger: logger
+                    configuration: configuration, store: database, logger: logger
                 ) { host, port in
                     // One line on standard output, so scripts can find the port.
                     FileHandle.standardOutput.write(Data("pool listening on \(scheme)://\(host):\(port)\n".utf8))
@@ -135,9 +155,26 @@ extension Corral.Pool {
         @OptionGroup var store: PoolDatabaseOptions
 
         func run() async throws {
-            let path = store.configuration().database
-            _ = try store.open(path)
-            print("pool database ready at \(path)")
+            let configuration = store.configuration()
+            _ = try await store.open(configuration)
+            print("pool database ready at \(PoolDatabaseOptions.describe(configuration.database))")
+        }
+    }
+
+    struct Migrate: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Bring the pool database to this build's schema and list its migrations (the pool also migrates when it starts).")
+
+        @OptionGroup var store: PoolDatabaseOptions
+
+        func run() async throws {
+            let configuration = store.configuration()
+            var logger = PoolDatabaseOptions.quietLogger
+            logger.logLevel = .info
+            let database = try await store.open(configuration, logger: logger)
+            let applied = try await administer { try await database.appliedMigrations() }
+            print("pool database at \(PoolDatabaseOptions.describe(configuration.database)) has migrations: \(applied.joined(separator: ", "))")
+            if let problem = await database.readinessProblem() { fail(problem) }
         }
     }
 
@@ -276,7 +313,7 @@ extension Corral.Pool {
             func run() async throws {
                 let token = Token.generate()
                 let appliance = try await administer {
-                    let pool = try store.openExisting()
+                    let pool = try await store.openExisting()
                     _ = try await pool.addAppliance(name: name, owner: owner, tokenDigest: Token.digest(token))
                     return try await pool.setAppliance(name, region: region)
                 }
@@ -324,7 +361,7 @@ extension Corral.Pool {
 
             func run() async throws {
                 let staleAfter = store.configuration().housekeeping.applianceStaleSeconds
-                let pool = try store.openExisting()
+                let pool = try await store.openExisting()
                 let deadline = ContinuousClock.now + .seconds(timeout)
                 while true {
                     guard let appliance = try await administer({ try await pool.appliances() }).first(where: { $0.name == name }) else {
@@ -629,7 +666,7 @@ extension Corral.Pool {
 
             func run() async throws {
                 let (templates, instances) = try await administer {
-                    let pool = try store.openExisting()
+                    let pool = try await store.openExisting()
                     return (try await pool.templates(), try await pool.instances())
                 }
                 if json { return try printJSON(templates) }

@@ -11,7 +11,7 @@ import Testing
 @Suite("Appliance API over a loopback socket")
 struct ApplianceRouteTests {
     struct Pool {
-        let store: SQLiteStore
+        let store: any PoolStore
         let tokens: [String: String]
 
         var app: some ApplicationProtocol { get throws {
@@ -24,7 +24,7 @@ struct ApplianceRouteTests {
     /// A pool with user alice, appliances rack-1 (enabled) and rack-2
     /// (disabled), and two flavors, one inactive.
     static func makePool() async throws -> Pool {
-        let (store, _) = try makeStore()
+        let (store, _) = try await makeStore()
         _ = try await store.addUser(name: "alice", superuser: false, maxInstances: 3, tokenDigest: Token.digest("user"))
         var tokens: [String: String] = [:]
         for name in ["rack-1", "rack-2"] {
@@ -124,7 +124,7 @@ struct ApplianceRouteTests {
 
     @Test("hundreds of concurrent check-ins from many appliances all succeed")
     func concurrentCheckIns() async throws {
-        let (store, _) = try makeStore()
+        let (store, _) = try await makeStore()
         _ = try await store.addUser(name: "alice", superuser: false, maxInstances: 3, tokenDigest: "u")
         var tokens: [String] = []
         for index in 0..<20 {

@@ -12,7 +12,7 @@ import Testing
 struct PoolConcurrencyTests {
     @Test("300 instances on 20 appliances reported by 600 concurrent tasks, plus contested names, leave consistent records")
     func manyReports() async throws {
-        let (store, _) = try makeStore()
+        let (store, _) = try await makeStore()
         _ = try await store.addUser(name: "ops", superuser: true, maxInstances: 1000, tokenDigest: Token.digest("ops"))
         try await store.addImage(Image(name: "debian", url: "http://images.test/debian.qcow2"))
         try await store.addWisp(Wisp(name: "fallback", owner: "ops", image: "debian", isSystemDefault: true))

@@ -25,18 +25,14 @@ struct HealthTests {
             #expect(try await probe("/healthz") == (200, Health(status: "ok")))
             #expect(try await probe("/readyz") == (200, Health(status: "ready")))
             // A newer corral migrated the database: this build must not serve it.
-            try await pool.store.database.write {
-                try $0.execute(sql: "INSERT INTO grdb_migrations (identifier) VALUES ('99-from-a-newer-corral')")
-            }
+            try await TestStores.tamperWithMigrations(pool.store, newer: true)
             let (status, health) = try await probe("/readyz")
             #expect(status == 503)
             #expect(health.status == "not ready")
             #expect(health.reason?.contains("a newer corral migrated it") == true, "\(health)")
             #expect(try await probe("/healthz") == (200, Health(status: "ok")))
             // And one whose migrations are not all applied.
-            try await pool.store.database.write {
-                try $0.execute(sql: "DELETE FROM grdb_migrations WHERE identifier IN ('99-from-a-newer-corral', '10-guest-keys-catalogue-edits')")
-            }
+            try await TestStores.tamperWithMigrations(pool.store, newer: false)
             let (behind, why) = try await probe("/readyz")
             #expect(behind == 503)
             #expect(why.reason?.contains("not all applied") == true, "\(why)")

@@ -15,8 +15,8 @@ struct InstanceReportTests {
     /// alice owns rack-1 and rack-2; bob owns nothing. Images debian and
     /// cirros; wisps: alice's default (debian, keys, script), a system
     /// default (cirros) and bob's dynamic one.
-    static func makePool() async throws -> (SQLiteStore, tokens: [String: String]) {
-        let (store, _) = try makeStore()
+    static func makePool() async throws -> (any PoolStore, tokens: [String: String]) {
+        let (store, _) = try await makeStore()
         for user in ["alice", "bob"] {
             _ = try await store.addUser(name: user, superuser: false, maxInstances: 3, tokenDigest: Token.digest(user))
         }
@@ -37,7 +37,7 @@ struct InstanceReportTests {
         return (store, tokens)
     }
 
-    static func app(_ store: SQLiteStore) throws -> some ApplicationProtocol {
+    static func app(_ store: any PoolStore) throws -> some ApplicationProtocol {
         try buildPoolApplication(
             configuration: PoolConfiguration(host: "127.0.0.1", port: 0, consoleTailLines: 3), store: store,
             logger: quietLogger)
@@ -149,7 +149,7 @@ struct InstanceReportTests {
             }
         }
 
-        let (bare, _) = try makeStore()
+        let (bare, _) = try await makeStore()
         _ = try await bare.addUser(name: "carol", superuser: false, maxInstances: 1, tokenDigest: "c")
         _ = try await bare.addAppliance(name: "rack-c", owner: "carol", tokenDigest: Token.digest(token))
         try await Self.app(bare).test(.live) { client in

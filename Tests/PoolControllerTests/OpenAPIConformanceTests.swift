@@ -277,7 +277,7 @@ struct OpenAPIConformanceTests {
             for (index, call) in allCalls.enumerated() {
                 if index == disableAt { _ = try await pool.store.setAppliance("rack-2", enabled: false) }
                 if index == supersedeAt {
-                    try await pool.store.database.write { try $0.execute(sql: "INSERT INTO grdb_migrations (identifier) VALUES ('99-from-a-newer-corral')") }
+                    try await TestStores.tamperWithMigrations(pool.store, newer: true)
                 }
                 let (status, contentType, body) = try await client.execute(
                     uri: call.uri, method: call.method, headers: call.headers, body: call.body.map { ByteBuffer(string: $0) }

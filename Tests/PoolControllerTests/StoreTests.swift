@@ -6,7 +6,7 @@ import TestSupport
 @testable import PoolController
 
 /// A fresh SQLite store in its own directory.
-func makeStore() throws -> (SQLiteStore, path: String) {
+func makeSQLiteStore() throws -> (SQLiteStore, path: String) {
     let directory = FileManager.default.temporaryDirectory.appendingPathComponent("corral-pool-\(UUID().uuidString)")
     let path = directory.appendingPathComponent("pool.sqlite").path
     return (try SQLiteStore(path: path), path)
@@ -16,7 +16,7 @@ func makeStore() throws -> (SQLiteStore, path: String) {
 struct StoreTests {
     @Test("users and appliances are stored with token digests only, and survive a reopen")
     func persistence() async throws {
-        let (store, path) = try makeStore()
+        let (store, path) = try makeSQLiteStore()
         let token = Token.generate()
         #expect(token.count == 64)
         #expect(token != Token.generate())
@@ -37,7 +37,7 @@ struct StoreTests {
 
     @Test("a refused change stores nothing")
     func refusals() async throws {
-        let (store, _) = try makeStore()
+        let (store, _) = try await makeStore()
         _ = try await store.addUser(name: "alice", superuser: false, maxInstances: 3, tokenDigest: "d1")
         await #expect(throws: PoolError.alreadyExists(what: "user", name: "alice")) {
             try await store.addUser(name: "alice", superuser: true, maxInstances: 9, tokenDigest: "d2")
@@ -63,7 +63,7 @@ struct StoreTests {
 
     @Test("rotating a token retires the old one at once")
     func rotation() async throws {
-        let (store, _) = try makeStore()
+        let (store, _) = try await makeStore()
         _ = try await store.addUser(name: "alice", superuser: false, maxInstances: 3, tokenDigest: "u")
         _ = try await store.addAppliance(name: "rack-1", owner: "alice", tokenDigest: Token.digest("old"))
         try await store.setApplianceToken("rack-1", tokenDigest: Token.digest("new"))

@@ -12,7 +12,7 @@ import Testing
 /// rack-1 (alice's) and rack-2 (bob's); flavors small and big; image debian;
 /// wisps alice-web (alice's default), bob-web and fallback (the system's).
 struct TestPool {
-    let store: SQLiteStore
+    let store: any PoolStore
     let path: String
     var configuration: PoolConfiguration
     let events = InstanceEvents()
@@ -20,7 +20,7 @@ struct TestPool {
     let tokens: [String: String]
 
     static func make(systemDefault: Bool = true, configure: (inout PoolConfiguration) -> Void = { _ in }) async throws -> TestPool {
-        let (store, path) = try makeStore()
+        let (store, path) = try await makeStore()
         var tokens: [String: String] = [:]
         for (name, superuser, limit) in [("alice", false, 2), ("bob", false, 5), ("root", true, 100)] {
             let token = Token.generate()

@@ -1,0 +1,68 @@
+import Logging
+import PostgresNIO
+
+extension PostgresStore {
+    /// Whether this replica runs the pool-wide passes (housekeeping, warm
+    /// pools) now: it holds the database's leader advisory lock, taken on a
+    /// connection of its own. When the leading replica dies its connection
+    /// closes, PostgreSQL releases the lock, and the next replica to ask
+    /// takes it.
+    public func leads() async -> Bool {
+        await leadership.leads()
+    }
+}
+
+/// The connection that holds (or keeps asking for) the leader lock.
+actor Leadership {
+    let location: PostgresLocation
+    let logger: Logger
+    private var connection: PostgresConnection?
+    private var holds = false
+
+    init(location: PostgresLocation, logger: Logger) {
+        self.location = location
+        self.logger = logger
+    }
+
+    func leads() async -> Bool {
+        do {
+            let connection = try await connected()
+            if holds {
+                // A session-level lock lasts as long as its connection does.
+                for try await _ in try await connection.query("SELECT 1", logger: logger) {}
+                return true
+            }
+            for try await taken in try await connection.query(
+                "SELECT pg_try_advisory_lock(\(PostgresStore.leaderLock))", logger: logger
+            ).decode(Bool.self) where taken {
+                holds = true
+                logger.info("this replica now runs the pool-wide passes (housekeeping, warm pools)")
+            }
+            return holds
+        } catch {
+            if holds { logger.warning("lost the leader lock's connection", metadata: ["error": "\(PostgresStore.describe(error))"]) }
+            holds = false
+            let lost = connection
+            connection = nil
+            try? await lost?.close()
+            return false
+        }
+    }
+
+    private func connected() async throws -> PostgresConnection {
+        if let connection, !connection.isClosed { return connection }
+        holds = false
+        let connection = try await PostgresConnection.connect(
+            configuration: try location.connectionConfiguration(), id: 1, logger: logger)
+        self.connection = connection
+        return connection
+    }
+
+    /// Gives the lock up (closing its connection).
+    func resign() async {
+        holds = false
+        let closing = connection
+        connection = nil
+        try? await closing?.close()
+    }
+}

@@ -1,0 +1,188 @@
+import Foundation
+import PoolAPI
+import Testing
+
+@testable import PoolController
+
+/// Several replicas of one pool on one PostgreSQL database, racing: each
+/// replica is a store with its own connections, as each `corral pool
+/// serve` process has. Runs on the PostgreSQL server scripts/test starts.
+@Suite("PostgreSQL replicas")
+struct PostgresReplicaTests {
+    /// A pool database shared by `count` replicas: users u0… (limit 3 each,
+    /// `users` of them), superuser ops, appliances rack-0… with room for
+    /// `room` small instances each (checked in), flavor small, image debian
+    /// (login user debian), wisp web (ops', the system default).
+    static func replicas(
+        _ count: Int = 3, users: Int = 0, appliances: Int = 2, room: Int = 100
+    ) async throws -> [PostgresStore] {
+        let url = try await TestStores.freshDatabase()
+        var stores: [PostgresStore] = []
+        for _ in 0..<count { stores.append(try await TestStores.postgres(url, connections: 4)) }
+        let store = stores[0]
+        _ = try await store.addUser(name: "ops", superuser: true, maxInstances: 10_000, tokenDigest: Token.digest("ops"))
+        for index in 0..<users {
+            _ = try await store.addUser(name: "u\(index)", superuser: false, maxInstances: 3, tokenDigest: Token.digest("u\(index)"))
+        }
+        try await store.addFlavor(Flavor(name: "small", vcpus: 1, memory: 512, disk: 5))
+        try await store.addImage(Image(name: "debian", url: "http://images.test/debian.qcow2", loginUser: "debian"))
+        try await store.addWisp(Wisp(name: "web", owner: "ops", image: "debian", sshKeys: ["ssh-ed25519 AAAA ops"], isSystemDefault: true))
+        let stats = HypervisorStats(
+            vcpus: Capacity(total: room, free: room), memoryMiB: Capacity(total: room * 512, free: room * 512),
+            diskGiB: Capacity(total: room * 5, free: room * 5), running: 0)
+        for index in 0..<appliances {
+            _ = try await store.addAppliance(name: "rack-\(index)", owner: "ops", tokenDigest: Token.digest("rack-\(index)"))
+            _ = try await store.checkIn(
+                "rack-\(index)", request: CheckInRequest(appliance: ApplianceBlock(apitoken: "rack-\(index)"), stats: stats),
+                maxInstances: 10_000, at: Date())
+        }
+        return stores
+    }
+
+    /// The outcome of one create: the instance's name, or the refusal.
+    static func create(_ store: PostgresStore, _ request: InstanceRequest) async -> Result<String, PoolError> {
+        do {
+            return .success(
+                try await store.createInstance(request, defaultLeaseSeconds: 3600, applianceStaleAfter: 300, at: Date()).name)
+        } catch let error as PoolError {
+            return .failure(error)
+        } catch {
+            return .failure(.storage("\(error)"))
+        }
+    }
+
+    @Test("users with room for 3 each, creating 6 at once each through three replicas, end with exactly 3 each")
+    func limitsHold() async throws {
+        let replicas = try await Self.replicas(users: 6)
+        let outcomes = await withTaskGroup(of: (String, Result<String, PoolError>).self) { group in
+            for user in 0..<6 {
+                for attempt in 0..<6 {
+                    let replica = replicas[(user + attempt) % replicas.count]
+                    group.addTask { ("u\(user)", await Self.create(replica, InstanceRequest(owner: "u\(user)", flavor: "small"))) }
+                }
+            }
+            return await group.reduce(into: []) { $0.append($1) }
+        }
+        for user in 0..<6 {
+            let mine = outcomes.filter { $0.0 == "u\(user)" }.map(\.1)
+            #expect(mine.count(where: { (try? $0.get()) != nil }) == 3, "\(mine)")
+            for case .failure(let error) in mine {
+                #expect(error == .conflict("user 'u\(user)' holds 3 of their 3 instances; delete one first"))
+            }
+        }
+        // Every replica reads the same records: three per user, no more.
+        for replica in replicas {
+            let instances = try await replica.instances()
+            for user in 0..<6 { #expect(instances.count(where: { $0.owner == "u\(user)" }) == 3) }
+        }
+    }
+
+    @Test("an appliance with room for 5 gets 5 of 12 concurrent placements through three replicas, never more")
+    func noDoublePlacement() async throws {
+        let replicas = try await Self.replicas(appliances: 1, room: 5)
+        let outcomes = await withTaskGroup(of: Result<String, PoolError>.self) { group in
+            for index in 0..<12 {
+                group.addTask { await Self.create(replicas[index % 3], InstanceRequest(owner: "ops", flavor: "small")) }
+            }
+            return await group.reduce(into: []) { $0.append($1) }
+        }
+        let placed = outcomes.compactMap { try? $0.get() }
+        #expect(placed.count == 5, "\(outcomes)")
+        #expect(Set(placed).count == 5)
+        for case .failure(let error) in outcomes {
+            guard case .unavailable(let message) = error else {
+                Issue.record("expected 503 for no room, got \(error)")
+                continue
+            }
+            #expect(message.hasPrefix("no appliance has room for flavor 'small'"))
+        }
+        #expect(try await replicas[2].pendingActions(appliance: "rack-0").count(where: { $0.kind == .start }) == 5)
+    }
+
+    @Test("each ready warm instance is handed to exactly one user when ten create at once through three replicas")
+    func warmHandedOnce() async throws {
+        let replicas = try await Self.replicas(users: 10)
+        try await replicas[0].addTemplate(Template(name: "quick", wisp: "web", flavor: "small", hotStarts: 4))
+        let warm = try await replicas[1].maintainWarmPools(maxAgeSeconds: 14_400, applianceStaleAfter: 300, at: Date()).started
+        #expect(warm.count == 4)
+        for instance in warm {
+            _ = try await replicas[2].recordReport(
+                InstanceReport(
+                    name: instance.name, state: .running,
+                    timeline: [TimelineEntry(phase: .sshReachable, at: Date()), TimelineEntry(phase: .postCreateDone, at: Date())]),
+                appliance: instance.appliance, consoleLimit: 10, maxInstances: 10_000, at: Date())
+        }
+        let outcomes = await withTaskGroup(of: (String, Result<String, PoolError>).self) { group in
+            for user in 0..<10 {
+                group.addTask {
+                    ("u\(user)", await Self.create(replicas[user % 3], InstanceRequest(owner: "u\(user)", template: "quick")))
+                }
+            }
+            return await group.reduce(into: []) { $0.append($1) }
+        }
+        let names = outcomes.compactMap { try? $0.1.get() }
+        #expect(names.count == 10, "every create succeeds, warm or cold: \(outcomes)")
+        #expect(Set(names).count == 10, "no instance is handed out twice")
+        let handedWarm = names.filter { name in warm.contains { $0.name == name } }
+        #expect(Set(handedWarm) == Set(warm.map(\.name)), "all four warm instances are handed out")
+        let instances = try await replicas[0].instances()
+        for name in handedWarm {
+            let instance = try #require(instances.first { $0.name == name })
+            #expect(!instance.warm)
+            #expect(instance.owner.hasPrefix("u"))
+        }
+        #expect(instances.count(where: \.warm) == 0)
+    }
+
+    @Test("an action queued through one replica wakes the held check-in on another at once, and is delivered once")
+    func actionsWakeAcrossReplicas() async throws {
+        let replicas = try await Self.replicas()
+        let (holder, queuer) = (replicas[0], replicas[1])
+        let placed = try await queuer.createInstance(
+            InstanceRequest(owner: "ops", flavor: "small"), defaultLeaseSeconds: 3600, applianceStaleAfter: 300, at: Date())
+        let appliance = placed.appliance
+        let follower = Task { try await holder.followOtherWriters(every: .milliseconds(200)) }
+        defer { follower.cancel() }
+        // The listener is up once an action queued by another replica reaches it.
+        var woke = false
+        for _ in 0..<50 where !woke {
+            let changes = try #require(holder.actionsChanged.changes(for: appliance, until: .now + .milliseconds(500)))
+            let started = ContinuousClock.now
+            _ = try await queuer.enqueueAction(.reboot, instance: placed.name, expires: nil, at: Date())
+            for await _ in changes {
+                woke = true
+                #expect(ContinuousClock.now - started < .seconds(1))
+                break
+            }
+        }
+        #expect(woke, "a held check-in on the other replica never woke")
+        // Every replica hands out the same pending actions; done through one, gone from all.
+        let pending = try await replicas[2].pendingActions(appliance: appliance)
+        #expect(pending.first?.kind == .start)
+        #expect(pending.count(where: { $0.kind == .reboot }) >= 1)
+        #expect(try await holder.pendingActions(appliance: appliance).map(\.id) == pending.map(\.id))
+        let stats = try #require(try await holder.appliances().first { $0.name == appliance }?.stats)
+        _ = try await replicas[2].checkIn(
+            appliance, request: CheckInRequest(appliance: ApplianceBlock(apitoken: appliance), stats: stats, done: pending.map(\.id)),
+            maxInstances: 10_000, at: Date())
+        for replica in replicas { #expect(try await replica.pendingActions(appliance: appliance).isEmpty) }
+    }
+
+    @Test("exactly one replica leads; when it goes, another takes over")
+    func leadership() async throws {
+        let replicas = try await Self.replicas(3)
+        var leaders: [Int] = []
+        for (index, replica) in replicas.enumerated() where await replica.leads() { leaders.append(index) }
+        #expect(leaders == [0], "the first to ask leads, the others do not")
+        #expect(await replicas[0].leads(), "a leader keeps leading")
+        #expect(await !replicas[1].leads())
+        replicas[0].close()
+        var next: [Int] = []
+        let deadline = ContinuousClock.now + .seconds(10)
+        while next.isEmpty, ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(100))
+            for index in 1...2 where await replicas[index].leads() { next.append(index) }
+        }
+        #expect(next.count == 1, "one of the others took over: \(next)")
+    }
+}
