@@ -16,23 +16,25 @@ struct HousekeepingService: Service {
     func run() async throws {
         await cancelWhenGracefulShutdown {
             while !Task.isCancelled {
-                do {
-                    let result = try await store.housekeep(
-                        at: Date(), offerStaleAfter: settings.offerStaleSeconds, purgeAfter: settings.purgeAfterSeconds)
-                    for event in result.withdrawn { events.publish(event) }
-                    if result != HousekeepingResult() {
-                        logger.info(
-                            "housekeeping",
-                            metadata: [
-                                "withdrawn": "\(result.withdrawn.count)", "lapsed": "\(result.lapsed)",
-                                "purged": "\(result.purged)",
-                            ])
-                    }
-                } catch {
-                    logger.error("housekeeping failed: \(error)")
-                }
+                // Replicas: the leader alone keeps house.
+                if await store.leads() { await pass() }
                 try? await Task.sleep(for: .seconds(settings.intervalSeconds))
             }
+        }
+    }
+
+    func pass() async {
+        do {
+            let result = try await store.housekeep(
+                at: Date(), offerStaleAfter: settings.offerStaleSeconds, purgeAfter: settings.purgeAfterSeconds)
+            for event in result.withdrawn { events.publish(event) }
+            if result != HousekeepingResult() {
+                logger.info(
+                    "housekeeping",
+                    metadata: ["withdrawn": "\(result.withdrawn.count)", "lapsed": "\(result.lapsed)", "purged": "\(result.purged)"])
+            }
+        } catch {
+            logger.error("housekeeping failed: \(error)")
         }
     }
 }

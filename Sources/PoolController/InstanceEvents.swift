@@ -1,4 +1,5 @@
 import Foundation
+import Logging
 import PoolAPI
 import ServiceLifecycle
 import Synchronization
@@ -23,8 +24,15 @@ public final class InstanceEvents: Sendable {
     }
 
     private let watchers = Mutex<[UUID: Watcher]>([:])
+    /// Where this process's events also go (to the other replicas).
+    private let relay = Mutex<(@Sendable (InstanceEvent) -> Void)?>(nil)
 
     public init() {}
+
+    /// Sends every event published from now on to `relay` as well.
+    public func relay(to relay: @escaping @Sendable (InstanceEvent) -> Void) {
+        self.relay.withLock { $0 = relay }
+    }
 
     /// A stream of the events `filter` accepts, until the watcher stops
     /// reading or ``finish(key:)`` or ``finishAll()`` is called; nil when
@@ -52,8 +60,14 @@ public final class InstanceEvents: Sendable {
         for continuation in targets { continuation.finish() }
     }
 
-    /// Sends `event` to every watcher whose filter accepts it.
+    /// Sends `event` to every watcher whose filter accepts it, and to the relay.
     public func publish(_ event: InstanceEvent) {
+        deliver(event)
+        relay.withLock { $0 }?(event)
+    }
+
+    /// Sends `event` to this process's watchers only (an event another replica published).
+    public func deliver(_ event: InstanceEvent) {
         let targets = watchers.withLock { $0.values.filter { $0.filter(event) }.map(\.continuation) }
         for continuation in targets { continuation.yield(.event(event)) }
     }
@@ -71,6 +85,37 @@ public final class InstanceEvents: Sendable {
     public func finishAll() {
         let targets = watchers.withLock { $0.values.map(\.continuation) }
         for continuation in targets { continuation.finish() }
+    }
+}
+
+/// Carries events between replicas: this process's to the store (which
+/// tells the others), and theirs to this process's watchers, in order.
+struct EventRelayService: Service {
+    let store: any PoolStore
+    let events: InstanceEvents
+    let logger: Logger
+
+    func run() async throws {
+        let (outgoing, continuation) = AsyncStream.makeStream(of: InstanceEvent.self, bufferingPolicy: .bufferingNewest(10_000))
+        events.relay { continuation.yield($0) }
+        await cancelWhenGracefulShutdown {
+            await withTaskGroup(of: Void.self) { group in
+                group.addTask {
+                    for await event in outgoing { await store.announce(event) }
+                }
+                group.addTask {
+                    do {
+                        try await store.followAnnouncements { events.deliver($0) }
+                    } catch is CancellationError {
+                    } catch {
+                        logger.error("events from the other replicas no longer arrive: \(error)")
+                    }
+                }
+                await group.next()
+                continuation.finish()
+                group.cancelAll()
+            }
+        }
     }
 }
 

@@ -41,6 +41,8 @@ public func buildPoolApplication(
             HeartbeatService(events: events, interval: .seconds(15)),
             warmPools,
             OtherWritersService(store: store, logger: logger),
+            LeadershipService(store: store, warmPools: warmPools),
+            EventRelayService(store: store, events: events, logger: logger),
             ShutdownAction { await fetcher.shutdown() },
         ],
         onServerRunning: { channel in
@@ -185,6 +187,26 @@ struct OtherWritersService: Service {
         } catch {
             // Check-ins still see these actions at their next call.
             logger.error("actions queued by other processes no longer wake held check-ins: \(error)")
+        }
+    }
+}
+
+/// Asks every 2 s whether this process leads the pool-wide passes (see
+/// ``PoolStore/leads()``), so a replica takes over within seconds of the
+/// leader's end; a new leader fills the warm pools at once.
+struct LeadershipService: Service {
+    let store: any PoolStore
+    let warmPools: WarmPoolService
+
+    func run() async throws {
+        await cancelWhenGracefulShutdown {
+            var leading = false
+            while !Task.isCancelled {
+                let leads = await store.leads()
+                if leads, !leading { warmPools.wake() }
+                leading = leads
+                try? await Task.sleep(for: .seconds(2))
+            }
         }
     }
 }

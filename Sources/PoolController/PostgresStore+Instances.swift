@@ -323,24 +323,57 @@ extension PostgresStore {
     }
 
     /// Wakes the held check-ins of the appliances whose actions another
-    /// replica (or `corral pool` command) committed, until cancelled: a
-    /// connection of its own LISTENs on `corral_actions`, and reconnects
-    /// after `interval` when it is lost.
+    /// replica (or `corral pool` command) committed, until cancelled: their
+    /// transactions NOTIFY `corral_actions` with the appliance's name.
     public func followOtherWriters(every interval: Duration) async throws {
+        let signal = actionsChanged
+        try await listen(on: "corral_actions", retryingEvery: interval) { payload in
+            if let payload { signal.signal(payload) } else { signal.signal() }
+        }
+    }
+
+    /// Hands each notification on `channel` to `handle` until cancelled, on a
+    /// connection of the store's own; after a lost connection it listens
+    /// again `interval` later and calls `handle(nil)`: notifications may
+    /// have been missed meanwhile.
+    func listen(on channel: String, retryingEvery interval: Duration, _ handle: @escaping @Sendable (String?) -> Void) async throws {
         while !Task.isCancelled {
             do {
                 let connection = try await PostgresConnection.connect(
                     configuration: try location.connectionConfiguration(), id: 0, logger: logger)
                 defer { Task { try? await connection.close() } }
-                try await connection.listen(on: "corral_actions") { notifications in
-                    for try await notification in notifications { actionsChanged.signal(notification.payload) }
+                try await connection.listen(on: channel) { notifications in
+                    for try await notification in notifications { handle(notification.payload) }
                 }
             } catch where !Task.isCancelled {
-                logger.warning("lost the pool database's notifications; listening again", metadata: ["error": "\(Self.describe(error))"])
-                // Missed notifications: every held check-in looks again.
-                actionsChanged.signal()
+                logger.warning(
+                    "lost the pool database's notifications; listening again", metadata: ["channel": "\(channel)", "error": "\(Self.describe(error))"])
+                handle(nil)
             }
             try await Task.sleep(for: interval)
+        }
+    }
+
+    /// An event as other replicas hear of it: which replica announced it, and the event.
+    struct Announcement: Codable {
+        var replica: String
+        var event: InstanceEvent
+    }
+
+    public func announce(_ event: InstanceEvent) async {
+        do {
+            let payload = try StoreRules.json(Announcement(replica: replicaID, event: event))
+            try await read { session in try await session.execute("SELECT pg_notify('corral_events', \(payload))") }
+        } catch {
+            logger.warning("could not tell the other replicas of an event", metadata: ["instance": "\(event.name)", "error": "\(error)"])
+        }
+    }
+
+    public func followAnnouncements(_ deliver: @escaping @Sendable (InstanceEvent) -> Void) async throws {
+        let replicaID = self.replicaID
+        try await listen(on: "corral_events", retryingEvery: .seconds(1)) { payload in
+            guard let announcement = StoreRules.decodeJSON(Announcement.self, payload), announcement.replica != replicaID else { return }
+            deliver(announcement.event)
         }
     }
 

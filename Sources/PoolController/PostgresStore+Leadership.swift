@@ -18,6 +18,9 @@ actor Leadership {
     let logger: Logger
     private var connection: PostgresConnection?
     private var holds = false
+    /// The question in progress: callers at once share its answer (the
+    /// actor runs others while one awaits, and two would race for the connection).
+    private var asking: Task<Bool, Never>?
 
     init(location: PostgresLocation, logger: Logger) {
         self.location = location
@@ -25,6 +28,15 @@ actor Leadership {
     }
 
     func leads() async -> Bool {
+        if let asking { return await asking.value }
+        let question = Task { await self.ask() }
+        asking = question
+        let answer = await question.value
+        asking = nil
+        return answer
+    }
+
+    private func ask() async -> Bool {
         do {
             let connection = try await connected()
             if holds {

@@ -24,6 +24,8 @@ public final class PostgresStore: PoolStore {
     public let actionsChanged = ChangeSignal()
     private let running: Task<Void, Never>
     let leadership: Leadership
+    /// This replica, as its announced events name it.
+    let replicaID = UUID().uuidString
 
     /// How often a write is tried when PostgreSQL reports a serialization
     /// failure or a deadlock (each a sign another replica's write won).

@@ -496,11 +496,20 @@ public protocol PoolStore: Sendable {
     /// pools) now: always on SQLite; on PostgreSQL, the one replica that
     /// holds the leader lock.
     func leads() async -> Bool
+
+    /// Tells the other replicas of an event this one published (on SQLite,
+    /// with one process, nothing).
+    func announce(_ event: InstanceEvent) async
+    /// Hands the events the other replicas announce to `deliver`, until
+    /// cancelled (on SQLite, none: it returns at once).
+    func followAnnouncements(_ deliver: @escaping @Sendable (InstanceEvent) -> Void) async throws
 }
 
 extension SQLiteStore {
     /// One process serves a SQLite file: it always leads.
     public func leads() async -> Bool { true }
+    public func announce(_ event: InstanceEvent) async {}
+    public func followAnnouncements(_ deliver: @escaping @Sendable (InstanceEvent) -> Void) async throws {}
 }
 
 extension PoolStore {

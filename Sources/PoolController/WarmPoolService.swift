@@ -50,6 +50,8 @@ final class WarmPoolService: Service, Sendable {
     }
 
     func pass() async {
+        // Replicas: the leader alone keeps the warm pools.
+        guard await store.leads() else { return }
         do {
             let pass = try await store.maintainWarmPools(
                 maxAgeSeconds: configuration.warmPools.maxAgeSeconds,
