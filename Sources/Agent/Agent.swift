@@ -149,7 +149,7 @@ public final class Agent: Service, Sendable {
                 throw AgentFatalError("pool.ca_file: \(error); run `corral agent register --pool-ca FILE` again with the pool's CA")
             }
         }
-        let client = PoolClient(baseURL: configuration.poolURL, token: token, version: version, signingKey: signingKey, tls: tls)
+        let client = PoolClient(baseURL: configuration.poolURL, fallbackURLs: configuration.fallbackPoolURLs, token: token, version: version, signingKey: signingKey, tls: tls)
         return Agent(
             configuration: configuration, logger: logger, client: client, store: store, images: images,
             connection: connection, virtType: resolved.type, paths: paths, qemuGroup: qemuGroup, metrics: metrics)

@@ -10,6 +10,9 @@ import Support
 public struct AgentConfiguration: Sendable, Equatable {
     /// The pool controller's base URL, e.g. `http://127.0.0.1:8080`.
     public var poolURL: String
+    /// Other replicas of the same pool, tried in turn when the one in use
+    /// cannot be reached.
+    public var fallbackPoolURLs: [String] = []
     /// The file holding the appliance's API token (mode 0600).
     public var tokenFile: String
     /// The pool's public key (base64 Ed25519), pinned by `register`: every
@@ -130,7 +133,7 @@ public struct AgentConfiguration: Sendable, Equatable {
     }
 
     static let keys: [String: Set<String>] = [
-        "pool": ["url", "token_file", "signing_key", "insecure", "ca_file"],
+        "pool": ["url", "fallback_urls", "token_file", "signing_key", "insecure", "ca_file"],
         "libvirt": ["uri", "virt_type", "qemu_user", "qemu_group"],
         "paths": ["state_dir", "image_dir"],
         "network": ["mode", "name", "ssh_forward_ports", "isolate_host", "public_address"],
@@ -166,6 +169,18 @@ public struct AgentConfiguration: Sendable, Equatable {
             }
             configuration.poolURL = url
         }
+        if let urls = try reader.strings("pool", "fallback_urls") {
+            guard urls.count <= 16 else { throw reader.invalid("pool", "fallback_urls", "may list at most 16 URLs") }
+            for url in urls {
+                guard let components = URLComponents(string: url), ["http", "https"].contains(components.scheme),
+                    components.host?.isEmpty == false
+                else {
+                    throw reader.invalid(
+                        "pool", "fallback_urls", "each must be an http or https URL such as \"http://127.0.0.2:8080\" (one is \"\(url.prefix(200))\")")
+                }
+            }
+            configuration.fallbackPoolURLs = urls
+        }
         configuration.tokenFile = try reader.string("pool", "token_file") ?? configuration.tokenFile
         if let key = try reader.string("pool", "signing_key") {
             guard ReplySignature.publicKeyBytes(key) != nil else {
@@ -180,12 +195,12 @@ public struct AgentConfiguration: Sendable, Equatable {
             }
             configuration.caFile = caFile
         }
-        if !configuration.insecure, let url = URLComponents(string: configuration.poolURL), url.scheme == "http",
-            !Self.isLoopback(url.host ?? "")
-        {
-            throw reader.invalid(
-                "pool", "url",
-                "plain http to another host (\(url.host ?? "")) lets anyone on the path read the token; use https, or set pool.insecure = true")
+        for (key, address) in [("url", configuration.poolURL)] + configuration.fallbackPoolURLs.map({ ("fallback_urls", $0) }) {
+            if !configuration.insecure, let url = URLComponents(string: address), url.scheme == "http", !Self.isLoopback(url.host ?? "") {
+                throw reader.invalid(
+                    "pool", key,
+                    "plain http to another host (\(url.host ?? "")) lets anyone on the path read the token; use https, or set pool.insecure = true")
+            }
         }
         configuration.libvirtURI = try reader.string("libvirt", "uri") ?? configuration.libvirtURI
         if let type = try reader.choice("libvirt", "virt_type", of: VirtualizationType.allCases.map(\.rawValue)) {
@@ -294,6 +309,7 @@ public struct AgentConfiguration: Sendable, Equatable {
             # Corral agent configuration (see etc/corral/agent.toml for every key).
             [pool]
             url = \(quoted(poolURL))
+            fallback_urls = [\(fallbackPoolURLs.map(quoted).joined(separator: ", "))]
             token_file = \(quoted(tokenFile))
             \(signingKey.map { "signing_key = \(quoted($0))" } ?? "# signing_key: run corral agent register")
             insecure = \(insecure)

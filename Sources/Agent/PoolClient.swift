@@ -5,6 +5,7 @@ import Egress
 import Foundation
 import NIOCore
 import PoolAPI
+import Synchronization
 
 /// A pool reply that is not a success, or no reply at all.
 public enum PoolClientError: Error, CustomStringConvertible, Equatable {
@@ -40,8 +41,17 @@ public enum PoolClientError: Error, CustomStringConvertible, Equatable {
 /// The agent's side of the pool protocol: authorization, flavors,
 /// check-ins and instance reports, all carrying the appliance block with
 /// its token. The token is never logged.
+///
+/// With several pool URLs (replicas of one pool), a request that cannot
+/// reach one is sent to the next; the one that answered is tried first
+/// from then on.
 public final class PoolClient: Sendable {
-    public let baseURL: String
+    /// The pool's URLs: replicas sharing one database.
+    public let baseURLs: [String]
+    /// Which of them answered last.
+    private let current = Mutex(0)
+    /// The URL requests go to first.
+    public var baseURL: String { baseURLs[current.withLock { $0 }] }
     private let block: ApplianceBlock
     private let client: HTTPClient
     private let timeout: TimeAmount
@@ -54,18 +64,20 @@ public final class PoolClient: Sendable {
     /// - Parameter tls: how an https pool is verified; nil: against the
     ///   system's trust store (see ``tlsConfiguration(trusting:)``).
     public init(
-        baseURL: String, token: String, version: String, signingKey: Curve25519.Signing.PublicKey? = nil,
+        baseURL: String, fallbackURLs: [String] = [], token: String, version: String, signingKey: Curve25519.Signing.PublicKey? = nil,
         timeout: TimeAmount = .seconds(10), tls: TLSConfiguration? = nil
     ) {
-        self.baseURL = baseURL.hasSuffix("/") ? String(baseURL.dropLast()) : baseURL
+        self.baseURLs = ([baseURL] + fallbackURLs).map { $0.hasSuffix("/") ? String($0.dropLast()) : $0 }
         self.block = ApplianceBlock(apitoken: token, version: version, dynamicimages: true)
         self.signingKey = signingKey
         self.tokenDigest = SHA256.hash(data: Data(token.utf8)).map { String(format: "%02x", $0) }.joined()
         // A pool that is down fails a request at its deadline (the client
-        // retries connecting until then), so the deadline is short.
-        self.client = HTTPClient(
-            eventLoopGroup: HTTPClient.defaultEventLoopGroup,
-            configuration: .init(tlsConfiguration: tls, redirectConfiguration: .disallow, timeout: .init(connect: .seconds(5))))
+        // retries connecting until then), so the deadline is short. With
+        // replicas to fall back on, a refused connection moves on at once.
+        var configuration = HTTPClient.Configuration(
+            tlsConfiguration: tls, redirectConfiguration: .disallow, timeout: .init(connect: .seconds(5)))
+        configuration.connectionPool.retryConnectionEstablishment = fallbackURLs.isEmpty
+        self.client = HTTPClient(eventLoopGroup: HTTPClient.defaultEventLoopGroup, configuration: configuration)
         self.timeout = timeout
     }
 
@@ -99,15 +111,14 @@ public final class PoolClient: Sendable {
 
     /// `GET /api/v1/signing-key/`: the pool's public key, base64.
     public func poolSigningKey() async throws -> String {
-        let result = try await send(
-            HTTPClientRequest(url: baseURL + "/api/v1/signing-key/"), path: "/api/v1/signing-key/", as: [String: String].self)
+        let result = try await send(HTTPClientRequest(url: ""), path: "/api/v1/signing-key/", as: [String: String].self)
         guard let key = result["ed25519"] else { throw PoolClientError.unreachable("\(baseURL) gave no ed25519 key") }
         return key
     }
 
     /// `GET /api/v1/flavors/`.
     public func flavors() async throws -> [Flavor] {
-        try await send(HTTPClientRequest(url: baseURL + "/api/v1/flavors/"), path: "/api/v1/flavors/", as: [Flavor].self)
+        try await send(HTTPClientRequest(url: ""), path: "/api/v1/flavors/", as: [Flavor].self)
     }
 
     /// `POST /api/v1/broker/`: the pending actions. With `holdSeconds`, a
@@ -134,18 +145,41 @@ public final class PoolClient: Sendable {
     private func post<Body: Encodable, Result: Codable & Sendable>(
         _ path: String, _ body: Body, as type: Result.Type, timeout: TimeAmount? = nil, signed: Bool = false
     ) async throws -> Result {
-        var request = HTTPClientRequest(url: baseURL + path)
+        var request = HTTPClientRequest(url: "")
         request.method = .POST
         request.headers.add(name: "Content-Type", value: "application/json")
         request.body = .bytes(ByteBuffer(bytes: try JSONEncoder().encode(body)))
         return try await send(request, path: path, as: type, timeout: timeout, signed: signed)
     }
 
-    /// Sends `request` (for `path`); with `signed` and a pinned key, a
-    /// success must carry the pool's signature over this request's fresh
-    /// nonce, the request line and the body, or it is ``PoolClientError/forged(_:)``.
+    /// Sends `request` to `path` at the pool's URLs in turn, from the one
+    /// that answered last, until one answers; the last one's error if none does.
     private func send<Result: Codable & Sendable>(
         _ request: HTTPClientRequest, path: String, as type: Result.Type, timeout: TimeAmount? = nil, signed: Bool = false
+    ) async throws -> Result {
+        let first = current.withLock { $0 }
+        var failure: PoolClientError?
+        for offset in 0..<baseURLs.count {
+            let index = (first + offset) % baseURLs.count
+            var attempt = request
+            attempt.url = baseURLs[index] + path
+            do {
+                let result = try await send(attempt, to: baseURLs[index], path: path, as: type, timeout: timeout, signed: signed)
+                if index != first { current.withLock { $0 = index } }
+                return result
+            } catch let error as PoolClientError {
+                guard case .unreachable = error else { throw error }
+                failure = error
+            }
+        }
+        throw failure ?? PoolClientError.unreachable("no pool URL")
+    }
+
+    /// Sends `request` (for `path`) to `baseURL`; with `signed` and a pinned
+    /// key, a success must carry the pool's signature over this request's
+    /// fresh nonce, the request line and the body, or it is ``PoolClientError/forged(_:)``.
+    private func send<Result: Codable & Sendable>(
+        _ request: HTTPClientRequest, to baseURL: String, path: String, as type: Result.Type, timeout: TimeAmount?, signed: Bool
     ) async throws -> Result {
         var request = request
         request.headers.add(name: "Accept", value: "application/json")

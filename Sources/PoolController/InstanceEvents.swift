@@ -98,6 +98,7 @@ struct EventRelayService: Service {
     func run() async throws {
         let (outgoing, continuation) = AsyncStream.makeStream(of: InstanceEvent.self, bufferingPolicy: .bufferingNewest(10_000))
         events.relay { continuation.yield($0) }
+        defer { continuation.finish() }
         await cancelWhenGracefulShutdown {
             await withTaskGroup(of: Void.self) { group in
                 group.addTask {
@@ -111,9 +112,9 @@ struct EventRelayService: Service {
                         logger.error("events from the other replicas no longer arrive: \(error)")
                     }
                 }
-                await group.next()
-                continuation.finish()
-                group.cancelAll()
+                // Both run until shutdown cancels them (on SQLite there is
+                // nothing to follow, and announcing does nothing).
+                await group.waitForAll()
             }
         }
     }

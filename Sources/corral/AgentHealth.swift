@@ -29,7 +29,8 @@ enum AgentHealth {
             line("libvirt", "\(configuration.libvirtURI) does not answer: \(reason)", ok: "")
         }
         // The pool: it answers and knows this appliance's token.
-        line("pool", await poolProblem(configuration), ok: "\(configuration.poolURL) accepts this appliance's token")
+        let (poolProblem, answered) = await poolProblem(configuration)
+        line("pool", poolProblem, ok: "\(answered) accepts this appliance's token")
         // The outbox: reports the pool has not taken yet.
         do {
             let pending = try await store.pending(limit: 1000)
@@ -47,25 +48,33 @@ enum AgentHealth {
         return problems
     }
 
-    /// Why the pool cannot be used by this agent, or nil.
-    static func poolProblem(_ configuration: AgentConfiguration) async -> String? {
+    /// Why the pool cannot be used by this agent (nil when it can), and
+    /// the pool URL that answered (a fallback replica when the first did not).
+    static func poolProblem(_ configuration: AgentConfiguration) async -> (String?, String) {
         let token: String
-        do { token = try configuration.readToken() } catch let error as ConfigurationError { return error.reason } catch { return "\(error)" }
+        do {
+            token = try configuration.readToken()
+        } catch let error as ConfigurationError {
+            return (error.reason, configuration.poolURL)
+        } catch {
+            return ("\(error)", configuration.poolURL)
+        }
         var tls: TLSConfiguration?
         if let caFile = configuration.caFile {
-            do { tls = try PoolClient.tlsConfiguration(trusting: caFile) } catch { return "pool.ca_file: \(error)" }
+            do { tls = try PoolClient.tlsConfiguration(trusting: caFile) } catch { return ("pool.ca_file: \(error)", configuration.poolURL) }
         }
-        let client = PoolClient(baseURL: configuration.poolURL, token: token, version: Agent.version, timeout: .seconds(10), tls: tls)
+        let client = PoolClient(
+            baseURL: configuration.poolURL, fallbackURLs: configuration.fallbackPoolURLs, token: token, version: Agent.version,
+            timeout: .seconds(10), tls: tls)
+        defer { Task { await client.shutdown() } }
         do {
             _ = try await client.authorize()
-            await client.shutdown()
-            return nil
+            return (nil, client.baseURL)
         } catch PoolClientError.refused(let status, let message) {
-            await client.shutdown()
-            return "\(configuration.poolURL) refused this appliance (\(status)): \(message.prefix(200))"
+            return ("\(client.baseURL) refused this appliance (\(status)): \(message.prefix(200))", client.baseURL)
         } catch {
-            await client.shutdown()
-            return "\(configuration.poolURL) does not answer: \(error)"
+            let urls = client.baseURLs.joined(separator: " or ")
+            return ("\(urls) \(client.baseURLs.count > 1 ? "do" : "does") not answer: \(error)", client.baseURL)
         }
     }
 }

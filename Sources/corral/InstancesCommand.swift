@@ -26,7 +26,8 @@ extension Corral {
 
 /// Where the pool is and who is asking.
 struct UserAPIOptions: ParsableArguments {
-    @Option(help: "The pool's URL (default: CORRAL_POOL_URL, else http://127.0.0.1:8080).")
+    @Option(
+        help: "The pool's URL; replicas of one pool as a comma-separated list, tried in turn (default: CORRAL_POOL_URL, else http://127.0.0.1:8080).")
     var pool: String?
 
     @Option(help: "A file holding your user token, mode 0600 (default: CORRAL_TOKEN_FILE; CORRAL_TOKEN wins over both).")
@@ -40,9 +41,13 @@ struct UserAPIOptions: ParsableArguments {
     @Flag(help: "Print the API's JSON instead of a table.")
     var json = false
 
-    var poolURL: String {
-        let url = pool ?? ProcessInfo.processInfo.environment["CORRAL_POOL_URL"] ?? "http://127.0.0.1:8080"
-        return url.hasSuffix("/") ? String(url.dropLast()) : url
+    /// The pool's URLs: one, or several replicas of one pool.
+    var poolURLs: [String] {
+        let urls = pool ?? ProcessInfo.processInfo.environment["CORRAL_POOL_URL"] ?? "http://127.0.0.1:8080"
+        return urls.split(separator: ",").map { url in
+            let url = url.trimmingCharacters(in: .whitespaces)
+            return url.hasSuffix("/") ? String(url.dropLast()) : url
+        }
     }
 
     func token() -> String {
@@ -58,16 +63,22 @@ struct UserAPIOptions: ParsableArguments {
         }
     }
 
-    /// The shared client, or one that trusts only --pool-ca's certificates.
+    /// The shared client, or one that trusts only --pool-ca's certificates,
+    /// and with several replicas one that moves on from a refused
+    /// connection at once (rather than retrying it until the deadline).
     private func httpClient() throws -> HTTPClient {
-        guard let path = poolCA ?? ProcessInfo.processInfo.environment["CORRAL_POOL_CA"], !path.isEmpty else { return .shared }
-        let tls: TLSConfiguration
-        do {
-            tls = try PoolClient.tlsConfiguration(trusting: path)
-        } catch {
-            fail("--pool-ca: \(error)")
+        let path = poolCA ?? ProcessInfo.processInfo.environment["CORRAL_POOL_CA"]
+        guard path?.isEmpty == false || poolURLs.count > 1 else { return .shared }
+        var configuration = HTTPClient.Configuration()
+        if let path, !path.isEmpty {
+            do {
+                configuration.tlsConfiguration = try PoolClient.tlsConfiguration(trusting: path)
+            } catch {
+                fail("--pool-ca: \(error)")
+            }
         }
-        return HTTPClient(eventLoopGroup: HTTPClient.defaultEventLoopGroup, configuration: .init(tlsConfiguration: tls))
+        configuration.connectionPool.retryConnectionEstablishment = poolURLs.count == 1
+        return HTTPClient(eventLoopGroup: HTTPClient.defaultEventLoopGroup, configuration: configuration)
     }
 
     /// Sends a request and returns the `data` of the reply's envelope;
@@ -75,7 +86,7 @@ struct UserAPIOptions: ParsableArguments {
     func call<T: Codable & Sendable>(
         _ method: HTTPMethod, _ path: String, body: (any Encodable)? = nil, as type: T.Type = [ServerInstance].self
     ) async throws -> T {
-        var request = HTTPClientRequest(url: poolURL + path)
+        var request = HTTPClientRequest(url: "")
         request.method = method
         request.headers.add(name: "X-Auth-Token", value: token())
         if let body {
@@ -83,17 +94,24 @@ struct UserAPIOptions: ParsableArguments {
             request.body = .bytes(ByteBuffer(bytes: try JSONEncoder().encode(body)))
         }
         let client = try httpClient()
-        let reply: Result<(Int, ByteBuffer), any Error>
-        do {
-            let response = try await client.execute(request, timeout: .seconds(30))
-            reply = .success((Int(response.status.code), try await response.body.collect(upTo: 16 << 20)))
-        } catch {
-            reply = .failure(error)
+        // Replicas in turn: the next when one cannot be reached (a refusal is an answer).
+        var reply: Result<(Int, ByteBuffer), any Error> = .failure(ValidationError("--pool names no URL"))
+        var tried: [String] = []
+        for url in poolURLs {
+            request.url = url + path
+            do {
+                let response = try await client.execute(request, timeout: .seconds(30))
+                reply = .success((Int(response.status.code), try await response.body.collect(upTo: 16 << 20)))
+                break
+            } catch {
+                reply = .failure(error)
+                tried.append(url)
+            }
         }
         if client !== HTTPClient.shared { try? await client.shutdown() }
         guard case .success(let (status, bytes)) = reply else {
-            if case .failure(let error) = reply { fail("cannot reach the pool at \(poolURL): \(error)") }
-            fail("cannot reach the pool at \(poolURL)")
+            if case .failure(let error) = reply { fail("cannot reach the pool at \(tried.joined(separator: " or ")): \(error)") }
+            fail("cannot reach the pool at \(tried.joined(separator: " or "))")
         }
         let data = Data(bytes.readableBytesView)
         if let envelope = try? JSONDecoder().decode(ServerEnvelope<T>.self, from: data) {

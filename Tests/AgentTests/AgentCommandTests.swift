@@ -147,6 +147,34 @@ struct AgentCommandTests {
         #expect(!noLibvirt.stdout.contains(token) && !noLibvirt.stderr.contains(token), "the token is never printed")
     }
 
+    @Test("a pool URL that does not answer is passed over for the next replica in pool.fallback_urls")
+    func fallbackReplica() async throws {
+        let (harness, token, tokenFile, config) = try await Self.poolWithAppliance("fallback")
+        defer { Task { await harness.tearDown() } }
+        FileManager.default.createFile(atPath: tokenFile, contents: Data("\(token)\n".utf8), attributes: [.posixPermissions: 0o600])
+        let registered = try await runCorral([
+            "agent", "register", "--pool", harness.poolURL, "--token-file", tokenFile, "--config", config,
+            "--state-dir", harness.stateDirectory, "--uri", "test:///default", "--virt-type", "qemu",
+        ])
+        #expect(registered.status == 0, "\(registered.stderr)")
+        _ = try AgentStore(path: "\(harness.stateDirectory)/agent.sqlite")
+        // The first URL: a loopback port nothing listens on (a replica that is down).
+        let down = "http://127.0.0.1:9"
+        var configuration = try AgentConfiguration.load(path: config)
+        configuration.poolURL = down
+        configuration.fallbackPoolURLs = [harness.poolURL]
+        try configuration.rendered().write(toFile: config, atomically: true, encoding: .utf8)
+        #expect(try AgentConfiguration.load(path: config).fallbackPoolURLs == [harness.poolURL], "the file keeps the list")
+        let check = try await runCorral(["agent", "status", "--check", "--config", config])
+        #expect(check.status == 0, "\(check.stdout)\(check.stderr)")
+        #expect(check.stdout.contains("ok pool: \(harness.poolURL) accepts this appliance's token"), "\(check.stdout)")
+        // With every replica down, both are named.
+        await harness.stopPool()
+        let none = try await runCorral(["agent", "status", "--check", "--config", config])
+        #expect(none.status == 1)
+        #expect(none.stdout.contains("FAIL pool: \(down) or \(harness.poolURL) do not answer"), "\(none.stdout)")
+    }
+
     @Test("an agent whose token the pool refuses stops with the reason instead of retrying forever")
     func refusedToken() async throws {
         try await SystemLibvirt.shared {

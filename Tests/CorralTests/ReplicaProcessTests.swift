@@ -133,6 +133,12 @@ struct ReplicaProcessTests {
         }
         #expect([second, third].count(where: { $0.stderr.contains(Self.leaderLine) }) == 1, "\(second.stderr)\n\(third.stderr)")
         for (_, url) in replicas.dropFirst() { #expect(try await Self.send(url, .GET, "/readyz").0 == 200) }
+        // The user CLI passes over the killed replica to the next URL it is given.
+        let listed = try await runCorral(
+            ["instances", "list", "--json", "--pool", "\(firstURL),\(secondURL)"],
+            environment: ["CORRAL_TOKEN": tokens[1], "PATH": "/usr/bin:/bin"])
+        #expect(listed.status == 0, "\(listed.stderr)")
+        #expect((try JSONSerialization.jsonObject(with: Data(listed.stdout.utf8)) as? [Any])?.count == 3, "\(listed.stdout)")
         #expect(await second.terminate() == 0)
         #expect(await third.terminate() == 0)
     }

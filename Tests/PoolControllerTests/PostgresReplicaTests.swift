@@ -168,6 +168,51 @@ struct PostgresReplicaTests {
         for replica in replicas { #expect(try await replica.pendingActions(appliance: appliance).isEmpty) }
     }
 
+    @Test("an event one replica publishes reaches the other replica's watchers, and its own watchers once (no echo)")
+    func eventsCrossReplicas() async throws {
+        let replicas = try await Self.replicas(2)
+        let (events, otherEvents) = (InstanceEvents(), InstanceEvents())
+        let relays = [(replicas[0], events), (replicas[1], otherEvents)].map { store, events in
+            Task { try await EventRelayService(store: store, events: events, logger: quietLogger).run() }
+        }
+        defer { for relay in relays { relay.cancel() } }
+        let mine = try #require(events.watch { _ in true })
+        let theirs = try #require(otherEvents.watch { _ in true })
+        let event = InstanceEvent(name: "i-000000000001", state: .running, appliance: "rack-0", owner: "ops")
+        // The other replica hears once its relay has connected: publish until it does.
+        let first = Task { () -> InstanceEvent? in
+            for await item in theirs { if case .event(let received) = item { return received } }
+            return nil
+        }
+        let timeout = Task {
+            try await Task.sleep(for: .seconds(10))
+            first.cancel()
+        }
+        let publisher = Task { () -> Int in
+            var count = 0
+            while !Task.isCancelled {
+                events.publish(event)
+                count += 1
+                try? await Task.sleep(for: .milliseconds(200))
+            }
+            return count
+        }
+        let heard = await first.value
+        publisher.cancel()
+        timeout.cancel()
+        let published = await publisher.value
+        #expect(heard == event)
+        // This replica's own watcher got each publication once (not again from the database).
+        var own = 0
+        var ownIterator = mine.makeAsyncIterator()
+        for _ in 0..<published { if case .event? = await ownIterator.next() { own += 1 } }
+        #expect(own == published)
+        try await Task.sleep(for: .milliseconds(500))
+        otherEvents.heartbeat()
+        events.heartbeat()
+        #expect(await ownIterator.next() == .heartbeat, "no echo of its own events came back through the database")
+    }
+
     @Test("exactly one replica leads; when it goes, another takes over")
     func leadership() async throws {
         let replicas = try await Self.replicas(3)
