@@ -120,8 +120,8 @@ extension PostgresStore {
         let tail = try StoreRules.json(Array((report.consoleOutput ?? []).suffix(consoleLimit)))
         let expires = report.expires.map { Date(timeIntervalSince1970: TimeInterval($0)) }
         let ssh = try report.ssh.map { try StoreRules.json($0) }
-        return try await write { session in
-            let (applianceID, ownerID) = try await Self.applianceIDs(session, named: appliance)
+        return try await write(isolation: .readCommitted) { session in
+            let (applianceID, ownerID) = try await Self.lockAppliance(session, named: appliance)
             let previous = try await Self.ownedInstance(session, named: report.name, applianceID: applianceID)
             if let previous {
                 try await session.execute(
@@ -204,16 +204,17 @@ extension PostgresStore {
         }) {
             return unchanged
         }
-        return try await write { session in
-            let (applianceID, ownerID) = try await Self.applianceIDs(session, named: appliance)
+        return try await write(isolation: .readCommitted) { session in
+            let (applianceID, ownerID) = try await Self.lockAppliance(session, named: appliance)
             try await session.execute("UPDATE appliance SET lastSeen = \(date), stats = \(stats) WHERE id = \(applianceID)")
             if !request.done.isEmpty {
                 try await session.execute(
                     "UPDATE action SET doneAt = \(date) WHERE id = ANY(\(request.done)) AND applianceID = \(applianceID) AND doneAt IS NULL")
             }
-            var changes: [InstanceEvent] = []
-            var known = try await Self.reportedInstances(session, named: request.instances.map(\.name))
+            let names = request.instances.map(\.name)
+            var known = try await Self.reportedInstances(session, named: names)
             var seen: [Int] = []
+            var recorded: [String] = []
             for summary in request.instances {
                 if let existing = known[summary.name] {
                     // Another appliance's instance: its report is not this one's to make.
@@ -225,6 +226,7 @@ extension PostgresStore {
                     try await session.execute(
                         "UPDATE instance SET state = \(summary.state.rawValue), updatedAt = \(date) WHERE id = \(existing.id)")
                     known[summary.name]?.state = summary.state.rawValue
+                    recorded.append(summary.name)
                 } else {
                     try await Self.checkRecordRoom(session, applianceID: applianceID, appliance: appliance, adding: 1, most: maxInstances)
                     guard
@@ -236,13 +238,44 @@ extension PostgresStore {
                             """, as: Int.self)
                     else { throw PoolError.storage("instance '\(summary.name)' was not recorded") }
                     known[summary.name] = (id, applianceID, summary.state.rawValue, date)
+                    recorded.append(summary.name)
                 }
-                try await Self.claimReservation(session, instance: summary.name, at: date)
-                changes.append(try await Self.instance(session, named: summary.name).event)
+            }
+            // Pending reservations of the new and changed instances become their owners.
+            if !recorded.isEmpty,
+                try await session.row(
+                    "SELECT 1 FROM reservation JOIN instance ON instance.id = reservation.instanceID WHERE instance.name = ANY(\(recorded))"
+                ) != nil
+            {
+                for name in recorded { try await Self.claimReservation(session, instance: name, at: date) }
             }
             if !seen.isEmpty { try await session.execute("UPDATE instance SET reportedAt = \(date) WHERE id = ANY(\(seen))") }
-            return RecordedCheckIn(actions: try await Self.pendingActions(session, applianceID: applianceID), changes: changes)
+            // Each new or changed instance as it is now, in the summary's order.
+            var events: [String: InstanceEvent] = [:]
+            if !recorded.isEmpty {
+                for row in try await session.rows(
+                    """
+                    SELECT instance.name, instance.state, "user".name AS owner FROM instance JOIN "user" ON "user".id = instance.ownerID
+                    WHERE instance.name = ANY(\(recorded))
+                    """)
+                {
+                    let name: String = try row.get("name")
+                    events[name] = InstanceEvent(
+                        name: name, state: InstanceState(rawValue: try row.get("state")) ?? .inactive, appliance: appliance, owner: try row.get("owner"))
+                }
+            }
+            return RecordedCheckIn(
+                actions: try await Self.pendingActions(session, applianceID: applianceID), changes: recorded.compactMap { events[$0] })
         }
+    }
+
+    /// Locks the appliance's row for this transaction (its reports apply one
+    /// at a time); its id and owner's id.
+    static func lockAppliance(_ session: Session, named name: String) async throws -> (id: Int, ownerID: Int) {
+        guard let row = try await session.row("SELECT id, ownerID FROM appliance WHERE name = \(name) FOR UPDATE") else {
+            throw PoolError.notFound(what: "appliance", name: name)
+        }
+        return (try row.get("id"), try row.get("ownerID"))
     }
 
     // MARK: Actions

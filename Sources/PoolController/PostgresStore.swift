@@ -7,11 +7,18 @@ import PostgresNIO
 /// The pool's store on a PostgreSQL server, for a fleet that outgrows one
 /// pool machine: several `corral pool serve` replicas share one database.
 ///
-/// Every write is one SERIALIZABLE transaction, retried when PostgreSQL
-/// reports a serialization failure or a deadlock. So each rule that spans
-/// rows (limits, warm claims, one reservation per instance, placement room,
-/// instance ownership) holds across replicas exactly as it does under
-/// SQLite's single writer: the transactions behave as if run one at a time.
+/// Every write is one transaction, retried when PostgreSQL reports a
+/// serialization failure or a deadlock:
+/// - what users and the pool's passes change (creates and their limits,
+///   placements and room, warm claims, reservations, catalogue edits,
+///   housekeeping) runs SERIALIZABLE, so each rule that spans rows holds
+///   across replicas exactly as under SQLite's single writer;
+/// - what an appliance reports (check-ins, instance reports) runs READ
+///   COMMITTED holding its appliance's row lock (`FOR UPDATE`): one
+///   appliance's reports apply one at a time, different appliances' in
+///   parallel. Instance ownership rests on the unique instance name: of two
+///   appliances recording one name at once, the second waits, fails on the
+///   constraint, runs again and finds the instance is another's.
 /// Unique constraints back every name. Reads run outside transactions.
 ///
 /// Held check-ins wake across replicas through LISTEN/NOTIFY on
@@ -138,18 +145,26 @@ public final class PostgresStore: PoolStore {
         }
     }
 
-    /// Runs `body` in one SERIALIZABLE transaction, again from the start
-    /// when another transaction's commit made it fail to serialize. A
-    /// uniqueness failure is ``PoolError/alreadyExists(what:name:)`` when
-    /// `what` is given.
-    func write<T: Sendable>(what: String? = nil, name: String = "", _ body: (Session) async throws -> T) async throws -> T {
+    enum Isolation: String {
+        case serializable = "SERIALIZABLE"
+        /// For an appliance's own reports, which lock their appliance's row.
+        case readCommitted = "READ COMMITTED"
+    }
+
+    /// Runs `body` in one transaction, again from the start when another
+    /// transaction's commit made it fail to serialize (or, under READ
+    /// COMMITTED, made an insert fail on a unique name). A uniqueness
+    /// failure is ``PoolError/alreadyExists(what:name:)`` when `what` is given.
+    func write<T: Sendable>(
+        what: String? = nil, name: String = "", isolation: Isolation = .serializable, _ body: (Session) async throws -> T
+    ) async throws -> T {
         var attempt = 0
         while true {
             attempt += 1
             do {
                 let (value, woken) = try await client.withConnection { connection in
                     let session = Session(connection: connection, logger: logger)
-                    try await session.execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
+                    try await session.execute("BEGIN ISOLATION LEVEL \(unescaped: isolation.rawValue)")
                     do {
                         let value = try await body(session)
                         try await session.execute("COMMIT")
@@ -163,9 +178,10 @@ public final class PostgresStore: PoolStore {
                 return value
             } catch let error as PSQLError {
                 let state = error.serverInfo?[.sqlState]
-                if state == "40001" || state == "40P01", attempt < Self.maximumAttempts {
+                let lostRace = state == "40001" || state == "40P01" || (state == "23505" && isolation == .readCommitted)
+                if lostRace, attempt < Self.maximumAttempts {
                     // Back off a little, more each time, so the winners finish.
-                    try await Task.sleep(for: .microseconds(Int.random(in: 100...(1000 * min(attempt, 20)))))
+                    try await Task.sleep(for: .microseconds(Int.random(in: 100...(500 * min(attempt, 20)))))
                     continue
                 }
                 if state == "23505", let what { throw PoolError.alreadyExists(what: what, name: name) }
@@ -392,7 +408,7 @@ public final class PostgresStore: PoolStore {
     }
 
     public func recordCheckIn(_ name: String, block: ApplianceBlock, at date: Date) async throws -> Appliance {
-        try await write { session in
+        try await write(isolation: .readCommitted) { session in
             guard
                 try await session.execute(
                     """

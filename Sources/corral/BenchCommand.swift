@@ -26,6 +26,12 @@ struct BenchCommand: AsyncParsableCommand {
 /// Meanwhile `--users` simulated users create instances through
 /// `/v1/server-instance` and delete them. It stops after `--seconds` and
 /// prints the rates and latencies.
+///
+/// With a `postgres://` `--database` (an empty database), `--replicas`
+/// pools serve it, each with its own connections as separate processes
+/// would have, and the load is spread across them. With `--hold`, every
+/// appliance holds its check-ins open that long, as agents do (one
+/// connection each; `--connections` is then unused).
 struct PoolBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "pool", abstract: "Drive a pool on loopback with simulated appliances and users; print rates and latencies.")
@@ -35,69 +41,100 @@ struct PoolBench: AsyncParsableCommand {
     @Option(help: "Concurrent appliance connections (1 to 1024).") var connections = 16
     @Option(help: "Simulated users creating and deleting instances (0 to 64).") var users = 2
     @Option(help: "How long to drive the pool, in seconds (1 to 600).") var seconds = 20
-    @Option(help: "The pool database to create (default: a temporary file, removed afterwards).") var database: String?
+    @Option(
+        help: "The pool database: a SQLite file to create (default: a temporary file, removed afterwards), or an empty PostgreSQL database's postgres:// URL."
+    ) var database: String?
+    @Option(help: "Pools serving the database at once (1 to 8; more than 1 needs PostgreSQL).") var replicas = 1
+    @Option(help: "Seconds each check-in is held open while nothing is pending (0 to 60; 0: answered at once).") var hold = 0
     @Flag(help: "Print the results as JSON.") var json = false
 
     func validate() throws {
         for (name, value, range) in [
             ("--appliances", appliances, 1...20_000), ("--instances", instances, 0...1000), ("--connections", connections, 1...1024),
-            ("--users", users, 0...64), ("--seconds", seconds, 1...600),
+            ("--users", users, 0...64), ("--seconds", seconds, 1...600), ("--replicas", replicas, 1...8), ("--hold", hold, 0...60),
         ] where !range.contains(value) {
             throw ValidationError("\(name) must be from \(range.lowerBound) to \(range.upperBound) (it was \(value)).")
         }
-        if let database, FileManager.default.fileExists(atPath: database) {
+        let postgres = database.map(PostgresLocation.isURL) ?? false
+        if let database, !postgres, FileManager.default.fileExists(atPath: database) {
             throw ValidationError("--database \(database) exists; the benchmark makes a fresh one")
+        }
+        if replicas > 1, !postgres {
+            throw ValidationError("--replicas \(replicas) needs a postgres:// --database (one process serves a SQLite file)")
         }
     }
 
     func run() async throws {
         let scratch = database == nil ? FileManager.default.temporaryDirectory.appendingPathComponent("corral-bench-\(UUID().uuidString)") : nil
-        let path = database ?? scratch!.appendingPathComponent("pool.sqlite").path
+        let path = database ?? scratch.map { $0.appendingPathComponent("pool.sqlite").path } ?? "pool.sqlite"
         defer { if let scratch { try? FileManager.default.removeItem(at: scratch) } }
-        let store = try SQLiteStore(path: path)
-        let fleet = try await Fleet.provision(store, appliances: appliances, users: users)
-
         var configuration = PoolConfiguration(host: "127.0.0.1", port: 0)
         configuration.database = path
         configuration.limits.maxInstancesPerAppliance = max(1000, instances + 100)
-        let listening = AsyncStream.makeStream(of: Int.self)
+        configuration.maxConnections = max(configuration.maxConnections, appliances + users + 64)
         var logger = Logger(label: "corral.bench.pool")
         logger.logLevel = .error
-        let app = try buildPoolApplication(configuration: configuration, store: store, logger: logger) { _, port in
-            listening.continuation.yield(port)
+        var stores: [any PoolStore] = []
+        do {
+            for _ in 0..<replicas { stores.append(try await openPoolStore(configuration, logger: logger)) }
+        } catch let error as PoolError {
+            fail("\(error)")
         }
-        let services = ServiceGroup(
-            configuration: .init(services: [.init(service: app)], gracefulShutdownSignals: [], logger: logger))
-        let server = Task { try await services.run() }
-        var ports = listening.stream.makeAsyncIterator()
-        guard let port = await ports.next() else { fail("the pool did not start") }
-        let base = "http://127.0.0.1:\(port)"
+        guard try await stores[0].users().isEmpty else { fail("--database \(path) is not empty; the benchmark needs an empty one") }
+        let fleet = try await Fleet.provision(stores[0], appliances: appliances, users: users)
+
+        let listening = AsyncStream.makeStream(of: Int.self)
+        var services: [ServiceGroupConfiguration.ServiceConfiguration] = []
+        for store in stores {
+            let app = try buildPoolApplication(configuration: configuration, store: store, logger: logger) { _, port in
+                listening.continuation.yield(port)
+            }
+            services.append(.init(service: app))
+        }
+        let group = ServiceGroup(configuration: .init(services: services, gracefulShutdownSignals: [], logger: logger))
+        let server = Task { try await group.run() }
+        var bases: [String] = []
+        for await port in listening.stream {
+            bases.append("http://127.0.0.1:\(port)")
+            if bases.count == replicas { break }
+        }
+        guard bases.count == replicas else { fail("the pool did not start") }
 
         var clientConfiguration = HTTPClient.Configuration()
-        clientConfiguration.connectionPool = .init(idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: connections + users)
+        let perHost = (hold > 0 ? appliances : connections) + users
+        clientConfiguration.connectionPool = .init(idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: perHost)
         let http = HTTPClient(eventLoopGroup: HTTPClient.defaultEventLoopGroup, configuration: clientConfiguration)
         let results = Results()
         let deadline = ContinuousClock.now + .seconds(seconds)
         let started = ContinuousClock.now
+        let (instances, hold) = (self.instances, self.hold)
+        // Held check-ins: one loop per appliance, as agents run. Otherwise
+        // each worker checks its share in, one after another.
+        let workers = hold > 0 ? appliances : connections
         await withTaskGroup(of: Void.self) { group in
-            for worker in 0..<connections {
-                let mine = Array(stride(from: worker, to: fleet.appliances.count, by: connections))
+            for worker in 0..<workers {
+                let mine = Array(stride(from: worker, to: fleet.appliances.count, by: workers))
                 guard !mine.isEmpty else { continue }
+                let base = bases[worker % bases.count]
                 group.addTask {
                     await Self.appliancesLoop(
-                        mine.map { fleet.appliances[$0] }, instances: instances, base: base, http: http, results: results, until: deadline)
+                        mine.map { fleet.appliances[$0] }, instances: instances, hold: hold, base: base, http: http, results: results,
+                        until: deadline)
                 }
             }
-            for user in fleet.users {
+            for (index, user) in fleet.users.enumerated() {
+                let base = bases[index % bases.count]
                 group.addTask { await Self.userLoop(user, base: base, http: http, results: results, until: deadline) }
             }
         }
         let elapsed = ContinuousClock.now - started
         try await http.shutdown()
-        await services.triggerGracefulShutdown()
+        await group.triggerGracefulShutdown()
         _ = await server.result
 
-        let report = results.report(elapsed: elapsed, appliances: appliances, instances: instances, connections: connections, users: users)
+        let report = results.report(
+            elapsed: elapsed, appliances: appliances, instances: instances, connections: workers, users: users, replicas: replicas,
+            hold: hold, store: PostgresLocation.isURL(path) ? "postgresql" : "sqlite")
         if json {
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
@@ -110,7 +147,8 @@ struct PoolBench: AsyncParsableCommand {
     /// One connection's share of the fleet: check in for each appliance in
     /// turn until the deadline.
     static func appliancesLoop(
-        _ appliances: [Fleet.Appliance], instances: Int, base: String, http: HTTPClient, results: Results, until deadline: ContinuousClock.Instant
+        _ appliances: [Fleet.Appliance], instances: Int, hold: Int, base: String, http: HTTPClient, results: Results,
+        until deadline: ContinuousClock.Instant
     ) async {
         let stats = HypervisorStats(
             vcpus: Capacity(total: 1 << 20, free: 1 << 19), memoryMiB: Capacity(total: 1 << 30, free: 1 << 29),
@@ -122,7 +160,8 @@ struct PoolBench: AsyncParsableCommand {
                 let block = ApplianceBlock(apitoken: appliance.token, version: "bench")
                 var summaries = (0..<instances).map { InstanceSummary(name: "\(appliance.name)-\($0)", state: .running) }
                 summaries += started[index].sorted().map { InstanceSummary(name: $0, state: .running) }
-                let checkIn = CheckInRequest(appliance: block, stats: stats, instances: summaries, done: done[index])
+                let checkIn = CheckInRequest(
+                    appliance: block, stats: stats, instances: summaries, done: done[index], holdSeconds: hold > 0 ? hold : nil)
                 let begun = ContinuousClock.now
                 guard let reply = await post(http, base + "/api/v1/broker/", checkIn, as: Envelope<CheckInResult>.self, results: results)?.result
                 else { continue }
@@ -213,7 +252,7 @@ struct Fleet: Sendable {
     var appliances: [Appliance]
     var users: [User]
 
-    static func provision(_ store: SQLiteStore, appliances count: Int, users userCount: Int) async throws -> Fleet {
+    static func provision(_ store: any PoolStore, appliances count: Int, users userCount: Int) async throws -> Fleet {
         _ = try await store.addUser(name: "bench-owner", superuser: true, maxInstances: 1_000_000, tokenDigest: Token.digest(Token.generate()))
         try await store.addFlavor(Flavor(name: "bench", vcpus: 1, memory: 512, disk: 5))
         try await store.addImage(Image(name: "bench", url: "http://127.0.0.1:9/bench.qcow2", loginUser: "debian"))
@@ -267,14 +306,17 @@ final class Results: Sendable {
         var instancesPerCheckIn: Int
         var connections: Int
         var users: Int
+        var replicas: Int
+        var holdSeconds: Int
+        var store: String
         var lines: [String: Line]
         /// Failed requests by HTTP status (0: no reply).
         var failures: [String: Int]
 
         var text: String {
-            var out = String(
-                format: "%d appliances x %d instances, %d connections, %d users, %.1f s\n", appliances, instancesPerCheckIn, connections, users,
-                seconds)
+            var out =
+                "\(store) x \(replicas), \(appliances) appliances x \(instancesPerCheckIn) instances, \(connections) connections, "
+                + "\(users) users, hold \(holdSeconds) s, " + String(format: "%.1f s\n", seconds)
             for kind in Kind.allCases {
                 guard let line = lines[kind.rawValue] else { continue }
                 let name = kind.rawValue.padding(toLength: 11, withPad: " ", startingAt: 0)
@@ -286,7 +328,9 @@ final class Results: Sendable {
         }
     }
 
-    func report(elapsed: Duration, appliances: Int, instances: Int, connections: Int, users: Int) -> Report {
+    func report(
+        elapsed: Duration, appliances: Int, instances: Int, connections: Int, users: Int, replicas: Int, hold: Int, store: String
+    ) -> Report {
         let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
         var lines: [String: Report.Line] = [:]
         for (kind, values) in latencies.withLock({ $0 }) where !values.isEmpty {
@@ -303,6 +347,6 @@ final class Results: Sendable {
         let failures = Dictionary(uniqueKeysWithValues: refusals.withLock { $0 }.map { ("\($0.key)", $0.value) })
         return Report(
             seconds: (seconds * 10).rounded() / 10, appliances: appliances, instancesPerCheckIn: instances, connections: connections, users: users,
-            lines: lines, failures: failures)
+            replicas: replicas, holdSeconds: hold, store: store, lines: lines, failures: failures)
     }
 }
