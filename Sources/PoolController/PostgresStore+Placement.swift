@@ -270,13 +270,18 @@ extension PostgresStore {
             name: request.flavor, vcpus: try flavor.get("vcpus"), memory: try flavor.get("memory"), disk: try flavor.get("disk"))
         let seenSince = date.addingTimeInterval(-TimeInterval(staleAfter))
         var best: (id: Int, score: (Int, Int))?
+        // Every candidate with its unacknowledged starts' flavors, in one query.
         for row in try await session.rows(
             """
-            SELECT id, name, stats FROM appliance WHERE enabled AND lastSeen >= \(seenSince)
+            SELECT appliance.id, appliance.stats,
+            ARRAY(SELECT instance.flavor FROM action JOIN instance ON instance.id = action.instanceID
+                  WHERE action.applianceID = appliance.id AND action.kind = 'start' AND action.doneAt IS NULL
+                  AND instance.flavor IS NOT NULL) AS pending
+            FROM appliance WHERE enabled AND lastSeen >= \(seenSince)
             AND (\(request.region)::text IS NULL OR region = \(request.region)::text) ORDER BY name
             """)
         {
-            guard let free = try await freeRoom(session, applianceID: try row.get("id"), stats: try row.get("stats")),
+            guard let free = StoreRules.freeRoom(stats: try row.get("stats"), pending: try row.get("pending")),
                 let score = StoreRules.placementScore(of: size, in: free)
             else { continue }
             if let current = best, current.score >= score { continue }

@@ -43,6 +43,10 @@ public final class PostgresStore: PoolStore {
         let location = try PostgresLocation(url: url)
         let store = try PostgresStore(location: location, logger: logger, maximumConnections: maximumConnections)
         do {
+            // One connection of its own first: the pool's errors hide the server's reason.
+            let connection = try await PostgresConnection.connect(
+                configuration: try location.connectionConfiguration(), id: 0, logger: logger)
+            try await connection.close()
             try await store.migrate()
         } catch {
             store.close()

@@ -46,6 +46,8 @@ struct PoolBench: AsyncParsableCommand {
     ) var database: String?
     @Option(help: "Pools serving the database at once (1 to 8; more than 1 needs PostgreSQL).") var replicas = 1
     @Option(help: "Seconds each check-in is held open while nothing is pending (0 to 60; 0: answered at once).") var hold = 0
+    @Flag(help: "Serve the pools as `corral pool serve` processes of their own rather than in this one (for fleets beyond one process's open files).")
+    var processes = false
     @Flag(help: "Print the results as JSON.") var json = false
 
     func validate() throws {
@@ -85,6 +87,26 @@ struct PoolBench: AsyncParsableCommand {
 
         let listening = AsyncStream.makeStream(of: Int.self)
         var services: [ServiceGroupConfiguration.ServiceConfiguration] = []
+        var children: [ServingProcess] = []
+        if processes {
+            // The pools' own configuration file: the bench's limits, logs at errors only.
+            let file = FileManager.default.temporaryDirectory.appendingPathComponent("corral-bench-\(UUID().uuidString).toml")
+            try """
+                [server]
+                max_connections = \(configuration.maxConnections)
+                [limits]
+                max_instances_per_appliance = \(configuration.limits.maxInstancesPerAppliance)
+                """.write(to: file, atomically: true, encoding: .utf8)
+            defer { try? FileManager.default.removeItem(at: file) }
+            for store in stores { (store as? PostgresStore)?.close() }
+            stores = []
+            for _ in 0..<replicas {
+                let child = try ServingProcess(["pool", "serve", "--database", path, "--config", file.path, "--port", "0", "--log-level", "error"])
+                children.append(child)
+                guard let port = await child.port(within: .seconds(60)) else { fail("a pool process did not start: \(child.errors)") }
+                listening.continuation.yield(port)
+            }
+        }
         for store in stores {
             let app = try buildPoolApplication(configuration: configuration, store: store, logger: logger) { _, port in
                 listening.continuation.yield(port)
@@ -131,6 +153,7 @@ struct PoolBench: AsyncParsableCommand {
         try await http.shutdown()
         await group.triggerGracefulShutdown()
         _ = await server.result
+        for child in children { child.stop() }
 
         let report = results.report(
             elapsed: elapsed, appliances: appliances, instances: instances, connections: workers, users: users, replicas: replicas,
@@ -348,5 +371,62 @@ final class Results: Sendable {
         return Report(
             seconds: (seconds * 10).rounded() / 10, appliances: appliances, instancesPerCheckIn: instances, connections: connections, users: users,
             replicas: replicas, holdSeconds: hold, store: store, lines: lines, failures: failures)
+    }
+}
+
+/// A `corral pool serve` started by the benchmark: its port, from the line
+/// it prints when it listens.
+final class ServingProcess: Sendable {
+    private let process: Process
+    private let output: Pipe
+    private let errorOutput: Pipe
+
+    init(_ arguments: [String]) throws {
+        process = Process()
+        process.executableURL = URL(fileURLWithPath: "/proc/self/exe")
+        process.arguments = arguments
+        output = Pipe()
+        errorOutput = Pipe()
+        process.standardOutput = output
+        process.standardError = errorOutput
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+    }
+
+    /// The port it listens on, or nil when it says nothing within `limit`.
+    func port(within limit: Duration) async -> Int? {
+        let handle = output.fileHandleForReading
+        let reading = Task.detached { () -> Int? in
+            var text = ""
+            while true {
+                let data = handle.availableData
+                guard !data.isEmpty else { return nil }
+                text += String(decoding: data, as: UTF8.self)
+                if let line = text.split(separator: "\n").first(where: { $0.hasPrefix("pool listening on ") }),
+                    let port = line.split(separator: ":").last.flatMap({ Int($0) })
+                {
+                    return port
+                }
+            }
+        }
+        let timeout = Task {
+            try await Task.sleep(for: limit)
+            reading.cancel()
+            self.stop()
+        }
+        let port = await reading.value
+        timeout.cancel()
+        return port
+    }
+
+    /// What it wrote to standard error (when it failed to start).
+    var errors: String {
+        String(decoding: errorOutput.fileHandleForReading.availableData.prefix(2000), as: UTF8.self)
+    }
+
+    func stop() {
+        guard process.isRunning else { return }
+        process.terminate()
+        process.waitUntilExit()
     }
 }

@@ -11,7 +11,7 @@ extension Corral {
         static let configuration = CommandConfiguration(
             abstract: "Run and administer the pool controller.",
             subcommands: [
-                Serve.self, Init.self, Migrate.self, SigningKey.self, Users.self, Appliances.self, Flavors.self, Images.self, Wisps.self,
+                Serve.self, Init.self, Migrate.self, Copy.self, SigningKey.self, Users.self, Appliances.self, Flavors.self, Images.self, Wisps.self,
                 Templates.self, Instances.self, Reservations.self,
             ]
         )
@@ -158,6 +158,35 @@ extension Corral.Pool {
             let configuration = store.configuration()
             _ = try await store.open(configuration)
             print("pool database ready at \(PoolDatabaseOptions.describe(configuration.database))")
+        }
+    }
+
+    struct Copy: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Copy a SQLite pool database into an empty PostgreSQL database (to move a pool to PostgreSQL).",
+            discussion: """
+                Stop the pool first (`corral pool serve` writes the file). Every row comes along with its id: tokens, \
+                the signing key agents pinned, instances, actions, reservations, timelines and keys. The PostgreSQL \
+                database must hold no pool yet; the copy is one transaction, so a failure leaves it empty.
+                """)
+
+        @Option(help: "The SQLite pool database to copy from.") var from: String
+        @Option(help: "The PostgreSQL database to copy into: postgres://USER:PASSWORD@HOST:PORT/DATABASE.") var to: String
+
+        func validate() throws {
+            guard PostgresLocation.isURL(to) else { throw ValidationError("--to must be a postgres:// URL (it was '\(to.prefix(100))').") }
+            guard FileManager.default.fileExists(atPath: from) else { throw ValidationError("--from \(from): no such SQLite database.") }
+        }
+
+        func run() async throws {
+            let copied = try await administer {
+                let source = try SQLiteStore(path: from)
+                let target = try await PostgresStore.open(url: to, logger: PoolDatabaseOptions.quietLogger)
+                defer { target.close() }
+                return try await target.copyRows(from: source)
+            }
+            for table in copied { print("\(table.table): \(table.rows) rows") }
+            print("copied \(from) into \(PoolDatabaseOptions.describe(to)); point database.url at it and start the pool")
         }
     }
 
