@@ -77,7 +77,12 @@ public struct PostgresLocation: Sendable, Equatable {
         var configuration = TLSConfiguration.makeClientConfiguration()
         if tls == .require { configuration.certificateVerification = .none }
         if let rootCertificate {
-            configuration.trustRoots = .certificates(try NIOSSLCertificate.fromPEMFile(rootCertificate))
+            let certificates = try? NIOSSLCertificate.fromPEMFile(rootCertificate)
+            guard let certificates, !certificates.isEmpty else {
+                throw PoolError.invalid(
+                    field: "database.url", reason: "sslrootcert \(rootCertificate) holds no PEM certificate that can be read")
+            }
+            configuration.trustRoots = .certificates(certificates)
         }
         return configuration
     }

@@ -88,16 +88,21 @@ struct AgentCommandTests {
         #expect(disabled.stderr.contains("has disabled this appliance (409)"))
     }
 
-    @Test("status --check: exit 0 when libvirt and the pool answer and no report waits long; exit 1 naming what failed")
-    func statusCheck() async throws {
-        let (harness, token, tokenFile, config) = try await Self.poolWithAppliance("check")
-        defer { Task { await harness.tearDown() } }
+    /// Writes the token file and registers the appliance on the test driver.
+    static func register(_ harness: Harness, token: String, tokenFile: String, config: String) async throws {
         FileManager.default.createFile(atPath: tokenFile, contents: Data("\(token)\n".utf8), attributes: [.posixPermissions: 0o600])
         let registered = try await runCorral([
             "agent", "register", "--pool", harness.poolURL, "--token-file", tokenFile, "--config", config,
             "--state-dir", harness.stateDirectory, "--uri", "test:///default", "--virt-type", "qemu",
         ])
         #expect(registered.status == 0, "\(registered.stderr)")
+    }
+
+    @Test("status --check: exit 0 when libvirt and the pool answer and no report waits long; exit 1 naming what failed")
+    func statusCheck() async throws {
+        let (harness, token, tokenFile, config) = try await Self.poolWithAppliance("check")
+        defer { Task { await harness.tearDown() } }
+        try await Self.register(harness, token: token, tokenFile: tokenFile, config: config)
         func check(_ extra: [String] = []) async throws -> CommandResult {
             try await runCorral(["agent", "status", "--check", "--config", config] + extra)
         }
@@ -151,12 +156,7 @@ struct AgentCommandTests {
     func fallbackReplica() async throws {
         let (harness, token, tokenFile, config) = try await Self.poolWithAppliance("fallback")
         defer { Task { await harness.tearDown() } }
-        FileManager.default.createFile(atPath: tokenFile, contents: Data("\(token)\n".utf8), attributes: [.posixPermissions: 0o600])
-        let registered = try await runCorral([
-            "agent", "register", "--pool", harness.poolURL, "--token-file", tokenFile, "--config", config,
-            "--state-dir", harness.stateDirectory, "--uri", "test:///default", "--virt-type", "qemu",
-        ])
-        #expect(registered.status == 0, "\(registered.stderr)")
+        try await Self.register(harness, token: token, tokenFile: tokenFile, config: config)
         _ = try AgentStore(path: "\(harness.stateDirectory)/agent.sqlite")
         // The first URL: a loopback port nothing listens on (a replica that is down).
         let down = "http://127.0.0.1:9"

@@ -213,6 +213,29 @@ struct PostgresReplicaTests {
         #expect(await ownIterator.next() == .heartbeat, "no echo of its own events came back through the database")
     }
 
+    @Test("a bad database URL is refused naming the part, and the password is never shown")
+    func badURLs() async throws {
+        let server = try TestStores.server()
+        let base = "postgres://\(server.user):\(server.password ?? "")@\(server.host):\(server.port)"
+        for (url, expected) in [
+            ("\(base)/postgres?sslmode=verify-full&sslrootcert=/nonexistent.pem", "sslrootcert /nonexistent.pem holds no PEM certificate"),
+            ("\(base)/postgres?sslmode=sometimes", "sslmode must be disable, require or verify-full"),
+            ("\(base)/postgres?sslrootcert=relative.pem", "sslrootcert must be an absolute path"),
+            ("\(base)/postgres?application_name=x", "unknown parameter 'application_name'"),
+            ("\(base)/", "it names no database"),
+            ("postgres://\(server.host)/postgres", "it names no user"),
+            ("\(base)/no_such_database_here", "database \"no_such_database_here\" does not exist"),
+        ] {
+            do {
+                _ = try await PostgresStore.open(url: url, logger: quietLogger, maximumConnections: 1)
+                Issue.record("\(url) was accepted")
+            } catch let error as PoolError {
+                #expect("\(error)".contains(expected), "\(error)")
+                if let password = server.password { #expect(!"\(error)".contains(password), "the password is never shown") }
+            }
+        }
+    }
+
     @Test("exactly one replica leads; when it goes, another takes over")
     func leadership() async throws {
         let replicas = try await Self.replicas(3)
