@@ -151,7 +151,8 @@ struct PostgresReplicaTests {
             _ = try await queuer.enqueueAction(.reboot, instance: placed.name, expires: nil, at: Date())
             for await _ in changes {
                 woke = true
-                #expect(ContinuousClock.now - started < .seconds(1))
+                // At once, not at the end of a hold (loaded CI machines took 1.7 s).
+                #expect(ContinuousClock.now - started < .seconds(5))
                 break
             }
         }
@@ -246,7 +247,8 @@ struct PostgresReplicaTests {
         #expect(await !replicas[1].leads())
         replicas[0].close()
         var next: [Int] = []
-        let deadline = ContinuousClock.now + .seconds(10)
+        // Within seconds when idle; the bound is for a machine busy with the rest of the suite.
+        let deadline = ContinuousClock.now + .seconds(60)
         while next.isEmpty, ContinuousClock.now < deadline {
             try await Task.sleep(for: .milliseconds(100))
             for index in 1...2 where await replicas[index].leads() { next.append(index) }
