@@ -237,7 +237,7 @@ struct PostgresReplicaTests {
         }
     }
 
-    @Test("exactly one replica leads; when it goes, another takes over")
+    @Test("exactly one replica leads; when its connection drops, another takes over and the old one knows")
     func leadership() async throws {
         let replicas = try await Self.replicas(3)
         var leaders: [Int] = []
@@ -245,7 +245,16 @@ struct PostgresReplicaTests {
         #expect(leaders == [0], "the first to ask leads, the others do not")
         #expect(await replicas[0].leads(), "a leader keeps leading")
         #expect(await !replicas[1].leads())
-        replicas[0].close()
+        // The leader dies as a killed process does: its connection drops
+        // (here the server ends it), and PostgreSQL releases the lock.
+        let ended = try await replicas[1].read { session in
+            try await session.value(
+                """
+                SELECT count(pg_terminate_backend(pid)) FROM pg_locks
+                WHERE locktype = 'advisory' AND granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                """, as: Int.self)
+        }
+        #expect(ended == 1, "the leader's one connection")
         var next: [Int] = []
         // Within seconds when idle; the bound is for a machine busy with the rest of the suite.
         let deadline = ContinuousClock.now + .seconds(60)
@@ -254,5 +263,6 @@ struct PostgresReplicaTests {
             for index in 1...2 where await replicas[index].leads() { next.append(index) }
         }
         #expect(next.count == 1, "one of the others took over: \(next)")
+        #expect(await !replicas[0].leads(), "the old leader notices it lost the lock and does not take it back")
     }
 }
