@@ -48,6 +48,10 @@ struct PoolBench: AsyncParsableCommand {
     @Option(help: "Seconds each check-in is held open while nothing is pending (0 to 60; 0: answered at once).") var hold = 0
     @Flag(help: "Serve the pools as `corral pool serve` processes of their own rather than in this one (for fleets beyond one process's open files).")
     var processes = false
+    @Flag(help: "Give every appliance its instance records before the run, as its first check-in would, so the run measures the steady state.")
+    var seed = false
+    @Option(help: "Kill the first pool process (SIGKILL) this many seconds in, and start it again on its port a second later (needs --processes).")
+    var killReplicaAfter: Int?
     @Flag(help: "Print the results as JSON.") var json = false
 
     func validate() throws {
@@ -64,6 +68,12 @@ struct PoolBench: AsyncParsableCommand {
         if replicas > 1, !postgres {
             throw ValidationError("--replicas \(replicas) needs a postgres:// --database (one process serves a SQLite file)")
         }
+        if let killReplicaAfter {
+            guard processes else { throw ValidationError("--kill-replica-after needs --processes (it kills a pool process)") }
+            guard (1..<seconds).contains(killReplicaAfter) else {
+                throw ValidationError("--kill-replica-after must be from 1 to \(seconds - 1), within --seconds (it was \(killReplicaAfter)).")
+            }
+        }
     }
 
     func run() async throws {
@@ -73,7 +83,7 @@ struct PoolBench: AsyncParsableCommand {
         var configuration = PoolConfiguration(host: "127.0.0.1", port: 0)
         configuration.database = path
         configuration.limits.maxInstancesPerAppliance = max(1000, instances + 100)
-        configuration.maxConnections = max(configuration.maxConnections, appliances + users + 64)
+        configuration.maxConnections = max(configuration.maxConnections, appliances + 2 * users + 64)
         var logger = Logger(label: "corral.bench.pool")
         logger.logLevel = .error
         var stores: [any PoolStore] = []
@@ -84,24 +94,29 @@ struct PoolBench: AsyncParsableCommand {
         }
         guard try await stores[0].users().isEmpty else { fail("--database \(path) is not empty; the benchmark needs an empty one") }
         let fleet = try await Fleet.provision(stores[0], appliances: appliances, users: users)
+        if seed {
+            let begun = ContinuousClock.now
+            try await fleet.seed(stores, instances: instances, maxInstances: configuration.limits.maxInstancesPerAppliance)
+            print("seeded \(appliances * instances) instance records in \(begun.duration(to: .now))")
+        }
 
         let listening = AsyncStream.makeStream(of: Int.self)
         var services: [ServiceGroupConfiguration.ServiceConfiguration] = []
         var children: [ServingProcess] = []
+        // The pools' own configuration file: the bench's limits, logs at errors only.
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent("corral-bench-\(UUID().uuidString).toml")
+        defer { try? FileManager.default.removeItem(at: file) }
         if processes {
-            // The pools' own configuration file: the bench's limits, logs at errors only.
-            let file = FileManager.default.temporaryDirectory.appendingPathComponent("corral-bench-\(UUID().uuidString).toml")
             try """
                 [server]
                 max_connections = \(configuration.maxConnections)
                 [limits]
                 max_instances_per_appliance = \(configuration.limits.maxInstancesPerAppliance)
                 """.write(to: file, atomically: true, encoding: .utf8)
-            defer { try? FileManager.default.removeItem(at: file) }
             for store in stores { (store as? PostgresStore)?.close() }
             stores = []
             for _ in 0..<replicas {
-                let child = try ServingProcess(["pool", "serve", "--database", path, "--config", file.path, "--port", "0", "--log-level", "error"])
+                let child = try ServingProcess(["pool", "serve", "--database", path, "--config", file.path, "--log-level", "error"], port: 0)
                 children.append(child)
                 guard let port = await child.port(within: .seconds(60)) else { fail("a pool process did not start: \(child.errors)") }
                 listening.continuation.yield(port)
@@ -121,43 +136,85 @@ struct PoolBench: AsyncParsableCommand {
             if bases.count == replicas { break }
         }
         guard bases.count == replicas else { fail("the pool did not start") }
+        let serving = bases
 
         var clientConfiguration = HTTPClient.Configuration()
-        let perHost = (hold > 0 ? appliances : connections) + users
+        let perHost = (hold > 0 ? appliances : connections) + 2 * users
         clientConfiguration.connectionPool = .init(idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: perHost)
         let http = HTTPClient(eventLoopGroup: HTTPClient.defaultEventLoopGroup, configuration: clientConfiguration)
-        let results = Results()
-        let deadline = ContinuousClock.now + .seconds(seconds)
         let started = ContinuousClock.now
+        let deadline = started + .seconds(seconds)
+        let results = Results(until: deadline)
+        let verifier = Verifier(users: fleet.users.count)
         let (instances, hold) = (self.instances, self.hold)
+        // Mid-run (or when a replica is killed): each limited user asks for
+        // twice its limit at once, spread over the replicas.
+        let burstAt = started + .seconds(killReplicaAfter ?? max(1, seconds / 2))
+        let burst = Task { () -> [String: Verifier.Burst] in
+            try? await Task.sleep(until: burstAt)
+            return await Self.limitBurst(fleet.limited, bases: serving, http: http)
+        }
+        let first = children.first
+        let killer = Task { () -> (ServingProcess, Duration)? in
+            guard let killReplicaAfter, let first else { return nil }
+            try? await Task.sleep(until: started + .seconds(killReplicaAfter) + .milliseconds(20))
+            let killed = ContinuousClock.now
+            first.kill()
+            try? await Task.sleep(for: .seconds(1))
+            guard let again = try? ServingProcess(first.arguments, port: first.listeningPort ?? 0) else { fail("could not start the killed pool again") }
+            guard await again.port(within: .seconds(60)) != nil else { fail("the killed pool did not start again: \(again.errors)") }
+            return (again, killed.duration(to: .now))
+        }
         // Held check-ins: one loop per appliance, as agents run. Otherwise
-        // each worker checks its share in, one after another.
+        // each worker checks its share in, one after another. The
+        // appliances go on past the deadline until the users have seen
+        // their last instances started (at most 35 s).
         let workers = hold > 0 ? appliances : connections
         await withTaskGroup(of: Void.self) { group in
             for worker in 0..<workers {
                 let mine = Array(stride(from: worker, to: fleet.appliances.count, by: workers))
                 guard !mine.isEmpty else { continue }
-                let base = bases[worker % bases.count]
+                let base = serving[worker % serving.count]
                 group.addTask {
                     await Self.appliancesLoop(
                         mine.map { fleet.appliances[$0] }, instances: instances, hold: hold, base: base, http: http, results: results,
-                        until: deadline)
+                        verifier: verifier
+                    ) { ContinuousClock.now < deadline || (verifier.usersRunning > 0 && ContinuousClock.now < deadline + .seconds(35)) }
                 }
             }
             for (index, user) in fleet.users.enumerated() {
-                let base = bases[index % bases.count]
-                group.addTask { await Self.userLoop(user, base: base, http: http, results: results, until: deadline) }
+                let base = serving[index % serving.count]
+                group.addTask {
+                    await Self.userLoop(user, base: base, http: http, results: results, verifier: verifier, until: deadline)
+                    verifier.userFinished()
+                }
             }
         }
-        let elapsed = ContinuousClock.now - started
+        let bursts = await burst.value
+        let restarted = await killer.value
+        let peaks = (children + (restarted.map { [$0.0] } ?? [])).compactMap(\.peakResidentMiB)
         try await http.shutdown()
         await group.triggerGracefulShutdown()
         _ = await server.result
         for child in children { child.stop() }
+        restarted?.0.stop()
 
+        // What the database holds for each limited user, once every pool has stopped.
+        let checker: any PoolStore = try await openPoolStore(configuration, logger: logger)
+        var held: [String: Int] = [:]
+        for user in fleet.limited {
+            held[user.name] = try await checker.instancesPage(
+                owners: [user.name], sharedWith: nil, includeWarm: true, ownerID: nil, after: nil, limit: 100
+            ).count
+        }
+        (checker as? PostgresStore)?.close()
+        for store in stores { (store as? PostgresStore)?.close() }
+
+        let checks = verifier.checks(bursts: bursts, held: held, limit: Fleet.limit)
         let report = results.report(
-            elapsed: elapsed, appliances: appliances, instances: instances, connections: workers, users: users, replicas: replicas,
-            hold: hold, store: PostgresLocation.isURL(path) ? "postgresql" : "sqlite")
+            elapsed: started.duration(to: min(ContinuousClock.now, deadline)), appliances: appliances, instances: instances, connections: workers,
+            users: users, replicas: replicas, hold: hold, store: PostgresLocation.isURL(path) ? "postgresql" : "sqlite", checks: checks,
+            poolPeakResidentMiB: peaks.max(), replicaDownSeconds: restarted.map { Results.seconds($0.1) })
         if json {
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
@@ -165,21 +222,52 @@ struct PoolBench: AsyncParsableCommand {
         } else {
             print(report.text)
         }
+        if !checks.violations.isEmpty { throw ExitCode(1) }
+    }
+
+    /// Each limited user asks for twice its limit at once, round-robin over
+    /// the replicas; what came back.
+    static func limitBurst(_ users: [Fleet.User], bases: [String], http: HTTPClient) async -> [String: Verifier.Burst] {
+        await withTaskGroup(of: (String, Int?).self) { group in
+            for user in users {
+                for index in 0..<(2 * Fleet.limit) {
+                    let base = bases[index % bases.count]
+                    group.addTask {
+                        var request = HTTPClientRequest(url: base + "/v1/server-instance")
+                        request.method = .POST
+                        request.headers.add(name: "X-Auth-Token", value: user.token)
+                        request.body = .bytes(ByteBuffer(string: #"{"server-image": "bench", "server-flavor": "bench"}"#))
+                        guard let response = try? await http.execute(request, timeout: .seconds(30)) else { return (user.name, nil) }
+                        _ = try? await response.body.collect(upTo: 1 << 20)
+                        return (user.name, Int(response.status.code))
+                    }
+                }
+            }
+            var bursts: [String: Verifier.Burst] = [:]
+            for await (name, status) in group {
+                switch status {
+                case .some(200..<300): bursts[name, default: .init()].created += 1
+                case .some(409): bursts[name, default: .init()].refused += 1
+                default: bursts[name, default: .init()].unanswered += 1
+                }
+            }
+            return bursts
+        }
     }
 
     /// One connection's share of the fleet: check in for each appliance in
-    /// turn until the deadline.
+    /// turn while `running` says so.
     static func appliancesLoop(
-        _ appliances: [Fleet.Appliance], instances: Int, hold: Int, base: String, http: HTTPClient, results: Results,
-        until deadline: ContinuousClock.Instant
+        _ appliances: [Fleet.Appliance], instances: Int, hold: Int, base: String, http: HTTPClient, results: Results, verifier: Verifier,
+        while running: @Sendable () -> Bool
     ) async {
         let stats = HypervisorStats(
             vcpus: Capacity(total: 1 << 20, free: 1 << 19), memoryMiB: Capacity(total: 1 << 30, free: 1 << 29),
             diskGiB: Capacity(total: 1 << 30, free: 1 << 29), running: instances)
         var done = [[String]](repeating: [], count: appliances.count)
         var started = [Set<String>](repeating: [], count: appliances.count)
-        while ContinuousClock.now < deadline {
-            for (index, appliance) in appliances.enumerated() where ContinuousClock.now < deadline {
+        while running() {
+            for (index, appliance) in appliances.enumerated() where running() {
                 let block = ApplianceBlock(apitoken: appliance.token, version: "bench")
                 var summaries = (0..<instances).map { InstanceSummary(name: "\(appliance.name)-\($0)", state: .running) }
                 summaries += started[index].sorted().map { InstanceSummary(name: $0, state: .running) }
@@ -187,8 +275,12 @@ struct PoolBench: AsyncParsableCommand {
                     appliance: block, stats: stats, instances: summaries, done: done[index], holdSeconds: hold > 0 ? hold : nil)
                 let begun = ContinuousClock.now
                 guard let reply = await post(http, base + "/api/v1/broker/", checkIn, as: Envelope<CheckInResult>.self, results: results)?.result
-                else { continue }
-                results.record(.checkIn, ContinuousClock.now - begun)
+                else {
+                    try? await Task.sleep(for: .milliseconds(100))  // its pool is down: try again shortly
+                    continue
+                }
+                results.record(.checkIn, begun)
+                verifier.delivered(reply.actions, to: appliance.name, acknowledged: done[index])
                 done[index] = reply.actions.map(\.id)
                 for action in reply.actions {
                     switch action.kind {
@@ -197,7 +289,7 @@ struct PoolBench: AsyncParsableCommand {
                         let report = InstanceReportRequest(appliance: block, instance: InstanceReport(name: action.instance, state: .running))
                         let reportBegun = ContinuousClock.now
                         if await post(http, base + "/api/v1/instances/\(action.instance)/", report, as: Envelope<StartParameters>.self, results: results) != nil {
-                            results.record(.report, ContinuousClock.now - reportBegun)
+                            results.record(.report, reportBegun)
                             started[index].insert(action.instance)
                         }
                     case .delete:
@@ -214,19 +306,28 @@ struct PoolBench: AsyncParsableCommand {
         }
     }
 
-    /// A user creating an instance through the user-facing API, then deleting it, until the deadline.
-    static func userLoop(_ user: Fleet.User, base: String, http: HTTPClient, results: Results, until deadline: ContinuousClock.Instant) async {
+    /// A user creating an instance through the user-facing API, waiting
+    /// until an appliance has been given its start, then deleting it, until
+    /// the deadline.
+    static func userLoop(
+        _ user: Fleet.User, base: String, http: HTTPClient, results: Results, verifier: Verifier, until deadline: ContinuousClock.Instant
+    ) async {
         while ContinuousClock.now < deadline {
             let begun = ContinuousClock.now
             let creation = ServerInstanceCreation(serverImage: "bench", serverFlavor: "bench")
             guard
                 let made = await post(http, base + "/v1/server-instance", creation, token: user.token, as: ServerEnvelope<[ServerInstance]>.self, results: results)?
-                    .data?.first
+                    .data?.first, let name = made.hostname
             else {
-                try? await Task.sleep(for: .milliseconds(100))  // no room yet: the fleet has not checked in
+                try? await Task.sleep(for: .milliseconds(100))  // no room yet (the fleet has not checked in), or its pool is down
                 continue
             }
-            results.record(.placement, ContinuousClock.now - begun)
+            results.record(.placement, begun)
+            let answered = ContinuousClock.now
+            // Its start reaches an appliance (a held check-in wakes), bounded at 30 s.
+            if await verifier.waitForStart(of: name, within: .seconds(30)) {
+                results.record(.delivery, answered)
+            }
             var request = HTTPClientRequest(url: base + "/v1/server-instance/\(made.id)")
             request.method = .DELETE
             request.headers.add(name: "X-Auth-Token", value: user.token)
@@ -273,7 +374,11 @@ struct Fleet: Sendable {
         var token: String
     }
     var appliances: [Appliance]
+    /// Users creating and deleting instances (no limit to speak of).
     var users: [User]
+    /// As many users again, each allowed `limit` instances: the mid-run burst's.
+    var limited: [User]
+    static let limit = 3
 
     static func provision(_ store: any PoolStore, appliances count: Int, users userCount: Int) async throws -> Fleet {
         _ = try await store.addUser(name: "bench-owner", superuser: true, maxInstances: 1_000_000, tokenDigest: Token.digest(Token.generate()))
@@ -287,14 +392,39 @@ struct Fleet: Sendable {
             _ = try await store.addAppliance(name: "bench-\(index)", owner: "bench-owner", tokenDigest: Token.digest(token))
             appliances.append(Appliance(name: "bench-\(index)", token: token))
         }
-        var users: [User] = []
-        for index in 0..<userCount {
+        func user(_ name: String, limit: Int) async throws -> User {
             let token = Token.generate()
-            _ = try await store.addUser(name: "bench-user-\(index)", superuser: false, maxInstances: 1_000_000, tokenDigest: Token.digest(token))
-            _ = try await store.addSSHKey(owner: "bench-user-\(index)", name: "bench", key: try SSHPublicKey(publicKey), maxKeys: 1, at: Date())
-            users.append(User(name: "bench-user-\(index)", token: token))
+            _ = try await store.addUser(name: name, superuser: false, maxInstances: limit, tokenDigest: Token.digest(token))
+            _ = try await store.addSSHKey(owner: name, name: "bench", key: try SSHPublicKey(publicKey), maxKeys: 1, at: Date())
+            return User(name: name, token: token)
         }
-        return Fleet(appliances: appliances, users: users)
+        var users: [User] = []
+        var limited: [User] = []
+        for index in 0..<userCount {
+            users.append(try await user("bench-user-\(index)", limit: 1_000_000))
+            limited.append(try await user("bench-limited-\(index)", limit: limit))
+        }
+        return Fleet(appliances: appliances, users: users, limited: limited)
+    }
+
+    /// Each appliance's first check-in, made on the stores directly (eight
+    /// at a time): its `instances` records exist before the run.
+    func seed(_ stores: [any PoolStore], instances: Int, maxInstances: Int) async throws {
+        let stats = HypervisorStats(
+            vcpus: Capacity(total: 1 << 20, free: 1 << 19), memoryMiB: Capacity(total: 1 << 30, free: 1 << 29),
+            diskGiB: Capacity(total: 1 << 30, free: 1 << 29), running: instances)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for (index, appliance) in appliances.enumerated() {
+                if index >= 8 { try await group.next() }
+                let store = stores[index % stores.count]
+                group.addTask {
+                    let summaries = (0..<instances).map { InstanceSummary(name: "\(appliance.name)-\($0)", state: .running) }
+                    let request = CheckInRequest(appliance: ApplianceBlock(apitoken: appliance.token, version: "bench"), stats: stats, instances: summaries)
+                    _ = try await store.checkIn(appliance.name, request: request, maxInstances: maxInstances, at: Date())
+                }
+            }
+            try await group.waitForAll()
+        }
     }
 
     /// An Ed25519 public key nobody holds the private half of (32 bytes of 0x01).
@@ -305,16 +435,117 @@ struct Fleet: Sendable {
     }()
 }
 
+/// What the simulated fleet saw, checked against the pool's promises: each
+/// start given to one appliance, no action given again once its appliance
+/// said it was done, every created instance started, and users' limits exact.
+final class Verifier: Sendable {
+    struct Burst: Sendable, Encodable {
+        var created = 0
+        var refused = 0
+        var unanswered = 0
+    }
+    struct Checks: Encodable {
+        var instancesStarted: Int
+        var actionsDelivered: Int
+        /// Instances whose start went to more than one appliance.
+        var doublePlacements: [String]
+        /// Created instances no appliance was given the start of within 30 s.
+        var lostPlacements: [String]
+        /// Actions given to an appliance again after it acknowledged them.
+        var redelivered: [String]
+        var limitBursts: [String: Burst]
+        /// Instances each limited user holds at the end.
+        var held: [String: Int]
+        var violations: [String]
+    }
+    private struct State {
+        var startedOn: [String: Set<String>] = [:]
+        var acknowledged: Set<String> = []
+        var delivered = 0
+        var redelivered: [String] = []
+        var lost: [String] = []
+    }
+    private let state = Mutex(State())
+    private let users: Mutex<Int>
+
+    init(users: Int) { self.users = Mutex(users) }
+
+    /// Users still creating (the appliances go on until none is).
+    var usersRunning: Int { users.withLock { $0 } }
+    func userFinished() { users.withLock { $0 -= 1 } }
+
+    /// An appliance's check-in reply, to a check-in that acknowledged `acknowledged`.
+    func delivered(_ actions: [Action], to appliance: String, acknowledged: [String]) {
+        state.withLock { state in
+            state.acknowledged.formUnion(acknowledged)
+            for action in actions {
+                state.delivered += 1
+                if state.acknowledged.contains(action.id) { state.redelivered.append(action.id) }
+                if action.kind == .start { state.startedOn[action.instance, default: []].insert(appliance) }
+            }
+        }
+    }
+
+    /// Whether an appliance was given the start of `instance` within `limit` (checked every 5 ms).
+    func waitForStart(of instance: String, within limit: Duration) async -> Bool {
+        let end = ContinuousClock.now + limit
+        while ContinuousClock.now < end {
+            if state.withLock({ $0.startedOn[instance] != nil }) { return true }
+            try? await Task.sleep(for: .milliseconds(5))
+        }
+        state.withLock { $0.lost.append(instance) }
+        return false
+    }
+
+    func checks(bursts: [String: Burst], held: [String: Int], limit: Int) -> Checks {
+        state.withLock { state in
+            let doubles = state.startedOn.filter { $0.value.count > 1 }.keys.sorted()
+            var violations: [String] = []
+            if !doubles.isEmpty { violations.append("\(doubles.count) instances started on two appliances: \(doubles.prefix(5))") }
+            if !state.lost.isEmpty { violations.append("\(state.lost.count) created instances never reached an appliance: \(state.lost.prefix(5))") }
+            if !state.redelivered.isEmpty {
+                violations.append("\(state.redelivered.count) actions given again after their appliance was done: \(state.redelivered.prefix(5))")
+            }
+            for (user, count) in held.sorted(by: { $0.key < $1.key }) {
+                let burst = bursts[user] ?? Burst()
+                // Over the limit is always wrong; under it only when the
+                // pool answered enough creates that it should have made them.
+                if count > limit || (burst.created + burst.refused >= limit && count != limit) || burst.created > limit {
+                    violations.append(
+                        "\(user) (limit \(limit)) holds \(count); of \(2 * limit) creates at once \(burst.created) were made, \(burst.refused) refused, \(burst.unanswered) unanswered")
+                }
+            }
+            return Checks(
+                instancesStarted: state.startedOn.count, actionsDelivered: state.delivered, doublePlacements: doubles, lostPlacements: state.lost,
+                redelivered: state.redelivered, limitBursts: bursts, held: held, violations: violations)
+        }
+    }
+}
+
 /// Latencies and refusals, from every task at once.
 final class Results: Sendable {
     enum Kind: String, CaseIterable, Sendable {
-        case checkIn = "check-ins", report = "reports", placement = "placements"
+        /// Placements: a user's create answered. Deliveries: from that answer
+        /// until an appliance was given the instance's start.
+        case checkIn = "check-ins", report = "reports", placement = "placements", delivery = "deliveries"
     }
 
     private let latencies = Mutex<[Kind: [Duration]]>([:])
     private let refusals = Mutex<[Int: Int]>([:])
+    /// What ends after this is not counted (the drain after the deadline).
+    private let until: ContinuousClock.Instant
 
-    func record(_ kind: Kind, _ latency: Duration) { latencies.withLock { $0[kind, default: []].append(latency) } }
+    init(until: ContinuousClock.Instant) { self.until = until }
+
+    func record(_ kind: Kind, _ begun: ContinuousClock.Instant) {
+        let now = ContinuousClock.now
+        guard now <= until else { return }
+        latencies.withLock { $0[kind, default: []].append(begun.duration(to: now)) }
+    }
+
+    static func seconds(_ duration: Duration) -> Double {
+        Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18
+    }
     func refused(_ status: Int) { refusals.withLock { $0[status, default: 0] += 1 } }
 
     struct Report: Encodable {
@@ -335,6 +566,11 @@ final class Results: Sendable {
         var lines: [String: Line]
         /// Failed requests by HTTP status (0: no reply).
         var failures: [String: Int]
+        var checks: Verifier.Checks
+        /// The largest resident set of a pool process (with --processes).
+        var poolPeakResidentMiB: Int?
+        /// From the SIGKILL until the pool process listened again.
+        var replicaDownSeconds: Double?
 
         var text: String {
             var out =
@@ -346,15 +582,21 @@ final class Results: Sendable {
                 out += name + String(
                     format: " %8d  %9.1f/s  p50 %8.2f ms  p99 %8.2f ms\n", line.count, line.perSecond, line.p50Milliseconds, line.p99Milliseconds)
             }
-            out += failures.isEmpty ? "no failed requests" : "failed requests by status: \(failures.sorted { $0.key < $1.key })"
+            out += failures.isEmpty ? "no failed requests\n" : "failed requests by status: \(failures.sorted { $0.key < $1.key })\n"
+            if let poolPeakResidentMiB { out += "pool process peak resident memory: \(poolPeakResidentMiB) MiB\n" }
+            if let replicaDownSeconds { out += String(format: "a pool process killed and listening again after %.1f s\n", replicaDownSeconds) }
+            out += "checked: \(checks.instancesStarted) instances started, \(checks.actionsDelivered) actions delivered, "
+            out += "\(checks.held.count) limited users' bursts of \(2 * Fleet.limit) creates\n"
+            out += checks.violations.isEmpty ? "no violations" : "VIOLATIONS:\n" + checks.violations.map { "  " + $0 }.joined(separator: "\n")
             return out
         }
     }
 
     func report(
-        elapsed: Duration, appliances: Int, instances: Int, connections: Int, users: Int, replicas: Int, hold: Int, store: String
+        elapsed: Duration, appliances: Int, instances: Int, connections: Int, users: Int, replicas: Int, hold: Int, store: String,
+        checks: Verifier.Checks, poolPeakResidentMiB: Int?, replicaDownSeconds: Double?
     ) -> Report {
-        let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+        let seconds = Self.seconds(elapsed)
         var lines: [String: Report.Line] = [:]
         for (kind, values) in latencies.withLock({ $0 }) where !values.isEmpty {
             let sorted = values.sorted()
@@ -370,28 +612,39 @@ final class Results: Sendable {
         let failures = Dictionary(uniqueKeysWithValues: refusals.withLock { $0 }.map { ("\($0.key)", $0.value) })
         return Report(
             seconds: (seconds * 10).rounded() / 10, appliances: appliances, instancesPerCheckIn: instances, connections: connections, users: users,
-            replicas: replicas, holdSeconds: hold, store: store, lines: lines, failures: failures)
+            replicas: replicas, holdSeconds: hold, store: store, lines: lines, failures: failures, checks: checks,
+            poolPeakResidentMiB: poolPeakResidentMiB, replicaDownSeconds: replicaDownSeconds.map { ($0 * 10).rounded() / 10 })
     }
 }
 
 /// A `corral pool serve` started by the benchmark: its port, from the line
-/// it prints when it listens.
+/// it prints when it listens. Its standard error goes to a scratch file.
 final class ServingProcess: Sendable {
+    let arguments: [String]
     private let process: Process
     private let output: Pipe
-    private let errorOutput: Pipe
+    private let errorFile: URL
+    private let port = Mutex<Int?>(nil)
 
-    init(_ arguments: [String]) throws {
+    /// Runs `corral ARGUMENTS --port PORT` (0: any free port).
+    init(_ arguments: [String], port: Int) throws {
+        self.arguments = arguments
         process = Process()
         process.executableURL = URL(fileURLWithPath: "/proc/self/exe")
-        process.arguments = arguments
+        process.arguments = arguments + ["--port", "\(port)"]
         output = Pipe()
-        errorOutput = Pipe()
+        errorFile = FileManager.default.temporaryDirectory.appendingPathComponent("corral-bench-pool-\(UUID().uuidString).log")
+        guard FileManager.default.createFile(atPath: errorFile.path, contents: nil), let errors = FileHandle(forWritingAtPath: errorFile.path) else {
+            throw PoolError.storage("cannot write \(errorFile.path)")
+        }
         process.standardOutput = output
-        process.standardError = errorOutput
+        process.standardError = errors
         process.standardInput = FileHandle.nullDevice
         try process.run()
+        try errors.close()
     }
+
+    deinit { try? FileManager.default.removeItem(at: errorFile) }
 
     /// The port it listens on, or nil when it says nothing within `limit`.
     func port(within limit: Duration) async -> Int? {
@@ -414,14 +667,33 @@ final class ServingProcess: Sendable {
             reading.cancel()
             self.stop()
         }
-        let port = await reading.value
+        let found = await reading.value
         timeout.cancel()
-        return port
+        port.withLock { $0 = found }
+        return found
     }
 
-    /// What it wrote to standard error (when it failed to start).
+    var listeningPort: Int? { port.withLock { $0 } }
+
+    /// The start of what it wrote to standard error.
     var errors: String {
-        String(decoding: errorOutput.fileHandleForReading.availableData.prefix(2000), as: UTF8.self)
+        String(decoding: (FileManager.default.contents(atPath: errorFile.path) ?? Data()).prefix(2000), as: UTF8.self)
+    }
+
+    /// Its largest resident set so far (VmHWM), while it runs.
+    var peakResidentMiB: Int? {
+        guard process.isRunning, let status = try? String(contentsOfFile: "/proc/\(process.processIdentifier)/status", encoding: .utf8),
+            let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmHWM:") }),
+            let kilobytes = line.split(separator: " ").dropFirst().first.flatMap({ Int($0) })
+        else { return nil }
+        return kilobytes / 1024
+    }
+
+    /// SIGKILL: as a crashed or lost machine, nothing flushed or closed.
+    func kill() {
+        guard process.isRunning else { return }
+        Foundation.kill(process.processIdentifier, SIGKILL)
+        process.waitUntilExit()
     }
 
     func stop() {
