@@ -18,23 +18,7 @@ extension PostgresStore {
         LEFT JOIN image AS wispImage ON wispImage.id = wisp.imageID LEFT JOIN template ON template.id = instance.templateID
         """
 
-    static func instance(_ row: Row) throws -> Instance {
-        let ownerID: String = try row.get("ownerUUID")
-        let granted = try row.get("grantedUsers", as: [String].self).filter { $0 != ownerID }
-        return Instance(
-            id: try row.get("uuid"), name: try row.get("name"), appliance: try row.get("appliance"), owner: try row.get("owner"),
-            ownerID: ownerID, users: [ownerID] + granted, wisp: try row.get("wisp"), image: try row.get("image"),
-            template: try row.get("template"), warm: try row.get("warm"), preemptible: try row.get("preemptible"),
-            topic: try row.get("topic"), state: InstanceState(rawValue: try row.get("state")) ?? .inactive,
-            flavor: StoreRules.decodeJSON(InstanceFlavor.self, try row.get("flavor")), ask: try row.get("ask"),
-            expires: try row.get("expires"), address: try row.get("address"),
-            ipAddresses: StoreRules.decodeJSON([IPAddress].self, try row.get("ipAddresses")) ?? [],
-            consoleTail: StoreRules.decodeJSON([String].self, try row.get("consoleTail")) ?? [],
-            ssh: StoreRules.decodeJSON(SSHEndpoint.self, try row.get("ssh")), loginUser: try row.get("loginUser"),
-            rekeying: try row.get("rekeying"), callbackURL: try row.get("callbackURL"), lastError: try row.get("lastError"),
-            stateReason: try row.get("stateReason"), reportedAt: try row.get("reportedAt"), createdAt: try row.get("createdAt"),
-            updatedAt: try row.get("updatedAt"))
-    }
+    static func instance(_ row: Row) throws -> Instance { try row.decode(InstanceRecord.self).model }
 
     static func instance(_ session: Session, named name: String) async throws -> Instance {
         guard let row = try await session.row("\(unescaped: instanceQuery) WHERE instance.name = \(name)") else {
@@ -280,13 +264,7 @@ extension PostgresStore {
 
     // MARK: Actions
 
-    static func action(_ row: Row) throws -> Action {
-        let expires: Date? = try row.get("expires")
-        return Action(
-            id: try row.get("id"), kind: Action.Kind(rawValue: try row.get("kind")) ?? .reboot, instance: try row.get("instance"),
-            flavor: StoreRules.decodeJSON(InstanceFlavor.self, try row.get("flavor")), expires: expires.map { Int($0.timeIntervalSince1970) },
-            keys: StoreRules.decodeJSON([String].self, try row.get("keys")), user: try row.get("user"), run: try row.get("run"))
-    }
+    static func action(_ row: Row) throws -> Action { try row.decode(ActionRecord.self).model }
 
     /// Queues an action; its appliance's held check-ins wake when the
     /// transaction commits (this replica's at once, the others' through NOTIFY).
@@ -418,13 +396,7 @@ extension PostgresStore {
         JOIN appliance ON appliance.id = instance.applianceID LEFT JOIN wisp ON wisp.id = reservation.wispID
         """
 
-    static func reservation(_ row: Row) throws -> Reservation {
-        let expires: Date = try row.get("expiresAt")
-        return Reservation(
-            id: try row.get("id"), user: try row.get("user"), instance: try row.get("instance"), appliance: try row.get("appliance"),
-            flavor: try row.get("flavor"), wisp: try row.get("wisp"), callbackURL: try row.get("callbackURL"),
-            expires: Int(expires.timeIntervalSince1970))
-    }
+    static func reservation(_ row: Row) throws -> Reservation { try row.decode(ReservationRecord.self).model }
 
     public func reservations() async throws -> [Reservation] {
         try await read { session in

@@ -266,12 +266,7 @@ public final class PostgresStore: PoolStore {
         SELECT "user".*, manager.name AS manager FROM "user" LEFT JOIN "user" AS manager ON manager.id = "user".managerID
         """
 
-    static func user(_ row: Row) throws -> User {
-        User(
-            id: try row.get("uuid"), name: try row.get("name"), superuser: try row.get("superuser"), maxInstances: try row.get("maxInstances"),
-            manager: try row.get("manager"), leaseSeconds: try row.get("leaseSeconds"), createdAt: try row.get("createdAt"),
-            enabled: try row.get("enabled"))
-    }
+    static func user(_ row: Row) throws -> User { try row.decode(UserRecord.self).model }
 
     public func addUser(
         name: String, superuser: Bool, maxInstances: Int, tokenDigest: String, manager: String?, leaseSeconds: Int?
@@ -348,13 +343,7 @@ public final class PostgresStore: PoolStore {
         SELECT appliance.*, "user".name AS owner FROM appliance JOIN "user" ON "user".id = appliance.ownerID
         """
 
-    static func appliance(_ row: Row) throws -> Appliance {
-        Appliance(
-            name: try row.get("name"), owner: try row.get("owner"), enabled: try row.get("enabled"), version: try row.get("version"),
-            latitude: try row.get("latitude"), longitude: try row.get("longitude"), dynamicImages: try row.get("dynamicImages"),
-            region: try row.get("region"), lastSeen: try row.get("lastSeen"),
-            stats: StoreRules.decodeJSON(HypervisorStats.self, try row.get("stats")), createdAt: try row.get("createdAt"))
-    }
+    static func appliance(_ row: Row) throws -> Appliance { try row.decode(ApplianceRecord.self).model }
 
     static func appliance(_ session: Session, named name: String) async throws -> Appliance {
         guard let row = try await session.row("\(unescaped: applianceQuery) WHERE appliance.name = \(name)") else {
@@ -435,12 +424,7 @@ public final class PostgresStore: PoolStore {
 
     // MARK: Flavors, images, wisps
 
-    static func flavor(_ row: Row) throws -> Flavor {
-        Flavor(
-            name: try row.get("name"), description: try row.get("description"), vcpus: try row.get("vcpus"), memory: try row.get("memory"),
-            disk: try row.get("disk"), networkUp: try row.get("networkUp"), networkDown: try row.get("networkDown"), rate: try row.get("rate"),
-            ask: try row.get("ask"), hot: try row.get("hot"), active: try row.get("active"))
-    }
+    static func flavor(_ row: Row) throws -> Flavor { try row.decode(FlavorRecord.self).model }
 
     public func addFlavor(_ flavor: Flavor) async throws {
         // Unique twice over: by name (checked here) and by specs (the constraint the insert hits).
@@ -461,12 +445,7 @@ public final class PostgresStore: PoolStore {
         try await read { session in try await session.rows("SELECT * FROM flavor ORDER BY name").map(Self.flavor) }
     }
 
-    static func image(_ row: Row) throws -> Image {
-        Image(
-            name: try row.get("name"), url: try row.get("url"), sha256: try row.get("sha256"), diskFormat: try row.get("diskFormat"),
-            kernelBoot: StoreRules.decodeJSON(KernelBoot.self, try row.get("kernelBoot")), loginUser: try row.get("loginUser"),
-            active: try row.get("active"))
-    }
+    static func image(_ row: Row) throws -> Image { try row.decode(ImageRecord.self).model }
 
     public func addImage(_ image: Image) async throws {
         let kernelBoot = try image.kernelBoot.map { try StoreRules.json($0) }
@@ -488,12 +467,7 @@ public final class PostgresStore: PoolStore {
         JOIN "user" ON "user".id = wisp.ownerID LEFT JOIN image ON image.id = wisp.imageID
         """
 
-    static func wisp(_ row: Row) throws -> Wisp {
-        Wisp(
-            name: try row.get("name"), owner: try row.get("owner"), image: try row.get("image"), dynamicImageURL: try row.get("dynamicImageURL"),
-            sshKeys: StoreRules.scriptLines(try row.get("sshKeys")), postCreate: try row.get("postCreate"),
-            callbackURL: try row.get("callbackURL"), isDefault: try row.get("isDefault"), isSystemDefault: try row.get("isSystemDefault"))
-    }
+    static func wisp(_ row: Row) throws -> Wisp { try row.decode(WispRecord.self).model }
 
     public func addWisp(_ wisp: Wisp) async throws {
         try await write(what: "wisp", name: wisp.name) { session in

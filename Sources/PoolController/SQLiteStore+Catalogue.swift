@@ -198,3 +198,95 @@ extension SQLiteStore {
         return try rows.map { try $0.decode(forColumn: "name") }
     }
 }
+
+// MARK: Flavors, images and wisps
+
+extension SQLiteStore {
+    // MARK: Flavors
+
+    public func addFlavor(_ flavor: Flavor) async throws {
+        // Flavors are unique twice over: by name (checked here, in the same
+        // transaction) and by their specs (the constraint the insert hits).
+        try await write(what: "flavor with these specs", name: flavor.name) { db in
+            if try Bool.fetchOne(db, sql: "SELECT 1 FROM flavor WHERE name = ?", arguments: [flavor.name]) ?? false {
+                throw PoolError.alreadyExists(what: "flavor", name: flavor.name)
+            }
+            try db.execute(
+                sql: """
+                    INSERT INTO flavor (name, description, vcpus, memory, disk, networkUp, networkDown, rate, ask, hot, active)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                    """,
+                arguments: [
+                    flavor.name, flavor.description, flavor.vcpus, flavor.memory, flavor.disk, flavor.networkUp,
+                    flavor.networkDown, flavor.rate, flavor.ask, flavor.hot, flavor.active,
+                ])
+        }
+    }
+
+    public func flavors() async throws -> [Flavor] {
+        try await database.read { db in
+            try Row.fetchAll(db, sql: "SELECT * FROM flavor ORDER BY name").map(Self.flavor)
+        }
+    }
+
+    static func flavor(_ row: Row) throws -> Flavor { try FlavorRecord(row: row).model }
+
+    // MARK: Images and wisps
+
+    public func addImage(_ image: Image) async throws {
+        try await write(what: "image", name: image.name) { db in
+            try db.execute(
+                sql: "INSERT INTO image (name, url, sha256, diskFormat, kernelBoot, loginUser, active) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                arguments: [
+                    image.name, image.url, image.sha256, image.diskFormat,
+                    try image.kernelBoot.map { String(decoding: try JSONEncoder().encode($0), as: UTF8.self) }, image.loginUser,
+                    image.active,
+                ])
+        }
+    }
+
+    public func images() async throws -> [Image] {
+        try await database.read { db in
+            try Row.fetchAll(db, sql: "SELECT * FROM image ORDER BY name").map(Self.image)
+        }
+    }
+
+    public func addWisp(_ wisp: Wisp) async throws {
+        try await write(what: "wisp", name: wisp.name) { db in
+            let ownerID = try Self.userID(db, named: wisp.owner)
+            var imageID: Int64?
+            if let image = wisp.image {
+                guard let id = try Int64.fetchOne(db, sql: "SELECT id FROM image WHERE name = ?", arguments: [image]) else {
+                    throw PoolError.notFound(what: "image", name: image)
+                }
+                imageID = id
+            }
+            if wisp.isDefault {
+                try db.execute(sql: "UPDATE wisp SET isDefault = 0 WHERE ownerID = ?", arguments: [ownerID])
+            }
+            if wisp.isSystemDefault {
+                try db.execute(sql: "UPDATE wisp SET isSystemDefault = 0")
+            }
+            try db.execute(
+                sql: """
+                    INSERT INTO wisp (name, ownerID, imageID, dynamicImageURL, sshKeys, postCreate, callbackURL, isDefault, isSystemDefault)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                    """,
+                arguments: [
+                    wisp.name, ownerID, imageID, wisp.dynamicImageURL, wisp.sshKeys.joined(separator: "\n"),
+                    wisp.postCreate, wisp.callbackURL, wisp.isDefault, wisp.isSystemDefault,
+                ])
+        }
+    }
+
+    static let wispQuery = """
+        SELECT wisp.*, user.name AS owner, image.name AS image FROM wisp
+        JOIN user ON user.id = wisp.ownerID LEFT JOIN image ON image.id = wisp.imageID
+        """
+
+    public func wisps() async throws -> [Wisp] {
+        try await database.read { db in
+            try Row.fetchAll(db, sql: Self.wispQuery + " ORDER BY wisp.name").map(Self.wisp)
+        }
+    }
+}
