@@ -83,7 +83,16 @@ public final class PostgresStore: PoolStore {
         if let message = error.serverInfo?[.message] {
             return "\(message) (SQLSTATE \(error.serverInfo?[.sqlState] ?? "?"))"
         }
-        return "\(error.code)" + (error.underlying.map { ": \($0)" } ?? "")
+        let underlying = error.underlying.map { "\($0)" } ?? ""
+        if underlying.contains("CERTIFICATE_VERIFY_FAILED") {
+            return "the server's TLS certificate was not accepted (CERTIFICATE_VERIFY_FAILED): with sslmode=verify-full, sslrootcert "
+                + "(else the system's CAs) must hold the CA that signed it and the URL's host must be a name or address in it; "
+                + "sslmode=require encrypts without checking"
+        }
+        if underlying.contains("handshake") || "\(error.code)".contains("sslUnsupported") {
+            return "\(error.code): \(underlying.prefix(300)) (does the server serve TLS? sslmode=disable connects without it)"
+        }
+        return "\(error.code)" + (underlying.isEmpty ? "" : ": \(underlying)")
     }
 
     // MARK: Sessions

@@ -229,6 +229,14 @@ extension SQLiteStore {
                 table.add(column: "keysApplied", .text)
             }
         }
+        migrator.registerMigration("11-instance-indexes") { db in
+            // An appliance's and a user's instances, and a template's warm ones,
+            // without a scan of every record (PostgreSQL's schema has these):
+            // each new record's room check counted all of them.
+            try db.create(index: "instance_appliance", on: "instance", columns: ["applianceID"])
+            try db.create(index: "instance_owner", on: "instance", columns: ["ownerID"])
+            try db.execute(sql: "CREATE INDEX instance_warm ON instance (templateID) WHERE warm")
+        }
         return migrator
     }
 }

@@ -237,6 +237,38 @@ struct PostgresReplicaTests {
         }
     }
 
+    @Test("TLS: sslmode=require and verify-full (with the server's CA) are encrypted sessions; verify-full with CAs that did not sign it is refused")
+    func tls() async throws {
+        let server = try TestStores.server()
+        guard let ca = ProcessInfo.processInfo.environment["CORRAL_TEST_POSTGRES_CA"] else {
+            throw PoolError.storage("CORRAL_TEST_POSTGRES_CA is not set: run the tests with scripts/test, whose PostgreSQL serves TLS")
+        }
+        // A database of its own, on 127.0.0.1: the name the server's certificate is for.
+        let base = try await TestStores.freshDatabase()
+        #expect(base.contains("@127.0.0.1:"))
+        for (query, encrypted) in [("sslmode=disable", false), ("sslmode=require", true), ("sslmode=verify-full&sslrootcert=\(ca)", true)] {
+            let store = try await PostgresStore.open(url: base + "?" + query, logger: quietLogger, maximumConnections: 1)
+            defer { store.close() }
+            // What the server says of the store's own session.
+            let ssl = try await store.read { session in
+                try await session.value("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", as: Bool.self)
+            }
+            #expect(ssl == encrypted, "\(query): the server saw ssl = \(String(describing: ssl))")
+            _ = try await store.users()  // the pool's connections, not only the first
+        }
+        // Debian's CA bundle: many CAs, none of them the test server's.
+        do {
+            let store = try await PostgresStore.open(
+                url: base + "?sslmode=verify-full&sslrootcert=/etc/ssl/certs/ca-certificates.crt", logger: quietLogger, maximumConnections: 1)
+            store.close()
+            Issue.record("a server certificate no given CA signed was accepted")
+        } catch let error as PoolError {
+            #expect("\(error)".contains("the server's TLS certificate was not accepted"), "\(error)")
+            #expect("\(error)".contains("sslrootcert"), "it names the setting to fix: \(error)")
+            if let password = server.password { #expect(!"\(error)".contains(password), "the password is never shown") }
+        }
+    }
+
     @Test("exactly one replica leads; when its connection drops, another takes over and the old one knows")
     func leadership() async throws {
         let replicas = try await Self.replicas(3)

@@ -58,7 +58,7 @@ enum TestStores {
                 try $0.execute(
                     sql: newer
                         ? "INSERT INTO grdb_migrations (identifier) VALUES ('99-from-a-newer-corral')"
-                        : "DELETE FROM grdb_migrations WHERE identifier IN ('99-from-a-newer-corral', '10-guest-keys-catalogue-edits')")
+                        : "DELETE FROM grdb_migrations WHERE identifier IN ('99-from-a-newer-corral', '11-instance-indexes')")
             }
         case let store as PostgresStore:
             try await store.write { session in
