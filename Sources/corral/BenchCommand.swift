@@ -175,7 +175,11 @@ struct PoolBench: AsyncParsableCommand {
                 let mine = Array(stride(from: worker, to: fleet.appliances.count, by: workers))
                 guard !mine.isEmpty else { continue }
                 let base = serving[worker % serving.count]
+                // Held: the fleet's first check-ins spread over one hold, as
+                // agents that did not all start in the same second.
+                let offset = Duration.milliseconds(hold * 1000 * worker / workers)
                 group.addTask {
+                    try? await Task.sleep(for: offset)
                     await Self.appliancesLoop(
                         mine.map { fleet.appliances[$0] }, instances: instances, hold: hold, base: base, http: http, results: results,
                         verifier: verifier
@@ -335,7 +339,7 @@ struct PoolBench: AsyncParsableCommand {
                 _ = try? await response.body.collect(upTo: 1 << 20)
                 if response.status != .ok { results.refused(Int(response.status.code)) }
             } else {
-                results.refused(0)
+                results.failed("no reply to a delete")
             }
         }
     }
@@ -357,7 +361,7 @@ struct PoolBench: AsyncParsableCommand {
             }
             return try JSONDecoder().decode(Reply.self, from: data)
         } catch {
-            results.refused(0)
+            results.failed("no reply: \(String("\(error)".prefix(100)))")
             return nil
         }
     }
@@ -531,7 +535,7 @@ final class Results: Sendable {
     }
 
     private let latencies = Mutex<[Kind: [Duration]]>([:])
-    private let refusals = Mutex<[Int: Int]>([:])
+    private let refusals = Mutex<[String: Int]>([:])
     /// What ends after this is not counted (the drain after the deadline).
     private let until: ContinuousClock.Instant
 
@@ -546,7 +550,8 @@ final class Results: Sendable {
     static func seconds(_ duration: Duration) -> Double {
         Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18
     }
-    func refused(_ status: Int) { refusals.withLock { $0[status, default: 0] += 1 } }
+    func refused(_ status: Int) { failed("\(status)") }
+    func failed(_ what: String) { refusals.withLock { $0[what, default: 0] += 1 } }
 
     struct Report: Encodable {
         struct Line: Encodable {
@@ -564,7 +569,7 @@ final class Results: Sendable {
         var holdSeconds: Int
         var store: String
         var lines: [String: Line]
-        /// Failed requests by HTTP status (0: no reply).
+        /// Failed requests by HTTP status, or "no reply: " and the client's error.
         var failures: [String: Int]
         var checks: Verifier.Checks
         /// The largest resident set of a pool process (with --processes).
@@ -582,7 +587,7 @@ final class Results: Sendable {
                 out += name + String(
                     format: " %8d  %9.1f/s  p50 %8.2f ms  p99 %8.2f ms\n", line.count, line.perSecond, line.p50Milliseconds, line.p99Milliseconds)
             }
-            out += failures.isEmpty ? "no failed requests\n" : "failed requests by status: \(failures.sorted { $0.key < $1.key })\n"
+            out += failures.isEmpty ? "no failed requests\n" : "failed requests:\n" + failures.sorted { $0.key < $1.key }.map { "  \($0.value) \($0.key)\n" }.joined()
             if let poolPeakResidentMiB { out += "pool process peak resident memory: \(poolPeakResidentMiB) MiB\n" }
             if let replicaDownSeconds { out += String(format: "a pool process killed and listening again after %.1f s\n", replicaDownSeconds) }
             out += "checked: \(checks.instancesStarted) instances started, \(checks.actionsDelivered) actions delivered, "
@@ -609,7 +614,7 @@ final class Results: Sendable {
                 count: sorted.count, perSecond: (Double(sorted.count) / seconds * 10).rounded() / 10, p50Milliseconds: percentile(0.5),
                 p99Milliseconds: percentile(0.99))
         }
-        let failures = Dictionary(uniqueKeysWithValues: refusals.withLock { $0 }.map { ("\($0.key)", $0.value) })
+        let failures = refusals.withLock { $0 }
         return Report(
             seconds: (seconds * 10).rounded() / 10, appliances: appliances, instancesPerCheckIn: instances, connections: connections, users: users,
             replicas: replicas, holdSeconds: hold, store: store, lines: lines, failures: failures, checks: checks,
