@@ -388,6 +388,23 @@ extension PostgresStore {
         }
     }
 
+    /// NOTIFY `corral_warm`: the leader runs a warm-pool pass (the others ignore it).
+    public func askForWarmPoolPass() async {
+        do {
+            try await read { session in try await session.execute("SELECT pg_notify('corral_warm', \(replicaID))") }
+        } catch {
+            logger.warning("could not ask the leading replica for a warm-pool pass", metadata: ["error": "\(error)"])
+        }
+    }
+
+    public func followWarmPoolAsks(_ wake: @escaping @Sendable () -> Void) async throws {
+        let replicaID = self.replicaID
+        try await listen(on: "corral_warm", retryingEvery: .seconds(1)) { payload in
+            guard payload != replicaID else { return }
+            wake()
+        }
+    }
+
     // MARK: Reservations
 
     static let reservationQuery = """

@@ -503,6 +503,13 @@ public protocol PoolStore: Sendable {
     /// Hands the events the other replicas announce to `deliver`, until
     /// cancelled (on SQLite, none: it returns at once).
     func followAnnouncements(_ deliver: @escaping @Sendable (InstanceEvent) -> Void) async throws
+
+    /// Asks the leading replica for a warm-pool pass soon (a hand-out or a
+    /// template change on one that does not lead; on SQLite, nothing).
+    func askForWarmPoolPass() async
+    /// Calls `wake` whenever another replica asks for a warm-pool pass,
+    /// until cancelled (on SQLite, never: it returns at once).
+    func followWarmPoolAsks(_ wake: @escaping @Sendable () -> Void) async throws
 }
 
 extension SQLiteStore {
@@ -510,6 +517,8 @@ extension SQLiteStore {
     public func leads() async -> Bool { true }
     public func announce(_ event: InstanceEvent) async {}
     public func followAnnouncements(_ deliver: @escaping @Sendable (InstanceEvent) -> Void) async throws {}
+    public func askForWarmPoolPass() async {}
+    public func followWarmPoolAsks(_ wake: @escaping @Sendable () -> Void) async throws {}
 }
 
 extension PoolStore {

@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import ServiceLifecycle
+import Synchronization
 
 /// Keeps the templates' warm pools filled: every `intervalSeconds`, and
 /// soon after a launch, it retires warm instances past their age, drops
@@ -12,6 +13,9 @@ final class WarmPoolService: Service, Sendable {
     let logger: Logger
     private let wakeups: AsyncStream<Void>
     private let waker: AsyncStream<Void>.Continuation
+    /// A wake of this replica's own is pending: when it does not lead, the
+    /// pass asks the leader instead.
+    private let asked = Mutex(false)
 
     init(store: any PoolStore, configuration: PoolConfiguration, events: InstanceEvents, logger: Logger) {
         self.store = store
@@ -21,8 +25,12 @@ final class WarmPoolService: Service, Sendable {
         (wakeups, waker) = AsyncStream.makeStream(bufferingPolicy: .bufferingNewest(1))
     }
 
-    /// Runs a pass soon instead of at the next interval.
-    func wake() { waker.yield() }
+    /// Runs a pass soon instead of at the next interval (on the leading
+    /// replica: this one, or the one it asks).
+    func wake() {
+        asked.withLock { $0 = true }
+        waker.yield()
+    }
 
     func run() async throws {
         let interval = Duration.seconds(configuration.warmPools.intervalSeconds)
@@ -43,15 +51,31 @@ final class WarmPoolService: Service, Sendable {
                         await self.pass()
                     }
                 }
-                await group.next()
-                group.cancelAll()
+                // Other replicas' asks (on SQLite there are none: it returns at once).
+                group.addTask { [waker = self.waker, store = self.store, logger = self.logger] in
+                    do {
+                        try await store.followWarmPoolAsks { waker.yield() }
+                    } catch is CancellationError {
+                    } catch {
+                        logger.error("other replicas' warm-pool asks no longer arrive: \(error)")
+                    }
+                }
+                // All run until shutdown cancels them.
+                await group.waitForAll()
             }
         }
     }
 
     func pass() async {
-        // Replicas: the leader alone keeps the warm pools.
-        guard await store.leads() else { return }
+        let woken = asked.withLock { asked in
+            defer { asked = false }
+            return asked
+        }
+        // Replicas: the leader alone keeps the warm pools; a wake here is passed to it.
+        guard await store.leads() else {
+            if woken { await store.askForWarmPoolPass() }
+            return
+        }
         do {
             let pass = try await store.maintainWarmPools(
                 maxAgeSeconds: configuration.warmPools.maxAgeSeconds,

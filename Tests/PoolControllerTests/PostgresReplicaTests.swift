@@ -134,6 +134,29 @@ struct PostgresReplicaTests {
         #expect(instances.count(where: \.warm) == 0)
     }
 
+    @Test("a warm-pool wake on a replica that does not lead (a template added there) has the leader fill the pool at once")
+    func warmWakeReachesLeader() async throws {
+        let replicas = try await Self.replicas(2, appliances: 1)
+        #expect(await replicas[0].leads())
+        #expect(await !replicas[1].leads())
+        var configuration = PoolConfiguration(host: "127.0.0.1", port: 0)
+        configuration.warmPools.intervalSeconds = 3600  // no tick during the test: only the wake can fill it
+        let services = replicas.map { WarmPoolService(store: $0, configuration: configuration, events: InstanceEvents(), logger: quietLogger) }
+        let running = services.map { service in Task { try await service.run() } }
+        defer { for task in running { task.cancel() } }
+        try await Task.sleep(for: .milliseconds(500))  // the first passes (nothing to fill) and the listeners
+        try await replicas[1].addTemplate(Template(name: "quick", wisp: "web", flavor: "small", hotStarts: 2))
+        let asked = ContinuousClock.now
+        services[1].wake()  // as the template route does on the replica that served it
+        var warm = 0
+        while warm < 2, ContinuousClock.now < asked + .seconds(20) {
+            try await Task.sleep(for: .milliseconds(100))
+            warm = try await replicas[1].instances().count(where: \.warm)
+        }
+        #expect(warm == 2, "the leader filled the warm pool after the other replica's wake")
+        #expect(ContinuousClock.now - asked < .seconds(10), "at once, not at the next interval")
+    }
+
     @Test("an action queued through one replica wakes the held check-in on another at once, and is delivered once")
     func actionsWakeAcrossReplicas() async throws {
         let replicas = try await Self.replicas()
