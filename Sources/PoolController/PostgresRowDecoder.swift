@@ -10,7 +10,8 @@ extension PostgresStore.Row {
 
 /// Decodes a record from one row: a property of a type PostgreSQL decodes
 /// (text, integers, booleans, doubles, timestamps, arrays) from the column
-/// of its name. Records are flat, so nothing nests.
+/// of its name. Records are flat, so nothing nests. A column the query did
+/// not return is an error, for optional properties too.
 struct PostgresRowDecoder: Decoder {
     let row: PostgresStore.Row
     var codingPath: [any CodingKey] { [] }
@@ -33,11 +34,15 @@ struct PostgresRowDecoder: Decoder {
         var codingPath: [any CodingKey] { [] }
         var allKeys: [Key] { [] }
 
-        func contains(_ key: Key) -> Bool { row.row.contains(key.stringValue.lowercased()) }
+        /// Every property is a column the query must answer with: an
+        /// optional one too (a missing column is an error, not nil).
+        func contains(_ key: Key) -> Bool { true }
 
         func decodeNil(forKey key: Key) throws -> Bool {
             let name = key.stringValue.lowercased()
-            guard row.row.contains(name) else { return true }
+            guard row.row.contains(name) else {
+                throw PoolError.storage("the pool database answered without column '\(key.stringValue)'")
+            }
             return row.row[name].bytes == nil
         }
 

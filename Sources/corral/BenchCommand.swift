@@ -102,7 +102,10 @@ struct PoolBench: AsyncParsableCommand {
 
         let listening = AsyncStream.makeStream(of: Int.self)
         var services: [ServiceGroupConfiguration.ServiceConfiguration] = []
-        var children: [ServingProcess] = []
+        // Every pool process the benchmark starts is stopped however it ends
+        // (a failure exits the process, so it stops them first).
+        let children = ServingProcesses()
+        defer { children.stopAll() }
         // The pools' own configuration file: the bench's limits, logs at errors only.
         let file = FileManager.default.temporaryDirectory.appendingPathComponent("corral-bench-\(UUID().uuidString).toml")
         defer { try? FileManager.default.removeItem(at: file) }
@@ -117,8 +120,11 @@ struct PoolBench: AsyncParsableCommand {
             stores = []
             for _ in 0..<replicas {
                 let child = try ServingProcess(["pool", "serve", "--database", path, "--config", file.path, "--log-level", "error"], port: 0)
-                children.append(child)
-                guard let port = await child.port(within: .seconds(60)) else { fail("a pool process did not start: \(child.errors)") }
+                children.add(child)
+                guard let port = await child.port(within: .seconds(60)) else {
+                    children.stopAll()
+                    fail("a pool process did not start: \(child.errors)")
+                }
                 listening.continuation.yield(port)
             }
         }
@@ -135,7 +141,10 @@ struct PoolBench: AsyncParsableCommand {
             bases.append("http://127.0.0.1:\(port)")
             if bases.count == replicas { break }
         }
-        guard bases.count == replicas else { fail("the pool did not start") }
+        guard bases.count == replicas else {
+            children.stopAll()
+            fail("the pool did not start")
+        }
         let serving = bases
 
         var clientConfiguration = HTTPClient.Configuration()
@@ -154,21 +163,32 @@ struct PoolBench: AsyncParsableCommand {
             try? await Task.sleep(until: burstAt)
             return await Self.limitBurst(fleet.limited, bases: serving, http: http)
         }
-        let first = children.first
-        let killer = Task { () -> (ServingProcess, Duration)? in
+        let first = children.all.first
+        // Nil: no kill asked for; else how long it was down, or why it did not come back.
+        let killer = Task { () -> Result<Duration, Verifier.Failure>? in
             guard let killReplicaAfter, let first else { return nil }
             try? await Task.sleep(until: started + .seconds(killReplicaAfter) + .milliseconds(20))
             let killed = ContinuousClock.now
             first.kill()
             try? await Task.sleep(for: .seconds(1))
-            guard let again = try? ServingProcess(first.arguments, port: first.listeningPort ?? 0) else { fail("could not start the killed pool again") }
-            guard await again.port(within: .seconds(60)) != nil else { fail("the killed pool did not start again: \(again.errors)") }
-            return (again, killed.duration(to: .now))
+            let again: ServingProcess
+            do {
+                again = try ServingProcess(first.arguments, port: first.listeningPort ?? 0)
+            } catch {
+                return .failure(Verifier.Failure("the killed pool process could not be started again: \(error)"))
+            }
+            children.add(again)
+            guard await again.port(within: .seconds(60)) != nil else {
+                return .failure(Verifier.Failure("the killed pool process did not listen again within 60 s: \(again.errors)"))
+            }
+            return .success(killed.duration(to: .now))
         }
         // Held check-ins: one loop per appliance, as agents run. Otherwise
         // each worker checks its share in, one after another. The
         // appliances go on past the deadline until the users have seen
-        // their last instances started (at most 35 s).
+        // their last instances started: a create may take its whole 60 s
+        // timeout and then wait 30 s for its start.
+        let drainUntil = deadline + .seconds(60 + 30 + hold + 5)
         let workers = hold > 0 ? appliances : connections
         await withTaskGroup(of: Void.self) { group in
             for worker in 0..<workers {
@@ -183,7 +203,7 @@ struct PoolBench: AsyncParsableCommand {
                     await Self.appliancesLoop(
                         mine.map { fleet.appliances[$0] }, instances: instances, hold: hold, base: base, http: http, results: results,
                         verifier: verifier
-                    ) { ContinuousClock.now < deadline || (verifier.usersRunning > 0 && ContinuousClock.now < deadline + .seconds(35)) }
+                    ) { ContinuousClock.now < deadline || (verifier.usersRunning > 0 && ContinuousClock.now < drainUntil) }
                 }
             }
             for (index, user) in fleet.users.enumerated() {
@@ -196,12 +216,11 @@ struct PoolBench: AsyncParsableCommand {
         }
         let bursts = await burst.value
         let restarted = await killer.value
-        let peaks = (children + (restarted.map { [$0.0] } ?? [])).compactMap(\.peakResidentMiB)
+        let peaks = children.all.compactMap(\.peakResidentMiB)
         try await http.shutdown()
         await group.triggerGracefulShutdown()
         _ = await server.result
-        for child in children { child.stop() }
-        restarted?.0.stop()
+        children.stopAll()
 
         // What the database holds for each limited user, once every pool has stopped.
         let checker: any PoolStore = try await openPoolStore(configuration, logger: logger)
@@ -214,11 +233,12 @@ struct PoolBench: AsyncParsableCommand {
         (checker as? PostgresStore)?.close()
         for store in stores { (store as? PostgresStore)?.close() }
 
-        let checks = verifier.checks(bursts: bursts, held: held, limit: Fleet.limit)
+        var checks = verifier.checks(bursts: bursts, held: held, limit: Fleet.limit)
+        if case .failure(let failure)? = restarted { checks.violations.append(failure.description) }
         let report = results.report(
             elapsed: started.duration(to: min(ContinuousClock.now, deadline)), appliances: appliances, instances: instances, connections: workers,
             users: users, replicas: replicas, hold: hold, store: PostgresLocation.isURL(path) ? "postgresql" : "sqlite", checks: checks,
-            poolPeakResidentMiB: peaks.max(), replicaDownSeconds: restarted.map { Results.seconds($0.1) })
+            poolPeakResidentMiB: peaks.max(), replicaDownSeconds: (try? restarted?.get()).map { Results.seconds($0) })
         if json {
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
@@ -443,6 +463,10 @@ struct Fleet: Sendable {
 /// start given to one appliance, no action given again once its appliance
 /// said it was done, every created instance started, and users' limits exact.
 final class Verifier: Sendable {
+    struct Failure: Error, CustomStringConvertible {
+        var description: String
+        init(_ description: String) { self.description = description }
+    }
     struct Burst: Sendable, Encodable {
         var created = 0
         var refused = 0
@@ -620,6 +644,15 @@ final class Results: Sendable {
             replicas: replicas, holdSeconds: hold, store: store, lines: lines, failures: failures, checks: checks,
             poolPeakResidentMiB: poolPeakResidentMiB, replicaDownSeconds: replicaDownSeconds.map { ($0 * 10).rounded() / 10 })
     }
+}
+
+/// The pool processes a benchmark started, to stop them all at the end.
+final class ServingProcesses: Sendable {
+    private let processes = Mutex<[ServingProcess]>([])
+
+    func add(_ process: ServingProcess) { processes.withLock { $0.append(process) } }
+    var all: [ServingProcess] { processes.withLock { $0 } }
+    func stopAll() { for process in all { process.stop() } }
 }
 
 /// A `corral pool serve` started by the benchmark: its port, from the line

@@ -149,9 +149,16 @@ struct PostgresReplicaTests {
         let asked = ContinuousClock.now
         services[1].wake()  // as the template route does on the replica that served it
         var warm = 0
+        var lastAsk = asked
         while warm < 2, ContinuousClock.now < asked + .seconds(20) {
             try await Task.sleep(for: .milliseconds(100))
             warm = try await replicas[1].instances().count(where: \.warm)
+            // A NOTIFY before the leader's LISTEN is in place is lost; a
+            // busy machine may be that slow to connect, so ask again (asks are idempotent).
+            if warm < 2, ContinuousClock.now - lastAsk >= .seconds(1) {
+                services[1].wake()
+                lastAsk = .now
+            }
         }
         #expect(warm == 2, "the leader filled the warm pool after the other replica's wake")
         #expect(ContinuousClock.now - asked < .seconds(10), "at once, not at the next interval")
